@@ -1,0 +1,1 @@
+"""The in-pod agent: HTTP API (`api`), state machine (`service`), byte work (`runner`)."""

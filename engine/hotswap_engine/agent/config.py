@@ -1,0 +1,84 @@
+"""The agent's settings: command-line flags with environment fall-backs.
+
+Every address is explicit configuration (tests set loopback ones); nothing is autodetected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    pod_name: str
+    host: str
+    port: int
+    token: str
+    base_checkpoint: Path  # what the served model was built from: the schema every version must match
+    allowed_roots: tuple[Path, ...]
+    control_socket: Path  # the launcher's private channel in the inference container
+    handoff_endpoint: str  # ZeroMQ endpoint the vLLM workers connect to
+    workers: int = 1  # vLLM workers (tensor-parallel ranks) that take part in every hand-off
+    device: str = "cpu"  # "cpu", or "cuda" for one rank worker per local GPU
+    shm_dir: Path = Path("/dev/shm")  # where CPU hand-off slots live (shared with the inference container)
+    # Address other members use to reach this pod's process-group rank; the pod IP.
+    advertise_address: str = "127.0.0.1"
+    p2p_protocol: str = "tcp"  # Mooncake protocol: "tcp" in tests, "rdma" in production
+    p2p_device: str = ""  # RDMA device names for Mooncake; empty for tcp
+    collective_timeout_s: float = 60.0  # a dead group member surfaces within this bound
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    p = argparse.ArgumentParser(prog="python -m hotswap_engine.agent", description=__doc__)
+    p.add_argument("--pod-name", default=_env("POD_NAME", "local"))
+    p.add_argument("--host", default=_env("POD_IP"), help="bind address (the pod IP); required")
+    p.add_argument("--port", type=int, default=int(_env("HOTSWAP_AGENT_PORT", "8600") or 8600))
+    p.add_argument(
+        "--token-file",
+        default=_env("HOTSWAP_AGENT_TOKEN_FILE"),
+        help="file holding the bearer token (or set HOTSWAP_AGENT_TOKEN)",
+    )
+    p.add_argument("--base-checkpoint", required=True)
+    p.add_argument("--allowed-root", action="append", required=True, dest="allowed_roots")
+    p.add_argument("--control-socket", default="/run/hotswap/control.sock")
+    p.add_argument("--handoff-endpoint", default="ipc:///run/hotswap/handoff.sock")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--shm-dir", default="/dev/shm")
+    p.add_argument("--advertise-address", default=None, help="defaults to --host")
+    p.add_argument("--p2p-protocol", choices=["tcp", "rdma"], default="tcp")
+    p.add_argument("--p2p-device", default="")
+    p.add_argument("--collective-timeout", type=float, default=60.0)
+    a = p.parse_args(argv)
+    if not a.host:
+        p.error("--host (or POD_IP) is required: the agent never guesses its address")
+    token = _env("HOTSWAP_AGENT_TOKEN")
+    if a.token_file:
+        token = Path(a.token_file).read_text().strip()
+    if not token:
+        p.error("a bearer token is required: --token-file or HOTSWAP_AGENT_TOKEN")
+    return AgentConfig(
+        pod_name=a.pod_name,
+        host=a.host,
+        port=a.port,
+        token=token,
+        base_checkpoint=Path(a.base_checkpoint),
+        allowed_roots=tuple(Path(r) for r in a.allowed_roots),
+        control_socket=Path(a.control_socket),
+        handoff_endpoint=a.handoff_endpoint,
+        workers=a.workers,
+        device=a.device,
+        shm_dir=Path(a.shm_dir),
+        advertise_address=a.advertise_address or a.host,
+        p2p_protocol=a.p2p_protocol,
+        p2p_device=a.p2p_device,
+        collective_timeout_s=a.collective_timeout,
+    )

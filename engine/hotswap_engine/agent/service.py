@@ -1,0 +1,290 @@
+"""The agent's state machine: staged versions, the serving version, and one update at a time.
+
+The HTTP layer (`api`) only parses and serialises; everything that decides lives here, and
+everything that moves bytes lives in `staging`, `transport` and `handoff`. Blocking byte work runs
+in threads so the API keeps answering status while an update runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from hotswap_engine import protocol
+from hotswap_engine.agent.config import AgentConfig
+from hotswap_engine.agent.errors import (
+    BadRequest,
+    CheckpointMismatchError,
+    Conflict,
+    ForbiddenPathError,
+    NotFound,
+)
+from hotswap_engine.metrics import AgentMetrics
+
+if TYPE_CHECKING:
+    from hotswap_engine.agent.runner import UpdateRunner
+    from hotswap_engine.staging import StagedCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class StagedEntry:
+    meta: protocol.StagedVersion
+    data: StagedCheckpoint
+
+
+@dataclass
+class UpdateRecord:
+    """Mutable twin of `protocol.UpdateProgress`, updated from the transfer thread."""
+
+    id: str
+    version: str
+    mode: protocol.UpdateMode
+    stage: protocol.UpdateStage = protocol.UpdateStage.PENDING
+    bytes_done: int = 0
+    bytes_total: int = 0
+    started_at: datetime = field(default_factory=_now)
+    finished_at: datetime | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_model(self) -> protocol.UpdateProgress:
+        return protocol.UpdateProgress(
+            id=self.id,
+            version=self.version,
+            mode=self.mode,
+            stage=self.stage,
+            bytes_done=self.bytes_done,
+            bytes_total=self.bytes_total,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            durations=dict(self.durations),
+            error=self.error,
+        )
+
+
+class AgentService:
+    def __init__(self, cfg: AgentConfig, runner: UpdateRunner, metrics: AgentMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.runner = runner
+        self.metrics = metrics or AgentMetrics()
+        self._staged: dict[str, StagedEntry] = {}
+        self._staging: dict[str, asyncio.Future[StagedEntry]] = {}
+        self._serving: str | None = None  # None: the base checkpoint the engine started with
+        self._updates: dict[str, UpdateRecord] = {}
+        self._latest: UpdateRecord | None = None
+        self._task: asyncio.Task[None] | None = None
+        # False while the engine may hold weights that no version fully describes (a failed apply
+        # that has not been rolled back yet); the pod's readiness probe follows it.
+        self._consistent = True
+        self._last_error: str | None = None
+
+    # ---- status -------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def status(self) -> protocol.AgentStatus:
+        return protocol.AgentStatus(
+            pod=self.cfg.pod_name,
+            serving_version=self._serving,
+            ready=self._consistent and not self.busy,
+            staged=tuple(e.meta for e in self._staged.values()),
+            update=self._latest.to_model() if self._latest else None,
+            last_error=self._last_error,
+            p2p_endpoint=self.runner.p2p_endpoint,
+        )
+
+    # ---- staging ------------------------------------------------------------------------------
+
+    async def stage(self, req: protocol.StageRequest) -> protocol.StagedVersion:
+        have = self._staged.get(req.version)
+        if have is not None and have.meta.source == req.source and _covers(have.meta, req.part):
+            return have.meta  # idempotent: the operator may repeat a request after a restart
+        pending = self._staging.get(req.version)
+        if pending is not None:
+            return (await asyncio.shield(pending)).meta
+        if self.busy and self._latest is not None and self._latest.version == req.version:
+            raise Conflict(f"version {req.version} is being applied; it cannot be re-staged now")
+        fut: asyncio.Future[StagedEntry] = asyncio.get_running_loop().create_future()
+        self._staging[req.version] = fut
+        try:
+            t0 = time.perf_counter()
+            data = await asyncio.to_thread(self.runner.stage, req.source, req.part)
+            seconds = time.perf_counter() - t0
+            meta = protocol.StagedVersion(
+                version=req.version,
+                source=req.source,
+                part=req.part,
+                complete=req.part is None or req.part.count == 1,
+                bytes=data.nbytes,
+                tensors=len(data.tensors),
+                stage_seconds=round(seconds, 4),
+            )
+            entry = StagedEntry(meta, data)
+            old = self._staged.pop(req.version, None)
+            if old is not None:
+                old.data.release()
+            self._staged[req.version] = entry
+            self.metrics.stage_seconds.labels("staging").observe(seconds)
+            self.metrics.bytes_moved.labels("staging").inc(data.nbytes)
+            self._update_staged_gauge()
+            fut.set_result(entry)
+            return meta
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise _as_api_error(e) from e
+        finally:
+            self._staging.pop(req.version, None)
+
+    def drop(self, version: str) -> None:
+        if version not in self._staged:
+            raise NotFound(f"version {version} is not staged here")
+        if version == self._serving:
+            raise Conflict(f"version {version} is being served: it stays staged as the rollback source")
+        if self.busy and self._latest is not None and self._latest.version == version:
+            raise Conflict(f"version {version} is being applied")
+        self._staged.pop(version).data.release()
+        self._update_staged_gauge()
+
+    def _update_staged_gauge(self) -> None:
+        self.metrics.staged_bytes.set(sum(e.meta.bytes for e in self._staged.values()))
+
+    # ---- updates ------------------------------------------------------------------------------
+
+    def get_update(self, update_id: str) -> protocol.UpdateProgress:
+        rec = self._updates.get(update_id)
+        if rec is None:
+            raise NotFound(f"no update with id {update_id}")
+        return rec.to_model()
+
+    async def start_update(self, req: protocol.UpdateRequest) -> protocol.UpdateProgress:
+        if self.busy:
+            assert self._latest is not None
+            raise Conflict(
+                f"update {self._latest.id} to version {self._latest.version} is still running "
+                f"(stage {self._latest.stage})"
+            )
+        entry = self._staged.get(req.version)
+        if req.mode is protocol.UpdateMode.BROADCAST:
+            assert req.group is not None and req.rank is not None
+            me = next(m for m in req.group.members if m.rank == req.rank)
+            if me.pod != self.cfg.pod_name:
+                raise BadRequest(f"rank {req.rank} belongs to pod {me.pod}, this is pod {self.cfg.pod_name}")
+            if entry is None:
+                raise NotFound(f"version {req.version} is not staged here; stage it before the update")
+            if not _covers(entry.meta, me.part):
+                raise BadRequest(
+                    f"version {req.version} is staged here as part {entry.meta.part}, "
+                    f"but the group assigns this pod part {me.part}"
+                )
+        rec = UpdateRecord(id=uuid.uuid4().hex[:12], version=req.version, mode=req.mode)
+        self._updates[rec.id] = rec
+        self._latest = rec
+        self._task = asyncio.create_task(self._run(req, rec, entry))
+        return rec.to_model()
+
+    async def _run(self, req: protocol.UpdateRequest, rec: UpdateRecord, entry: StagedEntry | None) -> None:
+        previous = self._serving
+        t0 = time.perf_counter()
+        try:
+            full = await self.runner.update(req, entry.data if entry else None, rec)
+        except Exception as e:
+            msg = f"update to {req.version} failed: {e}"
+            log.warning("%s", msg)
+            self._consistent = False
+            self._last_error = msg
+            rec.error = msg
+            self.metrics.updates.labels("failed").inc()
+            await self._roll_back(previous, rec)
+            rec.stage = protocol.UpdateStage.FAILED
+            rec.finished_at = _now()
+            return
+        meta = protocol.StagedVersion(
+            version=req.version,
+            source=entry.meta.source if entry else protocol.Source(path="p2p"),
+            part=None,
+            complete=True,
+            bytes=full.nbytes,
+            tensors=len(full.tensors),
+            stage_seconds=entry.meta.stage_seconds if entry else None,
+        )
+        old = self._staged.get(req.version)
+        if old is not None and old.data is not full:
+            old.data.release()
+        self._staged[req.version] = StagedEntry(meta, full)
+        self._update_staged_gauge()
+        self._serving = req.version
+        self._consistent = True
+        self._last_error = None
+        self.metrics.set_serving(req.version)
+        self.metrics.updates.labels("complete").inc()
+        for stage, seconds in rec.durations.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.bytes_moved.labels("transfer").inc(rec.bytes_total)
+        rec.durations["total"] = round(time.perf_counter() - t0, 4)
+        rec.stage = protocol.UpdateStage.COMPLETE
+        rec.finished_at = _now()
+
+    async def _roll_back(self, previous: str | None, rec: UpdateRecord) -> None:
+        """Re-apply the version served before the failed update from local host memory (or from
+        storage when it is not staged in full here), so the engine never keeps mixed weights."""
+        rec.stage = protocol.UpdateStage.ROLLING_BACK
+        t0 = time.perf_counter()
+        entry = self._staged.get(previous) if previous is not None else None
+        try:
+            if entry is not None and entry.meta.complete:
+                data = entry.data
+            else:
+                source = entry.meta.source if entry else protocol.Source(path=str(self.cfg.base_checkpoint))
+                data = await asyncio.to_thread(self.runner.stage, source, None, True)
+            await self.runner.apply_local(previous, data)
+            self._consistent = True
+            log.info("rolled back to %s", previous or "the base checkpoint")
+        except Exception as e:
+            # The engine stays paused by the launcher: it serves nothing rather than mixed weights.
+            self._last_error = f"{rec.error}; rollback to {previous or 'base'} failed too: {e}"
+            rec.error = self._last_error
+            log.error("%s", self._last_error)
+        finally:
+            rec.durations["rollback"] = round(time.perf_counter() - t0, 4)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for e in self._staged.values():
+            e.data.release()
+        self._staged.clear()
+        self.runner.close()
+
+
+def _covers(meta: protocol.StagedVersion, part: protocol.PartSpec | None) -> bool:
+    """Whether a staged copy holds at least `part` (a complete copy holds every part)."""
+    return meta.complete or meta.part == part
+
+
+def _as_api_error(e: Exception) -> Exception:
+    from hotswap_engine import staging
+
+    if isinstance(e, staging.ForbiddenPath):
+        return ForbiddenPathError(str(e))
+    if isinstance(e, staging.StagingError):
+        return CheckpointMismatchError(str(e))
+    if isinstance(e, FileNotFoundError):
+        return NotFound(f"checkpoint not found: {e}")
+    return e

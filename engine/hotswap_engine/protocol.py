@@ -1,0 +1,195 @@
+"""Wire models of the agent's HTTP API.
+
+Torch-free and I/O-free on purpose: the operator imports this module (and only this module) from the
+engine, so the two sides can never disagree on a field. Every model forbids unknown fields, so a typo
+in a request is a 422 with the field's name rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+API_PREFIX = "/v1"
+DEFAULT_MEMORY_BUDGET_BYTES = 2 << 30  # extra GPU memory an update may take per GPU
+
+# A version is a label value on pods (hotswap.dev/weight-version), so it follows label-value rules.
+VersionName = Annotated[
+    str,
+    Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Model):
+    """One tensor as a safetensors header describes it."""
+
+    name: str
+    dtype: str  # safetensors dtype name: "BF16", "F32", ...
+    shape: tuple[int, ...]
+
+
+class PartSpec(_Model):
+    """Which share of a checkpoint a pod owns: part `index` of `count` (balanced by bytes).
+
+    Every agent derives the same tensor→part assignment from the checkpoint's headers
+    (`buckets.assign_parts`), so the operator only hands out indices.
+    """
+
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> PartSpec:
+        if self.index >= self.count:
+            raise ValueError(f"part index {self.index} must be smaller than count {self.count}")
+        return self
+
+
+class Source(_Model):
+    """Where a checkpoint lives: a directory (sharded with model.safetensors.index.json, or holding
+    *.safetensors files) or a single .safetensors file, inside one of the agent's allowed roots."""
+
+    path: str = Field(min_length=1)
+    # Optional JSON manifest {"files": {"<file name>": "<hex sha256>"}} checked before use.
+    sha256_manifest: str | None = None
+
+
+class StageRequest(_Model):
+    version: VersionName
+    source: Source
+    part: PartSpec | None = None  # None: the whole checkpoint
+
+
+class StagedVersion(_Model):
+    version: VersionName
+    source: Source
+    part: PartSpec | None
+    complete: bool  # holds every tensor (a full copy, usable for rollback and as a p2p source)
+    bytes: int
+    tensors: int
+    stage_seconds: float | None = None
+
+
+class UpdateMode(StrEnum):
+    BROADCAST = "broadcast"
+    P2P = "p2p"
+
+
+class RequestPolicy(StrEnum):
+    """What happens to in-flight requests during the swap (vLLM's pause modes)."""
+
+    KEEP = "keep"  # paused mid-generation and resumed on the new weights
+    WAIT = "wait"  # new requests wait; in-flight ones finish on the old weights first
+    ABORT = "abort"  # in-flight requests are aborted
+
+
+class GroupMember(_Model):
+    rank: int = Field(ge=0)
+    pod: str
+    address: str  # agent address, used in messages only
+    part: PartSpec | None  # the part this member staged and broadcasts
+
+
+class BroadcastGroup(_Model):
+    members: tuple[GroupMember, ...] = Field(min_length=1)
+    master_addr: str
+    master_port: int = Field(ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _ranks_dense(self) -> BroadcastGroup:
+        ranks = sorted(m.rank for m in self.members)
+        if ranks != list(range(len(ranks))):
+            raise ValueError(f"member ranks must be 0..{len(ranks) - 1} exactly once, got {ranks}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return len(self.members)
+
+
+class PeerPart(_Model):
+    """For p2p: a peer that holds (at least) the given part of the version."""
+
+    pod: str
+    endpoint: str  # the peer's Mooncake endpoint, host:port
+    part: PartSpec | None  # None: the peer holds the whole version
+
+
+class UpdateRequest(_Model):
+    version: VersionName
+    mode: UpdateMode = UpdateMode.BROADCAST
+    rank: int | None = Field(default=None, ge=0)  # this pod's rank in `group` (broadcast)
+    group: BroadcastGroup | None = None  # broadcast only
+    peers: tuple[PeerPart, ...] = ()  # p2p only
+    memory_budget_bytes: int = Field(default=DEFAULT_MEMORY_BUDGET_BYTES, ge=1 << 20)
+    request_policy: RequestPolicy = RequestPolicy.KEEP
+    timeout_seconds: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> UpdateRequest:
+        if self.mode is UpdateMode.BROADCAST:
+            if self.group is None or self.rank is None:
+                raise ValueError("a broadcast update needs `group` and this pod's `rank`")
+            if self.rank >= self.group.world_size:
+                raise ValueError(f"rank {self.rank} is outside the group of {self.group.world_size}")
+        elif not self.peers:
+            raise ValueError("a p2p update needs at least one entry in `peers`")
+        return self
+
+
+class UpdateStage(StrEnum):
+    PENDING = "Pending"
+    CONNECTING = "Connecting"  # forming the process group / reaching peers
+    TRANSFERRING = "Transferring"  # host→GPU, broadcast/p2p and hand-off, pipelined
+    RELOADING = "Reloading"  # vLLM finishing the layerwise reload
+    ROLLING_BACK = "RollingBack"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+
+
+class UpdateProgress(_Model):
+    id: str
+    version: VersionName
+    mode: UpdateMode
+    stage: UpdateStage
+    bytes_done: int = 0
+    bytes_total: int = 0
+    started_at: datetime
+    finished_at: datetime | None = None
+    # seconds per stage: "connect", "transfer", "reload", "rollback"
+    durations: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stage in (UpdateStage.COMPLETE, UpdateStage.FAILED)
+
+
+class AgentStatus(_Model):
+    pod: str
+    serving_version: str | None  # None: serving the base checkpoint it started with
+    ready: bool  # serving a fully applied version, no update or rollback running
+    staged: tuple[StagedVersion, ...] = ()
+    update: UpdateProgress | None = None  # the latest update, running or finished
+    last_error: str | None = None
+    p2p_endpoint: str | None = None  # Mooncake endpoint of this agent's staged buffers
+
+
+class ErrorBody(_Model):
+    error: Literal[
+        "bad_request",
+        "unauthorized",
+        "not_found",
+        "conflict",
+        "checkpoint_mismatch",
+        "forbidden_path",
+        "internal",
+    ]
+    message: str
