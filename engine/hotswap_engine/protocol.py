@@ -131,6 +131,9 @@ class UpdateRequest(_Model):
     memory_budget_bytes: int = Field(default=DEFAULT_MEMORY_BUDGET_BYTES, ge=1 << 20)
     request_policy: RequestPolicy = RequestPolicy.KEEP
     timeout_seconds: float = Field(default=300.0, gt=0)
+    # Caps this pod's transfer rate (None: as fast as the hardware goes), for fleets whose network
+    # or storage is shared with training traffic.
+    max_bytes_per_second: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _mode_fields(self) -> UpdateRequest:

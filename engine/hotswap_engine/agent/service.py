@@ -209,7 +209,10 @@ class AgentService:
             self._last_error = msg
             rec.error = msg
             self.metrics.updates.labels("failed").inc()
-            await self._roll_back(previous, rec)
+            if getattr(e, "engine_touched", True):
+                await self._roll_back(previous, rec)
+            else:
+                self._consistent = True
             rec.stage = protocol.UpdateStage.FAILED
             rec.finished_at = _now()
             return

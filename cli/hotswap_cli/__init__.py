@@ -1,0 +1,1 @@
+"""`hotswap`: the command line for publishing weight versions to InferencePools and watching them."""

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Builds (once per version) etcd, kube-apiserver, kube-controller-manager and helm from their Go
+# modules into $HOTSWAP_CACHE/cluster/bin-<versions>/ and prints that folder. With the binaries
+# present it only prints the folder. Each binary is written under a temporary name and renamed, so
+# an interrupted build never leaves a half-written binary that a later run would trust.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+source "$here/versions.env"
+source "$here/scripts/go-env.sh"
+
+bin="$HOTSWAP_CACHE/cluster/bin-k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION"
+mkdir -p "$bin"
+log() { echo "cluster-build: $*" >&2; }
+run_go() { nice -n 10 go "$@"; }
+
+k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
+# The same version stamps upstream's hack/lib/version.sh sets: without them the servers report
+# v0.0.0-master and version checks (Helm's kubeVersion) misbehave.
+kube_ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  kube_ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor"
+  kube_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
+
+build_kube() {
+  local name=$1
+  [ -x "$bin/$name" ] && return 0
+  log "building $name $K8S_VERSION (cold: tens of minutes on 2 cores)"
+  local t0=$SECONDS
+  (cd "$here/gomod/kube" && run_go build -tags selinux,notest,grpcnotrace -ldflags "$kube_ldflags" \
+    -o "$bin/.$name.tmp" "k8s.io/kubernetes/cmd/$name")
+  mv "$bin/.$name.tmp" "$bin/$name"
+  log "built $name in $((SECONDS - t0)) s"
+}
+
+build_etcd() {
+  [ -x "$bin/etcd" ] && return 0
+  log "building etcd $ETCD_VERSION"
+  local t0=$SECONDS
+  (cd "$here/gomod/etcd" && run_go build -ldflags "-s -w" -o "$bin/.etcd.tmp" .)
+  mv "$bin/.etcd.tmp" "$bin/etcd"
+  log "built etcd in $((SECONDS - t0)) s"
+}
+
+build_helm() {
+  [ -x "$bin/helm" ] && return 0
+  log "building helm $HELM_VERSION"
+  local t0=$SECONDS tmp
+  tmp="$(mktemp -d "$bin/.helm.XXXXXX")"
+  # helm has no replace directives, so go install at a pinned version works (checked against sum.golang.org).
+  GOBIN="$tmp" run_go install -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+  mv "$tmp/helm" "$bin/helm"
+  rm -rf "$tmp"
+  log "built helm in $((SECONDS - t0)) s"
+}
+
+build_etcd
+build_kube kube-apiserver
+build_kube kube-controller-manager
+build_helm
+echo "$bin"

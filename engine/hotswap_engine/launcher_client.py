@@ -1,0 +1,81 @@
+"""The agent's client for the inference container's control socket (see vllm_launcher).
+
+Torch-free and vLLM-free: the agent imports it without pulling in the inference stack.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+# The agent's own deadline sits past the launcher's (pause + hand-off + RPC margin), so the
+# launcher's precise error normally arrives before the client gives up.
+CLIENT_MARGIN_S = 60.0
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    ok: bool
+    status: int  # HTTP status: 200 ok, 400 bad request, 409 busy, 500 failed
+    seconds: float | None = None
+    error: str | None = None
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+class LauncherUnreachable(ConnectionError):
+    """The control socket is missing or the launcher does not answer."""
+
+
+def _connector(socket_path: str) -> aiohttp.UnixConnector:
+    return aiohttp.UnixConnector(path=socket_path)
+
+
+async def apply(
+    socket_path: str, endpoint: str, version: str, policy: str = "keep", timeout: float = 300.0
+) -> ApplyResult:
+    """POST /apply and wait for every worker to finish. A refused/failed apply is an ApplyResult with
+    ok=False; only an unreachable or silent launcher raises (LauncherUnreachable)."""
+    body = {"endpoint": endpoint, "version": version, "policy": policy, "timeout": timeout}
+    client_timeout = aiohttp.ClientTimeout(total=timeout * 2 + CLIENT_MARGIN_S)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=_connector(socket_path), timeout=client_timeout) as session,
+            session.post("http://hotswap/apply", json=body) as resp,
+        ):
+            status = resp.status
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        raise LauncherUnreachable(f"control socket {socket_path}: {type(e).__name__}: {e}") from e
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return ApplyResult(False, status, error=f"non-JSON answer ({status}): {text[:200]}")
+    if not isinstance(data, dict):
+        return ApplyResult(False, status, error=f"unexpected answer ({status}): {text[:200]}")
+    return ApplyResult(
+        ok=bool(data.get("ok")) and status == 200,
+        status=status,
+        seconds=data.get("seconds"),
+        error=data.get("error"),
+        workers=list(data.get("workers") or []),
+    )
+
+
+async def healthz(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
+    """GET /healthz: {"ok", "engine_alive", "paused", "applying", "version", "last_error"}."""
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=_connector(socket_path), timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as session,
+            session.get("http://hotswap/healthz") as resp,
+        ):
+            data = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+        raise LauncherUnreachable(f"control socket {socket_path}: {type(e).__name__}: {e}") from e
+    if not isinstance(data, dict):
+        raise LauncherUnreachable(f"control socket {socket_path}: unexpected answer {data!r}")
+    return data

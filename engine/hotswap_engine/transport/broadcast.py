@@ -1,0 +1,470 @@
+"""The pipelined broadcast: every member ends with every bucket in its workers and in host memory.
+
+Per bucket (in plan order, identical on every member):
+  1. the owner copies the bucket's bytes from its staged host buffer into a slot (copy stream),
+  2. the group broadcasts the slot from the owner (the backend's stream, ordered after 1),
+  3. every member announces the slot to its workers (`HandoffSender.send_bucket`), and copies the
+     bucket into its host buffer for that part (device→host stream), so after the update every
+     member holds the *full* version: the rollback source and a complete peer-to-peer source.
+     A member's own part needs no copy: its staged buffer already is that part.
+Slots rotate; a slot is refilled only after the workers acknowledged it (`wait_slot_free`) and its
+device→host copy finished (a CUDA event the next writer's stream waits on). The host never
+synchronises the device per bucket: it polls events, and keeps up to `slots` buckets in flight.
+
+On CPU (gloo) the same loop runs with shared-memory slots: copies are plain memcpy and the
+broadcast runs on gloo's threads.
+
+Any failure (a collective's error or timeout, a worker's error, a member that signalled abort)
+aborts the hand-off session and the group, and raises `BroadcastError` within the op timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hotswap_engine import buckets
+from hotswap_engine.handoff import Entry, HandoffSender, Slot, create_slots
+from hotswap_engine.hostmem import HostBuffer, HostBufferPool
+from hotswap_engine.staging import StagedCheckpoint
+from hotswap_engine.transport.process_group import Group, GroupError
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 50e-6  # host wait between event polls: well under a bucket's copy time
+ABORT_CHECK_SECONDS = 0.2  # how often a waiting member asks the store whether another one gave up
+
+
+class BroadcastError(RuntimeError):
+    """The update failed on this member or on another one; the group was discarded."""
+
+
+@dataclass
+class BroadcastStats:
+    buckets: int = 0
+    bytes: int = 0  # bytes this member handed to its workers (the whole update)
+    owned_bytes: int = 0  # bytes this member copied host→slot and broadcast as root
+    seconds: float = 0.0  # wall time of the bucket loop (begin to the workers' last ack)
+    end_seconds: float = 0.0  # waiting for the workers' `done` after the last bucket
+    host_to_slot_seconds: float = 0.0  # device time of the owner's copies (CUDA events; CPU: wall)
+    broadcast_seconds: float = 0.0  # device time from a bucket's broadcast start to its arrival
+    slot_to_host_seconds: float = 0.0  # device time of the copies into the full-version buffers
+    wait_ready_seconds: float = 0.0  # host time spent waiting for broadcasts to land
+    wait_free_seconds: float = 0.0  # host time spent waiting for workers' acks
+    bucket_bytes: int = 0
+    slots: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class _BucketJob:
+    bucket: buckets.Bucket
+    root: int  # rank that broadcasts it
+    entries: tuple[Entry, ...]
+
+
+def bucket_entries(plan: buckets.BucketPlan, staged: StagedCheckpoint) -> list[tuple[Entry, ...]]:
+    """Hand-off entries of every bucket: the plan's chunks with dtype and shape from the specs."""
+    specs = {s.name: s for s in staged.specs}
+    out = []
+    for b in plan.buckets:
+        out.append(
+            tuple(
+                Entry(
+                    c.name,
+                    specs[c.name].dtype,
+                    tuple(specs[c.name].shape),
+                    c.offset,
+                    c.nbytes,
+                    c.tensor_offset,
+                    c.tensor_nbytes,
+                )
+                for c in b.chunks
+            )
+        )
+    return out
+
+
+def make_plan(
+    staged: StagedCheckpoint,
+    memory_budget_bytes: int,
+    *,
+    reassemble: bool = True,
+    fixed: tuple[int, int] | None = None,
+) -> tuple[buckets.BucketPlan, buckets.Layout]:
+    """The plan every member derives from the same headers and budget (so all agree on it).
+    `fixed` = (bucket_bytes, slots) overrides the choice (tests and benchmarks)."""
+    items = staged.items()
+    largest = max((i.nbytes for i in items), default=0)
+    if fixed is not None:
+        bucket_bytes, slots = fixed
+        plan = buckets.plan_buckets(items, bucket_bytes, staged.alignment)
+        return plan, buckets.Layout(bucket_bytes, slots, plan.largest_chunked_tensor if reassemble else 0)
+    part_max = max(
+        (buckets.layout_part(items, p, staged.alignment).nbytes for p in range(staged.part_count)), default=0
+    )
+    layout = buckets.choose_layout(
+        memory_budget_bytes, largest, part_max, alignment=staged.alignment, reassemble=reassemble
+    )
+    return buckets.plan_buckets(items, layout.bucket_bytes, staged.alignment), layout
+
+
+def allocate_full_version(
+    staged: StagedCheckpoint,
+    plan: buckets.BucketPlan,
+    pinned: bool | None = None,
+    pool: HostBufferPool | None = None,
+) -> dict[int, HostBuffer]:
+    """Host buffers for the parts this member does not hold (the broadcast fills them)."""
+    out = {}
+    for p in plan.parts:
+        if p.part not in staged.segments:
+            if pool is not None:
+                buffer = pool.acquire(p.nbytes, defer_pin=True)
+            else:
+                buffer = HostBuffer(p.nbytes, pinned=pinned, defer_pin=True)
+            if buffer.pinned and not buffer.is_pinned:
+                buffer.populate()  # fault the pages in on all threads, then pin (much faster)
+                buffer.pin()
+            out[p.part] = buffer
+    return out
+
+
+def complete_version(staged: StagedCheckpoint, filled: Mapping[int, HostBuffer]) -> StagedCheckpoint:
+    """The full version after a broadcast: this member's staged buffer plus the filled ones."""
+    segments = dict(staged.segments)
+    segments.update(filled)
+    return StagedCheckpoint(staged.specs, staged.assignment, staged.part_count, segments, staged.alignment)
+
+
+class _Deadline:
+    def __init__(self, seconds: float, group: Group) -> None:
+        self.seconds = seconds
+        self.group = group
+        self._next_check = time.monotonic() + ABORT_CHECK_SECONDS
+
+    def wait(self, done: Callable[[], bool], what: str) -> float:
+        """Poll `done` until true; raise on the op timeout or another member's abort. Returns the wait."""
+        if done():
+            return 0.0
+        start = time.monotonic()
+        limit = start + self.seconds
+        while not done():
+            now = time.monotonic()
+            if now > limit:
+                raise BroadcastError(f"timed out after {self.seconds:.1f}s waiting for {what}")
+            if now >= self._next_check:
+                self._next_check = now + ABORT_CHECK_SECONDS
+                reason = self.group.abort_requested()
+                if reason is not None:
+                    raise BroadcastError(f"another member aborted the update: {reason}")
+            time.sleep(POLL_SECONDS)
+        return time.monotonic() - start
+
+
+class BroadcastTransport:
+    """Slots and streams of one rank worker, reused across updates (no allocation or IPC
+    registration on the hot path of later updates). The group comes from a `GroupCache`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._slots: list[Slot] = []
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.comm_stream = torch.cuda.Stream(device)
+            self.d2h_stream = torch.cuda.Stream(device)
+
+    def slots(self, count: int, nbytes: int) -> list[Slot]:
+        if len(self._slots) != count or any(s.nbytes != nbytes for s in self._slots):
+            self.close()
+            self._slots = create_slots(count, nbytes, self.device)
+        return self._slots
+
+    def close(self) -> None:
+        for s in self._slots:
+            s.close()
+        self._slots = []
+
+    def run(
+        self,
+        group: Group,
+        staged: StagedCheckpoint,
+        plan: buckets.BucketPlan,
+        owners: Mapping[int, int],
+        sender: HandoffSender,
+        version: str,
+        *,
+        slots: int,
+        full_out: Mapping[int, HostBuffer] | None = None,
+        progress: Callable[[int], None] | None = None,
+        op_timeout: float = 60.0,
+        end: bool = True,
+        begin: bool = True,
+    ) -> BroadcastStats:
+        """Move every bucket of `plan` into this member's workers (and `full_out`).
+
+        `owners` maps part → the rank that broadcasts it; buckets whose owner is this rank are read
+        from `staged`. `full_out` maps each part this member does not hold to a host buffer of the
+        part's size. With `end`, waits for the workers' `done` after the last bucket.
+        """
+        stats = BroadcastStats(bucket_bytes=plan.bucket_bytes, slots=slots)
+        jobs = [
+            _BucketJob(b, owners[b.owner], e)
+            for b, e in zip(plan.buckets, bucket_entries(plan, staged), strict=True)
+        ]
+        if staged.part_count != len(plan.parts):
+            raise BroadcastError(f"staged as {staged.part_count} parts, but the plan has {len(plan.parts)}")
+        for job in jobs:
+            if job.root == group.rank and job.bucket.owner not in staged.segments:
+                raise BroadcastError(
+                    f"rank {group.rank} broadcasts part {job.bucket.owner} but has not staged it"
+                )
+        full_out = dict(full_out or {})
+        for p in plan.parts:
+            if p.part not in staged.segments and p.part in full_out and full_out[p.part].nbytes < p.nbytes:
+                raise BroadcastError(f"full-version buffer for part {p.part} is smaller than the part")
+        slot_list = self.slots(slots, plan.bucket_bytes)
+        deadline = _Deadline(op_timeout, group)
+        t0 = time.perf_counter()
+        try:
+            if begin:  # else the caller began the session with `self.slots(...)` already
+                sender.begin(version, slot_list, timeout=op_timeout)
+            if self.cuda:
+                self._run_cuda(group, staged, jobs, slot_list, sender, full_out, progress, deadline, stats)
+            else:
+                self._run_cpu(group, staged, jobs, slot_list, sender, full_out, progress, deadline, stats)
+            stats.seconds = time.perf_counter() - t0
+            if end:
+                t1 = time.perf_counter()
+                sender.end(timeout=op_timeout)
+                stats.end_seconds = time.perf_counter() - t1
+        except BaseException as e:
+            reason = f"rank {group.rank}: {type(e).__name__}: {e}"
+            log.warning("broadcast failed, aborting: %s", reason)
+            sender.abort(reason)  # first: the local workers stop waiting at once
+            group.signal_abort(reason)
+            group.abort()
+            if isinstance(e, BroadcastError):
+                raise
+            if isinstance(e, Exception):
+                raise BroadcastError(reason) from e
+            raise
+        return stats
+
+    # ---- CPU: gloo, shared-memory slots -------------------------------------------------------
+
+    def _run_cpu(
+        self,
+        group: Group,
+        staged: StagedCheckpoint,
+        jobs: Sequence[_BucketJob],
+        slot_list: Sequence[Slot],
+        sender: HandoffSender,
+        full_out: Mapping[int, HostBuffer],
+        progress: Callable[[int], None] | None,
+        deadline: _Deadline,
+        stats: BroadcastStats,
+    ) -> None:
+        pending: collections.deque[tuple[int, _BucketJob, dist.Work | None]] = collections.deque()
+
+        def finish(index: int, job: _BucketJob, work: dist.Work | None) -> None:
+            slot = index % len(slot_list)
+            view = slot_list[slot].tensor[: job.bucket.nbytes]
+            if work is not None:
+                stats.wait_ready_seconds += deadline.wait(work.is_completed, f"bucket {index}'s broadcast")
+                work.wait()  # completed already: returns at once, or raises the backend's error
+            dst = full_out.get(job.bucket.owner)
+            if dst is not None and job.bucket.nbytes:
+                t = time.perf_counter()
+                dst.tensor[job.bucket.host_offset : job.bucket.host_offset + job.bucket.nbytes].copy_(view)
+                stats.slot_to_host_seconds += time.perf_counter() - t
+            sender.send_bucket(slot, job.entries)
+            stats.buckets += 1
+            stats.bytes += job.bucket.nbytes
+            if progress is not None:
+                progress(stats.bytes)
+
+        for index, job in enumerate(jobs):
+            slot = index % len(slot_list)
+            while pending and (pending[0][0] <= index - len(slot_list) or pending[0][2] is None):
+                finish(*pending.popleft())
+            if index >= len(slot_list):
+                t = time.perf_counter()
+                sender.wait_slot_free(slot, timeout=deadline.seconds)
+                stats.wait_free_seconds += time.perf_counter() - t
+            view = slot_list[slot].tensor[: job.bucket.nbytes]
+            if job.root == group.rank and job.bucket.nbytes:
+                t = time.perf_counter()
+                src = staged.segments[job.bucket.owner].tensor
+                view.copy_(src[job.bucket.host_offset : job.bucket.host_offset + job.bucket.nbytes])
+                stats.host_to_slot_seconds += time.perf_counter() - t
+                stats.owned_bytes += job.bucket.nbytes
+            work = (
+                group.broadcast(view, job.root) if job.bucket.nbytes and group.spec.world_size > 1 else None
+            )
+            pending.append((index, job, work))
+            while pending and (pending[0][2] is None or pending[0][2].is_completed()):
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
+        for slot in range(len(slot_list)):
+            sender.wait_slot_free(slot, timeout=deadline.seconds)
+
+    # ---- GPU: NCCL, CUDA IPC slots, three streams ---------------------------------------------
+
+    def _run_cuda(
+        self,
+        group: Group,
+        staged: StagedCheckpoint,
+        jobs: Sequence[_BucketJob],
+        slot_list: Sequence[Slot],
+        sender: HandoffSender,
+        full_out: Mapping[int, HostBuffer],
+        progress: Callable[[int], None] | None,
+        deadline: _Deadline,
+        stats: BroadcastStats,
+    ) -> None:
+        nslots = len(slot_list)
+        # free[s]: the last use of slot s on this device finished (broadcast, and the device→host
+        # copy where there is one); the next writer of the slot waits on it.
+        free = [torch.cuda.Event() for _ in range(nslots)]
+        for ev in free:
+            ev.record(self.comm_stream)
+        timing: list[_CudaTimes] = []
+        pending: collections.deque[tuple[int, _BucketJob, _CudaTimes]] = collections.deque()
+
+        def finish(index: int, job: _BucketJob, times: _CudaTimes) -> None:
+            # A collective that failed is aborted by our deadline (or NCCL's watchdog at the same
+            # timeout), which raises here before the bucket is announced.
+            stats.wait_ready_seconds += deadline.wait(times.arrived.query, f"bucket {index}'s broadcast")
+            sender.send_bucket(index % nslots, job.entries)
+            stats.buckets += 1
+            stats.bytes += job.bucket.nbytes
+            if progress is not None:
+                progress(stats.bytes)
+
+        for index, job in enumerate(jobs):
+            slot = index % nslots
+            while pending and pending[0][0] <= index - nslots:
+                finish(*pending.popleft())
+            if index >= nslots:
+                t = time.perf_counter()
+                sender.wait_slot_free(slot, timeout=deadline.seconds)
+                stats.wait_free_seconds += time.perf_counter() - t
+            b = job.bucket
+            view = slot_list[slot].tensor[: b.nbytes]
+            times = _CudaTimes()
+            if job.root == group.rank and b.nbytes:
+                src = staged.segments[b.owner].tensor[b.host_offset : b.host_offset + b.nbytes]
+                self.copy_stream.wait_event(free[slot])
+                times.h2d_start = _record(self.copy_stream)
+                with torch.cuda.stream(self.copy_stream):
+                    view.copy_(src, non_blocking=True)
+                times.h2d_end = _record(self.copy_stream)
+                self.comm_stream.wait_event(times.h2d_end)
+                stats.owned_bytes += b.nbytes
+            else:
+                self.comm_stream.wait_event(free[slot])
+            times.bcast_start = _record(self.comm_stream)
+            if b.nbytes and group.spec.world_size > 1:
+                with torch.cuda.stream(self.comm_stream):
+                    times.work = group.broadcast(view, job.root)
+                    times.work.wait()  # the comm stream waits for the collective; the host does not
+            # Arrival is marked on the comm stream, so a bucket's hand-off never waits behind the
+            # device→host copy of an earlier one.
+            times.arrived = _record(self.comm_stream)
+            dst = full_out.get(b.owner)
+            if dst is not None and b.nbytes:
+                self.d2h_stream.wait_event(times.arrived)
+                with torch.cuda.stream(self.d2h_stream):
+                    dst.tensor[b.host_offset : b.host_offset + b.nbytes].copy_(view, non_blocking=True)
+                times.d2h_end = _record(self.d2h_stream)
+                free[slot].record(self.d2h_stream)
+            else:
+                free[slot].record(self.comm_stream)
+            timing.append(times)
+            pending.append((index, job, times))
+            while pending and pending[0][2].arrived.query():
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
+        for slot in range(nslots):
+            sender.wait_slot_free(slot, timeout=deadline.seconds)
+        # The full-version copies must have landed before the caller uses the buffers.
+        done = _record(self.d2h_stream)
+        deadline.wait(done.query, "the last device→host copies")
+        self.comm_stream.synchronize()
+        for tm in timing:
+            if tm.h2d_start is not None and tm.h2d_end is not None:
+                stats.host_to_slot_seconds += tm.h2d_start.elapsed_time(tm.h2d_end) / 1e3
+            if tm.bcast_start is not None:
+                stats.broadcast_seconds += tm.bcast_start.elapsed_time(tm.arrived) / 1e3
+            if tm.d2h_end is not None:
+                stats.slot_to_host_seconds += tm.arrived.elapsed_time(tm.d2h_end) / 1e3
+
+
+@dataclass
+class _CudaTimes:
+    h2d_start: torch.cuda.Event | None = None
+    h2d_end: torch.cuda.Event | None = None
+    bcast_start: torch.cuda.Event | None = None
+    arrived: torch.cuda.Event = field(default_factory=torch.cuda.Event)
+    d2h_end: torch.cuda.Event | None = None
+    work: Any = None
+
+
+def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(stream)
+    return ev
+
+
+def run_broadcast(
+    group: Group,
+    staged: StagedCheckpoint,
+    plan: buckets.BucketPlan,
+    layout: buckets.Layout,
+    member_parts: Mapping[int, tuple[int, int] | None],
+    sender: HandoffSender,
+    version: str,
+    transport: BroadcastTransport,
+    *,
+    full_out: Mapping[int, HostBuffer] | None = None,
+    progress: Callable[[int], None] | None = None,
+    op_timeout: float = 60.0,
+    end: bool = True,
+    begin: bool = True,
+) -> BroadcastStats:
+    """One broadcast update on this rank. `member_parts` maps every rank to the part it holds
+    ((index, count), or None for a complete copy); see `buckets.owners_by_part`."""
+    try:
+        owners = buckets.owners_by_part(member_parts, len(plan.parts))
+    except ValueError as e:
+        raise BroadcastError(str(e)) from e
+    try:
+        return transport.run(
+            group,
+            staged,
+            plan,
+            owners,
+            sender,
+            version,
+            slots=layout.slots,
+            full_out=full_out,
+            progress=progress,
+            op_timeout=op_timeout,
+            end=end,
+            begin=begin,
+        )
+    except GroupError as e:
+        raise BroadcastError(str(e)) from e

@@ -1,0 +1,231 @@
+"""Inference container entry point: vLLM's OpenAI server plus a private control socket.
+
+    python -m hotswap_engine.vllm_launcher --control-socket /run/hotswap/control.sock MODEL [vllm serve args]
+
+The OpenAI server is vLLM's own (the same calls `vllm serve` makes for a single API server:
+`setup_server`, `build_async_engine_client`, `build_and_serve`), so every `vllm serve` flag
+(`--host`, `--port`, ...) works unchanged. Next to it, in the same event loop, an aiohttp server on a
+unix socket (never TCP) offers:
+
+  POST /apply  {"endpoint": str, "version": str, "policy": "keep"|"wait"|"abort", "timeout": float?}
+               pause generation (vLLM's pause_generation with that mode, caches cleared: prefix blocks
+               computed with the old weights must not serve the new ones), run `hotswap_apply` in
+               every worker via collective_rpc (the engine core runs it between steps), resume.
+               200 {"ok": true, "version", "seconds", "workers": [...]}; 409 while another apply runs;
+               400 for a bad body; 500 {"ok": false, "error"} when the update failed. After a failure
+               generation stays PAUSED: the weights may be half new, and serving them would break the
+               promise that no request runs on half-applied weights. The next successful /apply
+               (normally the agent re-sending the previous version) resumes it.
+  GET  /healthz {"ok", "engine_alive", "paused", "applying", "version", "last_error"}
+
+The socket lives in a volume shared only with the engine container; its file mode (0660) is the
+access control. vLLM's development routes (`VLLM_SERVER_DEV_MODE`: /collective_rpc, /pause, ...)
+would expose the same powers on the public port, so the launcher refuses to start with them on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+# Under "vllm." so vLLM's logging setup (handler, format, VLLM_LOGGING_LEVEL) covers these lines.
+log = logging.getLogger("vllm.hotswap.launcher")
+
+DEFAULT_CONTROL_SOCKET = "/run/hotswap/control.sock"
+EXTENSION = "hotswap_engine.vllm_ext.HotswapWorkerExtension"
+POLICIES = ("keep", "wait", "abort")
+DEFAULT_APPLY_TIMEOUT_S = 300.0
+# collective_rpc's own deadline sits past the workers' hand-off timeout, so a stuck hand-off
+# surfaces as the workers' precise error rather than a bare RPC timeout.
+RPC_MARGIN_S = 30.0
+
+
+@dataclass(frozen=True)
+class ApplyRequest:
+    endpoint: str
+    version: str
+    policy: str
+    timeout: float
+
+    @classmethod
+    def parse(cls, body: object) -> ApplyRequest:
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        unknown = set(body) - {"endpoint", "version", "policy", "timeout"}
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        endpoint, version = body.get("endpoint"), body.get("version")
+        policy = body.get("policy", "keep")
+        timeout = body.get("timeout", DEFAULT_APPLY_TIMEOUT_S)
+        if not isinstance(endpoint, str) or not endpoint:
+            raise ValueError("`endpoint` must be a non-empty string")
+        if not isinstance(version, str) or not version:
+            raise ValueError("`version` must be a non-empty string")
+        if policy not in POLICIES:
+            raise ValueError(f"`policy` must be one of {list(POLICIES)}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError("`timeout` must be a positive number of seconds")
+        return cls(endpoint, version, policy, float(timeout))
+
+
+class ControlServer:
+    """The unix-socket API; `engine` is vLLM's EngineClient (AsyncLLM)."""
+
+    def __init__(self, engine: Any, socket_path: str) -> None:
+        self.engine = engine
+        self.socket_path = socket_path
+        self.version: str | None = None
+        self.last_error: str | None = None
+        self._lock = asyncio.Lock()
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/apply", self.handle_apply)
+        app.router.add_get("/healthz", self.handle_healthz)
+        return app
+
+    async def start(self) -> None:
+        path = Path(self.socket_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a stale socket from a previous run of this container
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, str(path)).start()
+        os.chmod(path, 0o660)
+        log.info("hotswap control socket on %s", path)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.socket_path).unlink()
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        alive = True
+        try:
+            await self.engine.check_health()
+        except Exception:
+            alive = False
+        paused = None
+        with contextlib.suppress(Exception):
+            paused = bool(await self.engine.is_paused())
+        body = {
+            "ok": alive,
+            "engine_alive": alive,
+            "paused": paused,
+            "applying": self._lock.locked(),
+            "version": self.version,
+            "last_error": self.last_error,
+        }
+        return web.json_response(body, status=200 if alive else 503)
+
+    async def handle_apply(self, request: web.Request) -> web.Response:
+        try:
+            req = ApplyRequest.parse(await request.json())
+        except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            return web.json_response({"ok": False, "error": f"bad request: {e}"}, status=400)
+        if self._lock.locked():
+            return web.json_response({"ok": False, "error": "another apply is running"}, status=409)
+        async with self._lock:
+            start = time.perf_counter()
+            try:
+                workers = await self.apply(req)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                self.last_error = error
+                log.error("apply of %s failed (generation stays paused): %s", req.version, error)
+                return web.json_response({"ok": False, "error": error}, status=500)
+            seconds = time.perf_counter() - start
+            self.version, self.last_error = req.version, None
+            log.info("applied %s in %.3fs", req.version, seconds)
+            return web.json_response(
+                {"ok": True, "version": req.version, "seconds": seconds, "workers": workers}
+            )
+
+    async def apply(self, req: ApplyRequest) -> list[Any]:
+        # pause_generation returns once the engine is idle under the policy ("wait" drains in-flight
+        # requests first), so nothing runs on the weights while they change; the RPC itself is
+        # executed by the engine core between steps.
+        await asyncio.wait_for(self.engine.pause_generation(mode=req.policy, clear_cache=True), req.timeout)
+        result = await self.engine.collective_rpc(
+            "hotswap_apply", timeout=req.timeout + RPC_MARGIN_S, args=(req.endpoint, req.version, req.timeout)
+        )
+        await self.engine.resume_generation()
+        return list(result) if isinstance(result, list | tuple) else [result]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(description="vLLM OpenAI server with hotswap control"))
+    parser.add_argument("--control-socket", default=DEFAULT_CONTROL_SOCKET, help="unix socket path")
+    args = parser.parse_args(argv)
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    if args.worker_extension_cls and args.worker_extension_cls != EXTENSION:
+        parser.error(f"--worker-extension-cls must be {EXTENSION} (or left out)")
+    args.worker_extension_cls = EXTENSION
+    if args.headless or (args.api_server_count or 1) != 1:
+        parser.error("the launcher runs exactly one API server (no --headless / --api-server-count)")
+    validate_parsed_serve_args(args)
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """`vllm serve`'s single-API-server path (run_server + run_server_worker) with the control
+    server started once the engine client exists and stopped before the engine shuts down."""
+    from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
+    from vllm.entrypoints.launchers.launcher import setup_server
+    from vllm.utils.system_utils import decorate_logs
+
+    decorate_logs("APIServer", skip_if_decorated=True)
+
+    def _interrupt_init(*_: object) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, _interrupt_init)  # until uvicorn installs its own handlers
+
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine_client:
+        control = ControlServer(engine_client, args.control_socket)
+        await control.start()
+        try:
+            shutdown_task = await build_and_serve(engine_client, listen_address, sock, args)
+        finally:
+            await control.stop()
+    try:
+        await shutdown_task
+    finally:
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    if os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0"):
+        sys.exit("refusing to start: VLLM_SERVER_DEV_MODE exposes weight/pause routes on the public port")
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging_from_args(args)
+    uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Async client for the agent's HTTP API (models from `hotswap_engine.protocol`).
+
+Every call carries the pool's bearer token and a timeout; an answer the agent refuses becomes an
+`AgentError` carrying the agent's own `ErrorBody` message, and a connection that fails becomes an
+`AgentUnreachable`, so the caller can tell "the checkpoint is bad" (permanent) from "the pod is not
+up yet" (retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+from hotswap_engine import protocol
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+# ErrorBody codes that say the request can never succeed as sent.
+PERMANENT_CODES = frozenset({"bad_request", "checkpoint_mismatch", "forbidden_path", "unauthorized"})
+
+
+class AgentClientError(Exception):
+    """Anything that went wrong talking to an agent."""
+
+    @property
+    def permanent(self) -> bool:
+        """True when repeating the same request cannot succeed."""
+        return False
+
+
+class AgentUnreachable(AgentClientError):
+    """No answer: connection refused, reset, or timed out."""
+
+
+class AgentError(AgentClientError):
+    """The agent answered with an error status."""
+
+    def __init__(self, status: int, code: str, message: str, endpoint: str) -> None:
+        super().__init__(f"{endpoint}: {code} ({status}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.endpoint = endpoint
+
+    @property
+    def permanent(self) -> bool:
+        # A missing checkpoint (404 on stage) cannot appear by retrying either; the caller knows
+        # which route it called, so it treats not_found per route.
+        return self.code in PERMANENT_CODES
+
+
+class AgentConflict(AgentError):
+    """409: e.g. an update is already running (after an operator restart, the one it sent before)."""
+
+
+class AgentNotFound(AgentError):
+    """404: unknown update id, version not staged, checkpoint not found."""
+
+
+class AgentClient:
+    """One client per pool (one token); pods are addressed per call by their endpoint."""
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        timeout_s: float = 10.0,
+        stage_timeout_s: float = 600.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._stage_timeout = aiohttp.ClientTimeout(total=stage_timeout_s)
+        self._session = session
+        self._own_session = session is None
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def _call(
+        self,
+        method: str,
+        endpoint: str,
+        path: str,
+        *,
+        body: BaseModel | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+        auth: bool = True,
+    ) -> tuple[int, bytes]:
+        url = endpoint.rstrip("/") + path
+        data = body.model_dump_json().encode() if body is not None else None
+        headers = dict(self._headers) if auth else {}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._sess().request(
+                method, url, data=data, headers=headers, timeout=timeout or self._timeout
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientConnectionError) as e:
+            raise AgentUnreachable(f"{endpoint}: {type(e).__name__}: {e}") from e
+        except aiohttp.ClientError as e:
+            raise AgentUnreachable(f"{endpoint}: {type(e).__name__}: {e}") from e
+        if status >= 400:
+            raise _error(status, raw, endpoint)
+        return status, raw
+
+    @staticmethod
+    def _parse(model: type[M], raw: bytes, endpoint: str) -> M:
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as e:
+            raise AgentError(200, "internal", f"unexpected answer for {model.__name__}: {e}", endpoint) from e
+
+    async def status(self, endpoint: str) -> protocol.AgentStatus:
+        _, raw = await self._call("GET", endpoint, f"{protocol.API_PREFIX}/status")
+        return self._parse(protocol.AgentStatus, raw, endpoint)
+
+    async def stage(self, endpoint: str, req: protocol.StageRequest) -> protocol.StagedVersion:
+        """Stage (synchronous on the agent: it answers once the bytes are in host memory).
+
+        A 202 (staging accepted, still running) is also understood: the status is polled until the
+        version shows up staged or the agent reports an error."""
+        status, raw = await self._call(
+            "POST", endpoint, f"{protocol.API_PREFIX}/stage", body=req, timeout=self._stage_timeout
+        )
+        if status != 202:
+            return self._parse(protocol.StagedVersion, raw, endpoint)
+        return await self._poll_staged(endpoint, req)
+
+    async def _poll_staged(self, endpoint: str, req: protocol.StageRequest) -> protocol.StagedVersion:
+        deadline = asyncio.get_running_loop().time() + (self._stage_timeout.total or 600.0)
+        while asyncio.get_running_loop().time() < deadline:
+            st = await self.status(endpoint)
+            for s in st.staged:
+                if s.version == req.version and (s.complete or s.part == req.part):
+                    return s
+            await asyncio.sleep(0.5)
+        raise AgentUnreachable(f"{endpoint}: staging {req.version} did not finish in time")
+
+    async def drop_staged(self, endpoint: str, version: str) -> None:
+        await self._call("DELETE", endpoint, f"{protocol.API_PREFIX}/staged/{version}")
+
+    async def start_update(self, endpoint: str, req: protocol.UpdateRequest) -> protocol.UpdateProgress:
+        _, raw = await self._call("POST", endpoint, f"{protocol.API_PREFIX}/updates", body=req)
+        return self._parse(protocol.UpdateProgress, raw, endpoint)
+
+    async def update(self, endpoint: str, update_id: str) -> protocol.UpdateProgress:
+        _, raw = await self._call("GET", endpoint, f"{protocol.API_PREFIX}/updates/{update_id}")
+        return self._parse(protocol.UpdateProgress, raw, endpoint)
+
+    async def wait_update(
+        self, endpoint: str, update_id: str, *, timeout_s: float, poll_s: float = 0.5
+    ) -> protocol.UpdateProgress:
+        """Poll an update until it is Complete or Failed (or `timeout_s` passes: AgentUnreachable)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            p = await self.update(endpoint, update_id)
+            if p.done:
+                return p
+            if loop.time() >= deadline:
+                raise AgentUnreachable(f"{endpoint}: update {update_id} still {p.stage} after {timeout_s}s")
+            await asyncio.sleep(poll_s)
+
+    async def healthz(self, endpoint: str) -> bool:
+        try:
+            await self._call("GET", endpoint, "/healthz", auth=False)
+        except AgentClientError:
+            return False
+        return True
+
+    async def metrics(self, endpoint: str) -> str:
+        _, raw = await self._call("GET", endpoint, "/metrics", auth=False)
+        return raw.decode()
+
+
+def _error(status: int, raw: bytes, endpoint: str) -> AgentError:
+    code, message = "internal", raw.decode(errors="replace").strip() or f"HTTP {status}"
+    try:
+        body = protocol.ErrorBody.model_validate_json(raw)
+        code, message = body.error, body.message
+    except ValidationError:
+        try:  # not an ErrorBody (a proxy, an aiohttp default page): keep whatever text came
+            parsed: Any = json.loads(raw)
+            if isinstance(parsed, dict) and "message" in parsed:
+                message = str(parsed["message"])
+        except ValueError:
+            pass
+    cls = {409: AgentConflict, 404: AgentNotFound}.get(status, AgentError)
+    return cls(status, code, message, endpoint)

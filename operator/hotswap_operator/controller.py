@@ -1,0 +1,280 @@
+"""One InferencePool's reconcile loop: read the fleet, ask the planner, write statuses, run the actions.
+
+Order matters for restarts: statuses are written *before* actions run (the pool's first), so the
+group an agent is told about is already recorded when it starts acting; a restarted operator
+re-derives the same actions from the same status and the agents' own state (stage and update
+requests are idempotent or answer 409 when already running).
+
+Staging can take minutes, so Stage calls run as background tasks (at most one per pod and version);
+the loop keeps polling meanwhile. Errors from actions come back into the next plan as
+`ActionFailure`s: permanent ones (a missing or mismatching checkpoint, a forbidden path) fail the
+WeightVersion, transient ones are simply retried by the next plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from hotswap_engine import protocol
+
+from hotswap_operator import planner, snapshot
+from hotswap_operator.agents import AgentClient, AgentClientError, AgentConflict, AgentNotFound
+from hotswap_operator.kube import Kube, api_status
+from hotswap_operator.metrics import OperatorMetrics
+from hotswap_operator.planner import ActionFailure, Plan, PlannerConfig
+from hotswap_operator.resources import POOL_LABEL, READINESS_GATE, VERSION_LABEL, InferencePool
+from hotswap_operator.workload import (
+    TOKEN_KEY,
+    WorkloadError,
+    build_deployment,
+    build_token_secret,
+    token_secret_name,
+)
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+SPEC_HASH = "hotswap.dev/spec-hash"
+COMPONENT = "hotswap-operator"
+
+
+@dataclass
+class Runtime:
+    kube: Kube
+    metrics: OperatorMetrics
+    config: PlannerConfig = field(default_factory=PlannerConfig)
+    agent_timeout_s: float = 5.0
+    stage_timeout_s: float = 900.0
+
+
+def spec_hash(obj: Obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class PoolController:
+    def __init__(self, rt: Runtime, namespace: str, name: str) -> None:
+        self.rt = rt
+        self.namespace = namespace
+        self.name = name
+        self.wake = asyncio.Event()
+        self._failures: list[ActionFailure] = []
+        self._staging: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._client: AgentClient | None = None
+        self._token: str | None = None
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile until cancelled; `wake` cuts a wait short (an event on the pool, its pods or
+        versions, or a finished staging call)."""
+        try:
+            while True:
+                try:
+                    delay = await self.reconcile()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("reconciling pool %s/%s", self.namespace, self.name)
+                    delay = 5.0
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=delay)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for task in self._staging.values():
+            task.cancel()
+        self._staging.clear()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def reconcile(self) -> float:
+        kube = self.rt.kube
+        pool = await kube.get_pool(self.namespace, self.name)
+        if pool is None:
+            return 30.0
+        uid = pool["metadata"]["uid"]
+        client = await self._agent_client(uid)
+        parsed = InferencePool.model_validate(pool)
+        try:
+            desired = build_deployment(parsed.spec, self.name, self.namespace, uid)
+        except WorkloadError as e:
+            await self._degraded(pool, "InvalidTemplate", str(e))
+            return 30.0
+        await self._ensure_deployment(desired)
+
+        pods = await kube.list_pods(self.namespace, f"{POOL_LABEL}={self.name}")
+        versions = await kube.list_weight_versions(self.namespace)
+        agents = await self._poll(client, pods, parsed.spec.engine.port)
+        fleet = snapshot.fleet(pool, pods, agents, versions, datetime.now(UTC))
+        failures, self._failures = self._failures, []
+        plan = planner.plan(fleet, failures, self.rt.config)
+
+        # The pool first: if the operator dies between the two writes, a version that completed is
+        # already current, and the next plan completes its WeightVersion again (idempotent). The
+        # other order would leave a Complete version that is not current, and roll pods back.
+        new_status = plan.pool_status.model_dump(mode="json", by_alias=True)
+        if new_status != _dump_status(pool):
+            await kube.patch_status(self.namespace, "inferencepools", self.name, new_status)
+        for wv_name, status in plan.version_statuses.items():
+            body = status.model_dump(mode="json", by_alias=True)
+            await kube.patch_status(self.namespace, "weightversions", wv_name, body)
+        by_name = {v["metadata"]["name"]: v for v in versions}
+        await self._execute(plan, client, pool, by_name)
+        self.rt.metrics.observe(self.namespace, fleet, plan)
+        return plan.requeue_after
+
+    # ---- owned objects -------------------------------------------------------------------------
+
+    async def _agent_client(self, uid: str) -> AgentClient:
+        kube = self.rt.kube
+        name = token_secret_name(self.name)
+        secret = await kube.get_secret(self.namespace, name)
+        if secret is None:
+            token = secrets.token_urlsafe(32)
+            await kube.create_secret(
+                self.namespace, build_token_secret(self.name, self.namespace, uid, token)
+            )
+        else:
+            token = base64.b64decode(secret["data"][TOKEN_KEY]).decode()
+        if self._client is None or token != self._token:
+            if self._client is not None:
+                await self._client.close()
+            self._client = AgentClient(
+                token, timeout_s=self.rt.agent_timeout_s, stage_timeout_s=self.rt.stage_timeout_s
+            )
+            self._token = token
+        return self._client
+
+    async def _ensure_deployment(self, desired: Obj) -> None:
+        kube = self.rt.kube
+        digest = spec_hash(desired["spec"])
+        desired["metadata"].setdefault("annotations", {})[SPEC_HASH] = digest
+        current = await kube.get_deployment(self.namespace, self.name)
+        if current is None:
+            await kube.create_deployment(self.namespace, desired)
+            log.info("created deployment %s/%s", self.namespace, self.name)
+            return
+        if (current["metadata"].get("annotations") or {}).get(SPEC_HASH) == digest:
+            return
+        desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        await kube.replace_deployment(self.namespace, self.name, desired)
+        log.info("updated deployment %s/%s", self.namespace, self.name)
+
+    async def _degraded(self, pool: Obj, reason: str, message: str) -> None:
+        status = InferencePool.model_validate(pool).status
+        status.conditions = planner.set_condition(
+            status.conditions,
+            "Degraded",
+            True,
+            reason,
+            message,
+            datetime.now(UTC),
+            pool["metadata"].get("generation"),
+        )
+        await self.rt.kube.patch_status(
+            self.namespace, "inferencepools", self.name, status.model_dump(mode="json", by_alias=True)
+        )
+
+    # ---- agents --------------------------------------------------------------------------------
+
+    async def _poll(
+        self, client: AgentClient, pods: list[Obj], port: int
+    ) -> dict[str, protocol.AgentStatus | None]:
+        async def one(pod: Obj) -> tuple[str, protocol.AgentStatus | None]:
+            name = pod["metadata"]["name"]
+            if not snapshot.pollable(pod):
+                return name, None
+            try:
+                return name, await client.status(f"http://{pod['status']['podIP']}:{port}")
+            except AgentClientError as e:
+                log.debug("agent of %s: %s", name, e)
+                return name, None
+
+        return dict(await asyncio.gather(*(one(p) for p in pods)))
+
+    # ---- actions -------------------------------------------------------------------------------
+
+    async def _execute(self, plan: Plan, client: AgentClient, pool: Obj, versions: Mapping[str, Obj]) -> None:
+        quick = []
+        for action in plan.actions:
+            if isinstance(action, planner.Stage):
+                self._start_stage(client, action)
+            else:
+                quick.append(self._run_action(client, action, pool, versions))
+        for result in await asyncio.gather(*quick, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("pool %s/%s: action failed: %s", self.namespace, self.name, result)
+
+    def _start_stage(self, client: AgentClient, action: planner.Stage) -> None:
+        key = (action.pod, action.request.version)
+        running = self._staging.get(key)
+        if running is not None and not running.done():
+            return
+
+        async def stage() -> None:
+            try:
+                await client.stage(action.endpoint, action.request)
+                self.rt.metrics.actions.labels("stage", "ok").inc()
+            except AgentClientError as e:
+                permanent = e.permanent or isinstance(e, AgentNotFound)
+                self.rt.metrics.actions.labels("stage", "permanent" if permanent else "error").inc()
+                self._failures.append(ActionFailure(action.pod, action.request.version, str(e), permanent))
+            finally:
+                self.wake.set()
+
+        self._staging[key] = asyncio.create_task(stage(), name=f"stage {action.pod} {action.request.version}")
+
+    async def _run_action(
+        self, client: AgentClient, action: planner.Action, pool: Obj, versions: Mapping[str, Obj]
+    ) -> None:
+        kube = self.rt.kube
+        kind = type(action).__name__
+        try:
+            if isinstance(action, planner.StartUpdate):
+                # 409: already running (sent before a restart); the plan watches its progress.
+                with contextlib.suppress(AgentConflict):
+                    await client.start_update(action.endpoint, action.request)
+            elif isinstance(action, planner.DropStaged):
+                with contextlib.suppress(AgentConflict, AgentNotFound):
+                    await client.drop_staged(action.endpoint, action.version)
+            elif isinstance(action, planner.SyncPod):
+                if action.version_label is not None:
+                    await kube.label_pod(self.namespace, action.pod, {VERSION_LABEL: action.version_label})
+                if action.gate is not None:
+                    await kube.set_pod_condition(
+                        self.namespace,
+                        action.pod,
+                        READINESS_GATE,
+                        action.gate,
+                        action.gate_reason,
+                        action.gate_message,
+                    )
+            elif isinstance(action, planner.Emit):
+                involved = pool if action.kind == "InferencePool" else versions.get(action.name)
+                if involved is not None:
+                    await kube.event(involved, action.reason, action.message, action.warning, COMPONENT)
+            self.rt.metrics.actions.labels(kind, "ok").inc()
+        except AgentClientError as e:
+            self.rt.metrics.actions.labels(kind, "error").inc()
+            if isinstance(action, planner.StartUpdate) and e.permanent:
+                self._failures.append(ActionFailure(action.pod, action.request.version, str(e), True))
+            raise
+        except Exception as e:
+            self.rt.metrics.actions.labels(kind, f"http{api_status(e) or ''}").inc()
+            raise
+
+
+def _dump_status(pool: Obj) -> Obj:
+    return InferencePool.model_validate(pool).status.model_dump(mode="json", by_alias=True)

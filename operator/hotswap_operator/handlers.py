@@ -1,0 +1,160 @@
+"""kopf registrations: thin. Decisions live in `planner`, I/O in `controller`.
+
+- Every InferencePool event makes sure the pool's `PoolController` loop runs (kopf lists every
+  existing pool when it starts: that is the resume) and wakes it; a DELETED event stops it.
+- WeightVersion and pod events only wake the pool's loop, so it reacts at once instead of at its
+  next requeue; a WeightVersion whose pool does not exist is marked Accepted=False (PoolNotFound).
+- A liveness probe reports how many pools are being reconciled.
+
+Why event handlers and not `kopf.daemon`: kopf puts a finalizer on every object that has a daemon,
+so a pool could not be deleted (nor its namespace) while the operator is down. Nothing here needs
+one — the Deployment and Secret go with the pool through their ownerReferences — and kopf keeps no
+state on our objects: everything a rollout needs is in the statuses the planner writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from hotswap_operator.controller import PoolController, Runtime
+from hotswap_operator.planner import set_condition
+from hotswap_operator.resources import GROUP, POOL_LABEL, VERSION, WeightVersionStatus
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    """The running pool loops, by (namespace, name)."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self.pools: dict[tuple[str, str], tuple[PoolController, asyncio.Task[None]]] = {}
+
+    def ensure(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        running = self.pools.get(key)
+        if running is not None and not running[1].done():
+            running[0].wake.set()
+            return
+        if self.runtime is None:
+            raise kopf.PermanentError("the operator runtime is not configured")
+        ctl = PoolController(self.runtime, namespace, name)
+        task = asyncio.create_task(ctl.run(), name=f"pool {namespace}/{name}")
+        self.pools[key] = (ctl, task)
+
+    def wake(self, namespace: str, name: str | None) -> bool:
+        running = self.pools.get((namespace, name or ""))
+        if running is None:
+            return False
+        running[0].wake.set()
+        return True
+
+    async def stop(self, namespace: str, name: str) -> None:
+        running = self.pools.pop((namespace, name), None)
+        if running is None:
+            return
+        running[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running[1]
+        if self.runtime is not None:
+            self.runtime.metrics.forget_pool(namespace, name)
+
+    async def stop_all(self) -> None:
+        for namespace, name in list(self.pools):
+            await self.stop(namespace, name)
+
+
+REGISTRY = Registry()
+
+
+def configure(runtime: Runtime) -> None:
+    REGISTRY.runtime = runtime
+
+
+@kopf.on.startup()
+def _settings(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kopf's bookkeeping (none is expected with event handlers only) goes to annotations under our
+    # prefix, never to status, whose schema would prune it.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.WARNING  # our Events are written by the controller
+    settings.watching.server_timeout = 300
+
+
+@kopf.on.login()
+def _login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf talks to the apiserver with the same credentials as our client: the kubeconfig given on
+    the command line, or the in-cluster ServiceAccount (kopf's own lookup reads only KUBECONFIG as it
+    was when the kubernetes package was imported)."""
+    if REGISTRY.runtime is None:
+        raise kopf.LoginError("the operator runtime is not configured")
+    cfg = REGISTRY.runtime.kube.api.configuration
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    scheme, _sep, token = (header or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
+@kopf.on.cleanup()
+async def _stop_loops(**_: Any) -> None:
+    await REGISTRY.stop_all()
+
+
+@kopf.on.event(GROUP, VERSION, "inferencepools")
+async def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+    if namespace is None:
+        return
+    if type == "DELETED":
+        await REGISTRY.stop(namespace, name)
+    else:
+        REGISTRY.ensure(namespace, name)
+
+
+@kopf.on.event(GROUP, VERSION, "weightversions")
+async def weight_version_event(
+    type: str, namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+) -> None:
+    pool = (spec.get("poolRef") or {}).get("name")
+    if namespace is None or pool is None or REGISTRY.wake(namespace, pool):
+        return
+    runtime = REGISTRY.runtime
+    if type == "DELETED" or runtime is None:
+        return
+    if await runtime.kube.get_pool(namespace, pool) is not None:
+        return  # the pool's loop is starting; it will pick this version up
+    st = WeightVersionStatus.model_validate(dict(status))
+    accepted = next((c for c in st.conditions if c.type == "Accepted"), None)
+    if accepted is not None and accepted.reason == "PoolNotFound":
+        return
+    message = f"InferencePool {pool} does not exist in namespace {namespace}"
+    now = datetime.now(UTC)
+    st.conditions = set_condition(st.conditions, "Accepted", False, "PoolNotFound", message, now)
+    st.message = message
+    await runtime.kube.patch_status(
+        namespace, "weightversions", name, st.model_dump(mode="json", by_alias=True)
+    )
+
+
+@kopf.on.event("", "v1", "pods", labels={POOL_LABEL: kopf.PRESENT})
+async def pod_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    if namespace is not None:
+        REGISTRY.wake(namespace, labels.get(POOL_LABEL))
+
+
+@kopf.on.probe(id="pools")
+def pools_probe(**_: Any) -> int:
+    return len(REGISTRY.pools)

@@ -1,0 +1,817 @@
+"""The operator's decisions, as a pure function of a fleet snapshot: no I/O, no kopf, no clock.
+
+`plan(fleet, failures)` looks at one InferencePool — its spec and status, its pods (phase, IP, what
+their agents report) and its WeightVersions (spec and status) — and answers with a `Plan`: the actions
+to run (stage, update, drop, label a pod, set its readiness gate, emit an event), the statuses to write
+and when to look again. Handlers execute plans; they decide nothing.
+
+Every fact a rollout needs between two looks lives in the API (the WeightVersion's `status.rollout`:
+attempt, group, port; the pool's `status.currentVersion`/`currentSource`) or in the agents' own
+status, so a restarted operator plans exactly what the previous one would have: the rollout resumes.
+
+The rules, in the order `plan` applies them:
+1. The newest WeightVersion of the pool (creation time, then name) is the target; older ones still in
+   progress become Superseded.
+2. The target's rollout: Pending → Staging (the broadcast group is every healthy pod, whatever it
+   serves: a broadcast replaces all weights, and a failure rolls each member back to what it served;
+   member i stages part i of n) → Updating (every member gets the group, the master
+   is rank 0's IP) → Complete (the pool's currentVersion follows). A member lost or failed ends the
+   attempt: a new group is formed until `updatePolicy.maxAttempts`, then Failed. A checkpoint that
+   is missing or does not match fails at once (agents stage before anything is applied, so every pod
+   keeps serving the old weights). The deadline is `spec.timeout` from the start.
+3. Catch-up (only while no broadcast is running): a pod that does not serve the current version
+   takes it from peers that hold it (p2p, when enabled) or stages it from storage and applies it alone.
+4. Pods: the label `hotswap.dev/weight-version` says what the agent serves; the readiness gate is
+   True only when that is the pool's current version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from hotswap_engine import protocol
+
+from hotswap_operator.resources import (
+    BASE_VERSION,
+    POOL_LABEL,
+    Condition,
+    ConditionStatus,
+    InferencePoolSpec,
+    InferencePoolStatus,
+    Phase,
+    RequestPolicy,
+    RolloutMember,
+    RolloutState,
+    SourceRef,
+    StageDurations,
+    Strategy,
+    WeightVersionSpec,
+    WeightVersionStatus,
+    parse_duration,
+    parse_quantity,
+)
+
+# ---- the snapshot --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    ip: str | None
+    created: datetime
+    running: bool  # phase Running
+    deleting: bool  # deletionTimestamp set
+    ready: bool  # the pod's Ready condition (which includes our readiness gate)
+    gate: bool | None  # the hotswap.dev/weights-ready condition; None: not written yet
+    label_version: str | None  # the hotswap.dev/weight-version label
+    agent: protocol.AgentStatus | None  # None: the agent did not answer
+
+    @property
+    def live(self) -> bool:
+        return not self.deleting
+
+    @property
+    def serving(self) -> str | None:
+        """The version the agent serves; None: the base checkpoint (or unknown when agent is None)."""
+        return _norm(self.agent.serving_version) if self.agent else None
+
+    @property
+    def busy(self) -> bool:
+        return self.agent is not None and self.agent.update is not None and not self.agent.update.done
+
+    @property
+    def healthy(self) -> bool:
+        """Reachable, running, serving a fully applied version, nothing in progress."""
+        return (
+            self.running
+            and not self.deleting
+            and bool(self.ip)
+            and self.agent is not None
+            and self.agent.ready
+            and not self.busy
+        )
+
+
+@dataclass(frozen=True)
+class VersionView:
+    name: str
+    created: datetime
+    generation: int
+    spec: WeightVersionSpec
+    status: WeightVersionStatus
+
+
+@dataclass(frozen=True)
+class Fleet:
+    pool: str
+    generation: int
+    spec: InferencePoolSpec
+    status: InferencePoolStatus
+    pods: tuple[PodView, ...]
+    versions: tuple[VersionView, ...]  # the WeightVersions whose poolRef is this pool
+    now: datetime
+
+
+@dataclass(frozen=True)
+class ActionFailure:
+    """An action of the previous round that the agent refused (fed back into the next plan)."""
+
+    pod: str
+    version: str
+    message: str
+    permanent: bool  # the checkpoint is missing/invalid/forbidden: retrying cannot help
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    p2p_catch_up: bool = False  # peer-to-peer catch-up (issue 5); storage catch-up until then
+    retry_backoff_s: float = 10.0  # a failed catch-up on a pod is retried after this long
+    active_requeue_s: float = 2.0
+    idle_requeue_s: float = 30.0
+
+
+# ---- the plan ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    pod: str
+    endpoint: str
+    request: protocol.StageRequest
+
+
+@dataclass(frozen=True)
+class StartUpdate:
+    pod: str
+    endpoint: str
+    request: protocol.UpdateRequest
+
+
+@dataclass(frozen=True)
+class DropStaged:
+    pod: str
+    endpoint: str
+    version: str
+
+
+@dataclass(frozen=True)
+class SyncPod:
+    """Bring a pod's label and readiness-gate condition in line (None: leave that one alone)."""
+
+    pod: str
+    version_label: str | None = None
+    gate: bool | None = None
+    gate_reason: str = ""
+    gate_message: str = ""
+
+
+@dataclass(frozen=True)
+class Emit:
+    """A Kubernetes Event on a WeightVersion (kind "WeightVersion") or on the pool."""
+
+    kind: str
+    name: str
+    reason: str
+    message: str
+    warning: bool = False
+
+
+Action = Stage | StartUpdate | DropStaged | SyncPod | Emit
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    version_statuses: dict[str, WeightVersionStatus]  # only those that changed, by object name
+    pool_status: InferencePoolStatus
+    requeue_after: float
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+
+def _norm(version: str | None) -> str | None:
+    return None if version in (None, "", BASE_VERSION) else version
+
+
+def _label(version: str | None) -> str:
+    return version or BASE_VERSION
+
+
+def set_condition(
+    conditions: Sequence[Condition],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None = None,
+) -> list[Condition]:
+    """A copy of `conditions` with `type_` set; its lastTransitionTime moves only when status changes."""
+    value = ConditionStatus.TRUE if status else ConditionStatus.FALSE
+    old = next((c for c in conditions if c.type == type_), None)
+    since = old.last_transition_time if old is not None and old.status == value else now
+    new = Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+    out = [c for c in conditions if c.type != type_]
+    out.append(new)
+    return sorted(out, key=lambda c: c.type)
+
+
+def condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def _order(v: VersionView) -> tuple[datetime, str]:
+    return (v.created, v.name)
+
+
+@dataclass
+class _Round:
+    """Mutable scratch space of one `plan` call."""
+
+    fleet: Fleet
+    config: PlannerConfig
+    failures: Sequence[ActionFailure]
+    actions: list[Action] = field(default_factory=list)
+    statuses: dict[str, WeightVersionStatus] = field(default_factory=dict)
+    current: str | None = None
+    current_source: SourceRef | None = None
+    degraded: list[str] = field(default_factory=list)
+    active: bool = False  # work is in progress: look again soon
+
+    @property
+    def now(self) -> datetime:
+        return self.fleet.now
+
+    @property
+    def spec(self) -> InferencePoolSpec:
+        return self.fleet.spec
+
+    def pod(self, name: str) -> PodView | None:
+        return next((p for p in self.fleet.pods if p.name == name), None)
+
+    def endpoint(self, pod: PodView) -> str:
+        return f"http://{pod.ip}:{self.spec.engine.port}"
+
+    def abs_source(self, src: SourceRef) -> protocol.Source:
+        root = self.spec.checkpoint_volume.mount_path.rstrip("/")
+        manifest = f"{root}/{src.sha256_manifest}" if src.sha256_manifest else None
+        return protocol.Source(path=f"{root}/{src.path}", sha256_manifest=manifest)
+
+    def source_of_current(self) -> SourceRef:
+        return self.current_source or SourceRef(path=self.spec.model.path)
+
+    def emit(self, kind: str, name: str, reason: str, message: str, warning: bool = False) -> None:
+        self.actions.append(Emit(kind, name, reason, message, warning))
+
+    def update_request(
+        self,
+        version: str,
+        *,
+        deadline: datetime | None,
+        rank: int | None = None,
+        group: protocol.BroadcastGroup | None = None,
+        peers: tuple[protocol.PeerPart, ...] = (),
+    ) -> protocol.UpdateRequest:
+        timeout = 300.0
+        if deadline is not None:
+            timeout = max(1.0, (deadline - self.now).total_seconds())
+        return protocol.UpdateRequest(
+            version=version,
+            mode=protocol.UpdateMode.P2P if peers else protocol.UpdateMode.BROADCAST,
+            rank=rank,
+            group=group,
+            peers=peers,
+            memory_budget_bytes=parse_quantity(self.spec.engine.update_memory_budget),
+            request_policy=_POLICY[self.spec.update_policy.requests],
+            timeout_seconds=timeout,
+        )
+
+
+_POLICY = {
+    RequestPolicy.KEEP: protocol.RequestPolicy.KEEP,
+    RequestPolicy.WAIT: protocol.RequestPolicy.WAIT,
+    RequestPolicy.ABORT: protocol.RequestPolicy.ABORT,
+}
+
+
+def _staged(pod: PodView, version: str, part: protocol.PartSpec | None) -> protocol.StagedVersion | None:
+    if pod.agent is None:
+        return None
+    for s in pod.agent.staged:
+        if s.version == version and (s.complete or s.part == part):
+            return s
+    return None
+
+
+def _update_for(pod: PodView, version: str, stale: Sequence[str]) -> protocol.UpdateProgress | None:
+    """The pod's latest update if it is to `version` and belongs to this attempt."""
+    u = pod.agent.update if pod.agent else None
+    if u is None or u.version != version or u.id in stale:
+        return None
+    return u
+
+
+# ---- the rollout of one WeightVersion ------------------------------------------------------------------
+
+
+def _transition(r: _Round, wv: VersionView, st: WeightVersionStatus, phase: Phase, message: str) -> None:
+    warning = phase is Phase.FAILED
+    r.emit("WeightVersion", wv.name, phase.value, message, warning)
+    st.phase = phase
+    st.message = message
+
+
+def _fail(r: _Round, wv: VersionView, st: WeightVersionStatus, reason: str, message: str) -> None:
+    _transition(r, wv, st, Phase.FAILED, message)
+    st.completion_time = r.now
+    st.conditions = set_condition(st.conditions, "Applied", False, reason, message, r.now, wv.generation)
+    if not _is_true(st.conditions, "Staged"):
+        st.conditions = set_condition(st.conditions, "Staged", False, reason, message, r.now, wv.generation)
+
+
+def _is_true(conditions: Iterable[Condition], type_: str) -> bool:
+    c = condition(conditions, type_)
+    return c is not None and c.status is ConditionStatus.TRUE
+
+
+def _form_group(r: _Round, wv: VersionView, st: WeightVersionStatus, attempt: int, stale: list[str]) -> bool:
+    """Choose the group of this attempt; False when there is nobody to update yet."""
+    eligible = sorted((p for p in r.fleet.pods if p.healthy), key=lambda p: p.name)
+    if not eligible:
+        return False
+    if wv.spec.strategy is Strategy.P2P:
+        seed, followers = eligible[:1], [p.name for p in eligible[1:]]
+    else:
+        seed, followers = eligible, []
+    port = r.spec.engine.transport.master_port + (attempt - 1) % 16  # a fresh port per attempt
+    st.rollout = RolloutState(
+        attempt=attempt,
+        members=[RolloutMember(pod=p.name, rank=i, address=p.ip or "") for i, p in enumerate(seed)],
+        followers=followers,
+        master_port=min(port, 65535),
+        from_version=r.current,
+        stale_updates=stale,
+    )
+    st.target_pods = len(seed) + len(followers)
+    st.updated_pods = 0
+    st.failed_pods = 0
+    return True
+
+
+def _group(r: _Round, rollout: RolloutState) -> protocol.BroadcastGroup:
+    n = len(rollout.members)
+    return protocol.BroadcastGroup(
+        members=tuple(
+            protocol.GroupMember(
+                rank=m.rank,
+                pod=m.pod,
+                address=m.address,
+                part=protocol.PartSpec(index=m.rank, count=n) if n > 1 else None,
+            )
+            for m in rollout.members
+        ),
+        master_addr=rollout.members[0].address,
+        master_port=rollout.master_port or r.spec.engine.transport.master_port,
+    )
+
+
+def _lost(r: _Round, m: RolloutMember) -> str | None:
+    """Why a member can no longer take part (None: it can)."""
+    pod = r.pod(m.pod)
+    if pod is None:
+        return f"pod {m.pod} is gone"
+    if pod.deleting:
+        return f"pod {m.pod} is being deleted"
+    if not pod.running or pod.ip != m.address:
+        return f"pod {m.pod} restarted or moved"
+    return None
+
+
+def _retry_or_fail(
+    r: _Round, wv: VersionView, st: WeightVersionStatus, rollout: RolloutState, why: str
+) -> None:
+    attempts = r.spec.update_policy.max_attempts
+    if rollout.attempt >= attempts:
+        _fail(r, wv, st, "AttemptsExhausted", f"{why}; gave up after {attempts} attempt(s)")
+        return
+    stale = list(rollout.stale_updates)
+    for m in rollout.members:
+        pod = r.pod(m.pod)
+        u = pod.agent.update if pod is not None and pod.agent is not None else None
+        if u is not None and u.version == wv.spec.version and u.id not in stale:
+            stale.append(u.id)
+    r.emit("WeightVersion", wv.name, "Retrying", f"attempt {rollout.attempt} failed: {why}", warning=True)
+    st.conditions = set_condition(st.conditions, "Staged", False, "Retrying", why, r.now, wv.generation)
+    if _form_group(r, wv, st, rollout.attempt + 1, stale):
+        st.phase = Phase.STAGING
+        st.message = f"attempt {rollout.attempt + 1}: {why}"
+        _do_staging(r, wv, st)
+    else:
+        st.phase = Phase.PENDING
+        st.rollout = RolloutState(attempt=rollout.attempt + 1, stale_updates=stale)
+        st.message = f"attempt {rollout.attempt} failed ({why}); waiting for a healthy pod"
+
+
+def _attempt(rollout: RolloutState) -> str:
+    return f"attempt {rollout.attempt}: " if rollout.attempt > 1 else ""
+
+
+def _deadline(wv: VersionView, st: WeightVersionStatus) -> datetime:
+    return (st.start_time or wv.created) + timedelta(seconds=parse_duration(wv.spec.timeout))
+
+
+def _do_pending(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
+    if any(p.busy for p in r.fleet.pods if p.live):
+        st.message = "waiting for the update in progress on the pods to finish"
+        return
+    prior = st.rollout or RolloutState()
+    if _form_group(r, wv, st, prior.attempt, list(prior.stale_updates)):
+        st.start_time = st.start_time or r.now
+        n = len(st.rollout.members) if st.rollout else 0
+        _transition(r, wv, st, Phase.STAGING, f"staging {wv.spec.version} on {n} pod(s)")
+        _do_staging(r, wv, st)
+        return
+    live = [p for p in r.fleet.pods if p.live]
+    if r.spec.replicas == 0 and not live:
+        # Nobody to update: the version becomes current at once and future pods start from it.
+        st.start_time = st.start_time or r.now
+        _complete(r, wv, st, "no pods to update; new pods will take this version")
+        return
+    st.message = "waiting for a healthy pod (running, agent ready, no update in progress)"
+
+
+def _do_staging(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
+    rollout = st.rollout
+    assert rollout is not None
+    version = wv.spec.version
+    for f in r.failures:
+        if f.version == version and f.permanent and any(m.pod == f.pod for m in rollout.members):
+            _fail(r, wv, st, "CheckpointInvalid", f"pod {f.pod} could not stage {version}: {f.message}")
+            return
+    lost = [why for m in rollout.members if (why := _lost(r, m))]
+    if lost:
+        _retry_or_fail(r, wv, st, rollout, "; ".join(lost))
+        return
+    group = _group(r, rollout)
+    staged: list[protocol.StagedVersion] = []
+    for member in group.members:
+        pod = r.pod(member.pod)
+        assert pod is not None
+        have = _staged(pod, version, member.part)
+        if have is not None:
+            staged.append(have)
+        elif pod.agent is not None:
+            req = protocol.StageRequest(
+                version=version, source=r.abs_source(wv.spec.source), part=member.part
+            )
+            r.actions.append(Stage(pod.name, r.endpoint(pod), req))
+    if len(staged) < len(group.members):
+        st.message = _attempt(rollout) + f"staged on {len(staged)}/{len(group.members)} pod(s)"
+        return
+    seconds = [s.stage_seconds for s in staged if s.stage_seconds is not None]
+    staging = max(seconds) if seconds else (r.now - (st.start_time or r.now)).total_seconds()
+    st.stage_durations = StageDurations(staging=round(staging, 3))
+    st.conditions = set_condition(
+        st.conditions, "Staged", True, "Staged", f"staged on {len(staged)} pod(s)", r.now, wv.generation
+    )
+    _transition(r, wv, st, Phase.UPDATING, f"updating {len(group.members)} pod(s) by broadcast")
+    _send_updates(r, wv, st, rollout, group, only_missing=False)
+
+
+def _send_updates(
+    r: _Round,
+    wv: VersionView,
+    st: WeightVersionStatus,
+    rollout: RolloutState,
+    group: protocol.BroadcastGroup,
+    only_missing: bool,
+) -> None:
+    for member in group.members:
+        pod = r.pod(member.pod)
+        if pod is None or pod.agent is None:
+            continue
+        if only_missing and (
+            pod.serving == wv.spec.version or _update_for(pod, wv.spec.version, rollout.stale_updates)
+        ):
+            continue
+        req = r.update_request(wv.spec.version, deadline=_deadline(wv, st), rank=member.rank, group=group)
+        r.actions.append(StartUpdate(pod.name, r.endpoint(pod), req))
+
+
+def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
+    rollout = st.rollout
+    assert rollout is not None
+    version = wv.spec.version
+    group = _group(r, rollout)
+    done: list[PodView] = []
+    running = 0
+    problems: list[str] = []
+    failed = 0
+    for m in rollout.members:
+        pod = r.pod(m.pod)
+        why = _lost(r, m)
+        if why or pod is None:
+            problems.append(why or f"pod {m.pod} is gone")
+            continue
+        if pod.serving == version:
+            done.append(pod)
+            continue
+        u = _update_for(pod, version, rollout.stale_updates)
+        if u is None:
+            part = group.members[m.rank].part
+            if pod.agent is not None and not pod.busy and _staged(pod, version, part) is None:
+                # Its agent restarted since staging: the update can never start there.
+                problems.append(f"pod {pod.name} no longer holds its staged part of {version}")
+            continue  # not received yet (or the operator restarted before sending): sent below
+        if not u.done:
+            running += 1
+        elif u.stage is protocol.UpdateStage.FAILED:
+            failed += 1
+            problems.append(f"pod {pod.name}: {u.error or 'update failed'}")
+    st.updated_pods = len(done)
+    st.failed_pods = failed
+    if problems:
+        if running:
+            st.message = f"waiting for {running} pod(s) to abort: " + "; ".join(problems)
+            return
+        _retry_or_fail(r, wv, st, rollout, "; ".join(problems))
+        return
+    if len(done) < len(rollout.members):
+        _send_updates(r, wv, st, rollout, group, only_missing=True)
+        st.message = _attempt(rollout) + f"updated {len(done)}/{len(rollout.members)} pod(s)"
+        return
+    _record_update_durations(st, done, version)
+    # The group is done; followers (p2p strategy) take the version from it.
+    pending = [
+        f for f in rollout.followers if (p := r.pod(f)) is not None and p.live and p.serving != version
+    ]
+    for name in pending:
+        pod = r.pod(name)
+        assert pod is not None
+        _catch_up(r, pod, version, wv.spec.source, deadline=_deadline(wv, st))
+    st.updated_pods = len(done) + len(rollout.followers) - len(pending)
+    if pending:
+        st.message = f"group updated; {len(pending)} follower(s) catching up"
+        return
+    _complete(r, wv, st, f"{st.updated_pods} pod(s) serve {version}")
+
+
+def _record_update_durations(st: WeightVersionStatus, done: Sequence[PodView], version: str) -> None:
+    transfer: list[float] = []
+    reload: list[float] = []
+    for pod in done:
+        u = pod.agent.update if pod.agent else None
+        if u is not None and u.version == version:
+            transfer.append(u.durations.get("connect", 0.0) + u.durations.get("transfer", 0.0))
+            if "reload" in u.durations:
+                reload.append(u.durations["reload"])
+    durations = st.stage_durations or StageDurations()
+    st.stage_durations = durations.model_copy(
+        update={
+            "transfer": round(max(transfer), 3) if transfer else durations.transfer,
+            "reload": round(max(reload), 3) if reload else durations.reload,
+        }
+    )
+
+
+def _complete(r: _Round, wv: VersionView, st: WeightVersionStatus, message: str) -> None:
+    st.completion_time = r.now
+    st.conditions = set_condition(st.conditions, "Applied", True, "Applied", message, r.now, wv.generation)
+    if not _is_true(st.conditions, "Staged"):
+        st.conditions = set_condition(st.conditions, "Staged", True, "Staged", message, r.now, wv.generation)
+    _transition(r, wv, st, Phase.COMPLETE, message)
+    r.current = wv.spec.version
+    r.current_source = wv.spec.source
+    r.emit("InferencePool", r.fleet.pool, "VersionChanged", f"now serving {wv.spec.version}")
+
+
+def _drive(r: _Round, wv: VersionView) -> WeightVersionStatus:
+    st = wv.status.model_copy(deep=True)
+    st.observed_generation = wv.generation
+    if not _is_true(st.conditions, "Accepted"):
+        st.conditions = set_condition(
+            st.conditions, "Accepted", True, "Valid", f"target of pool {r.fleet.pool}", r.now, wv.generation
+        )
+        r.emit("WeightVersion", wv.name, "Accepted", f"target of pool {r.fleet.pool}")
+    if st.phase is not Phase.PENDING and st.rollout is None:
+        st.phase = Phase.PENDING  # a status written by hand or by an older operator: start over
+    if r.now > _deadline(wv, st):
+        _fail(r, wv, st, "Timeout", f"timed out after {wv.spec.timeout} in phase {st.phase.value}")
+        return st
+    if st.phase is Phase.PENDING:
+        _do_pending(r, wv, st)
+    elif st.phase is Phase.STAGING:
+        _do_staging(r, wv, st)
+    elif st.phase is Phase.UPDATING:
+        _do_updating(r, wv, st)
+    if not st.phase.terminal:
+        r.active = True
+    return st
+
+
+def _supersede(r: _Round, wv: VersionView, by: VersionView) -> WeightVersionStatus:
+    st = wv.status.model_copy(deep=True)
+    message = f"superseded by {by.spec.version} before it completed"
+    st.completion_time = r.now
+    st.conditions = set_condition(
+        st.conditions, "Applied", False, "Superseded", message, r.now, wv.generation
+    )
+    _transition(r, wv, st, Phase.SUPERSEDED, message)
+    return st
+
+
+# ---- catch-up and pods ---------------------------------------------------------------------------------
+
+
+def _catch_up(
+    r: _Round, pod: PodView, version: str | None, source: SourceRef, deadline: datetime | None
+) -> None:
+    """Bring one pod to `version`: from peers that hold it, or from storage applied alone."""
+    if pod.busy or pod.agent is None or not pod.running or not pod.ip or pod.deleting:
+        return
+    label = _label(version)
+    u = pod.agent.update
+    if u is not None and u.version == label and u.stage is protocol.UpdateStage.FAILED:
+        finished = u.finished_at or u.started_at
+        if (r.now - finished).total_seconds() < r.config.retry_backoff_s:
+            r.degraded.append(f"pod {pod.name} failed to catch up to {label}: {u.error}")
+            return
+    for f in r.failures:
+        if f.pod == pod.name and f.version == label and f.permanent:
+            r.degraded.append(f"pod {pod.name} cannot stage {label}: {f.message}")
+            return
+    r.active = True
+    holders = tuple(
+        protocol.PeerPart(pod=p.name, endpoint=p.agent.p2p_endpoint, part=None)
+        for p in r.fleet.pods
+        if p.healthy
+        and p.serving == version
+        and p.agent is not None
+        and p.agent.p2p_endpoint
+        and _staged(p, label, None) is not None
+    )
+    if r.config.p2p_catch_up and holders:
+        req = r.update_request(label, deadline=deadline, peers=holders)
+        r.actions.append(StartUpdate(pod.name, r.endpoint(pod), req))
+        return
+    if _staged(pod, label, None) is None:
+        stage = protocol.StageRequest(version=label, source=r.abs_source(source), part=None)
+        r.actions.append(Stage(pod.name, r.endpoint(pod), stage))
+        return
+    alone = protocol.BroadcastGroup(
+        members=(protocol.GroupMember(rank=0, pod=pod.name, address=pod.ip, part=None),),
+        master_addr=pod.ip,
+        master_port=r.spec.engine.transport.master_port,
+    )
+    req = r.update_request(label, deadline=deadline, rank=0, group=alone)
+    r.actions.append(StartUpdate(pod.name, r.endpoint(pod), req))
+
+
+def _sync_pods(r: _Round) -> None:
+    for pod in r.fleet.pods:
+        if pod.agent is None or pod.deleting:
+            continue  # unknown: leave label and gate as they are rather than flap on a missed poll
+        label = _label(pod.serving)
+        gate = pod.serving == r.current and (pod.agent.ready or pod.busy)
+        want_label = label if label != pod.label_version else None
+        want_gate = gate if gate != pod.gate else None
+        if want_label is None and want_gate is None:
+            continue
+        if gate:
+            reason, message = "ServingCurrentVersion", f"serves {_label(r.current)}"
+        elif pod.serving != r.current:
+            reason, message = "OtherVersion", f"serves {label}, the pool serves {_label(r.current)}"
+        else:
+            reason, message = "AgentNotReady", pod.agent.last_error or "the agent is not ready"
+        r.actions.append(SyncPod(pod.name, want_label, want_gate, reason, message))
+
+
+def _drop_stale(r: _Round, keep: set[str]) -> None:
+    for pod in r.fleet.pods:
+        if pod.agent is None or pod.busy or pod.deleting or not pod.ip:
+            continue
+        for s in pod.agent.staged:
+            if s.version not in keep and _norm(s.version) != pod.serving:
+                r.actions.append(DropStaged(pod.name, r.endpoint(pod), s.version))
+
+
+# ---- the pool ------------------------------------------------------------------------------------------
+
+
+def _pool_status(
+    r: _Round, target: VersionView | None, target_status: WeightVersionStatus | None
+) -> InferencePoolStatus:
+    fleet = r.fleet
+    live = [p for p in fleet.pods if p.live]
+    target_version = r.current
+    if target is not None and target_status is not None and target_status.phase is not Phase.FAILED:
+        target_version = target.spec.version
+    ready = sum(1 for p in live if p.ready)
+    updated = sum(1 for p in live if p.agent is not None and p.serving == target_version)
+    st = fleet.status.model_copy(deep=True)
+    st.observed_generation = fleet.generation
+    st.replicas = len(live)
+    st.ready_replicas = ready
+    st.updated_replicas = updated
+    st.current_version = r.current
+    st.current_source = r.current_source
+    st.target_version = target_version
+    st.selector = f"{POOL_LABEL}={fleet.pool}"
+    now, gen, desired = r.now, fleet.generation, fleet.spec.replicas
+    conds = st.conditions
+    available = ready >= 1 or desired == 0
+    conds = set_condition(
+        conds,
+        "Available",
+        available,
+        "ReplicasReady" if available else "NoReplicasReady",
+        f"{ready}/{desired} replicas ready",
+        now,
+        gen,
+    )
+    rolling = target_status is not None and not target_status.phase.terminal
+    converged = not rolling and len(live) == desired and ready == desired and updated == len(live)
+    conds = set_condition(
+        conds,
+        "Progressing",
+        not converged,
+        "Converged" if converged else ("RolloutInProgress" if rolling else "Reconciling"),
+        f"{updated}/{desired} replicas serve {_label(target_version)}, {ready} ready",
+        now,
+        gen,
+    )
+    updating = (
+        rolling and target_status is not None and target_status.phase in (Phase.STAGING, Phase.UPDATING)
+    )
+    conds = set_condition(
+        conds,
+        "WeightsUpdating",
+        updating,
+        target_status.phase.value if updating and target_status else "Idle",
+        f"rolling out {target.spec.version}" if updating and target else "",
+        now,
+        gen,
+    )
+    problems = list(r.degraded)
+    if target is not None and target_status is not None and target_status.phase is Phase.FAILED:
+        problems.insert(0, f"WeightVersion {target.name} failed: {target_status.message}")
+    conds = set_condition(
+        conds,
+        "Degraded",
+        bool(problems),
+        "RolloutFailed" if problems and not r.degraded else ("CatchUpFailing" if problems else "AsExpected"),
+        "; ".join(problems),
+        now,
+        gen,
+    )
+    st.conditions = conds
+    return st
+
+
+def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerConfig | None = None) -> Plan:
+    r = _Round(fleet=fleet, config=config or PlannerConfig(), failures=failures)
+    r.current = _norm(fleet.status.current_version)
+    r.current_source = fleet.status.current_source
+    ordered = sorted(fleet.versions, key=_order)
+    target = ordered[-1] if ordered else None
+    for wv in ordered[:-1]:
+        if not wv.status.phase.terminal and target is not None:
+            r.statuses[wv.name] = _supersede(r, wv, target)
+    target_status: WeightVersionStatus | None = None
+    if target is not None:
+        target_status = target.status
+        if not target.status.phase.terminal:
+            target_status = _drive(r, target)
+            r.statuses[target.name] = target_status
+    rolling = target_status is not None and target_status.phase in (Phase.STAGING, Phase.UPDATING)
+    if not rolling:
+        # Catch-up waits while a broadcast runs: the pods it would update are either in the group or
+        # will be brought to the new version once it is current.
+        for pod in sorted(fleet.pods, key=lambda p: p.name):
+            if pod.live and pod.agent is not None and pod.serving != r.current:
+                _catch_up(r, pod, r.current, r.source_of_current(), deadline=None)
+    _sync_pods(r)
+    keep = {_label(r.current)}
+    if target is not None and target_status is not None and not target_status.phase.terminal:
+        keep.add(target.spec.version)
+    _drop_stale(r, keep)
+    pool_status = _pool_status(r, target, target_status)
+    if not r.active and any(p.live and not p.ready for p in fleet.pods):
+        r.active = True
+    changed = {name: st for name, st in r.statuses.items() if st != _status_of(fleet, name)}
+    requeue = r.config.active_requeue_s if r.active else r.config.idle_requeue_s
+    return Plan(tuple(r.actions), changed, pool_status, requeue)
+
+
+def _status_of(fleet: Fleet, name: str) -> WeightVersionStatus | None:
+    return next((v.status for v in fleet.versions if v.name == name), None)

@@ -1,0 +1,284 @@
+"""The Helm chart, offline: `helm lint`, and what `helm template` renders.
+
+Against the real helm binary the cluster scripts build (cluster/versions.env pins its version). The
+install/upgrade/uninstall round trip against the local cluster is in test_chart_install.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helmtool import CHART, REPO, by_kind, helm, load_yaml, one, render, set_args
+from hotswap_operator.__main__ import parse_args
+
+Obj = dict[str, Any]
+
+# The operator's permissions per managed namespace: exactly these (see templates/_helpers.tpl for why).
+NAMESPACED_RULES = [
+    {
+        "apiGroups": ["hotswap.dev"],
+        "resources": ["inferencepools"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+    {"apiGroups": ["hotswap.dev"], "resources": ["weightversions"], "verbs": ["get", "list", "watch"]},
+    {
+        "apiGroups": ["hotswap.dev"],
+        "resources": ["inferencepools/status", "weightversions/status"],
+        "verbs": ["patch"],
+    },
+    {"apiGroups": ["hotswap.dev"], "resources": ["inferencepools/finalizers"], "verbs": ["update"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "update"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+LEASE_RULES = [
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "resourceNames": ["hs-hotswap"],
+        "verbs": ["get", "update"],
+    }
+]
+CRD_RULES = [
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["list", "watch"],
+    }
+]
+SA = [{"kind": "ServiceAccount", "name": "hs-hotswap", "namespace": "hotswap-system"}]
+
+
+def test_helm_lint() -> None:
+    out = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in out.stdout
+    helm("lint", "--strict", str(CHART), *set_args({"watchNamespaces": '["a","b"]', "logLevel": "debug"}))
+
+
+def test_crd_copies_match_the_generated_crds() -> None:
+    generated = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
+    copies = {p.name: p.read_bytes() for p in (CHART / "files" / "crds").glob("*.yaml")}
+    assert set(copies) == set(generated), "run `make chart-crds`"
+    for name, text in generated.items():
+        assert copies[name] == text, (
+            f"charts/hotswap/files/crds/{name} differs from crds/{name}: run `make chart-crds`"
+        )
+
+
+def test_rendered_crds_are_the_generated_ones_plus_labels_and_keep() -> None:
+    crds = {d["metadata"]["name"]: d for d in by_kind(render(), "CustomResourceDefinition")}
+    assert set(crds) == {"inferencepools.hotswap.dev", "weightversions.hotswap.dev"}
+    for path in (REPO / "crds").glob("*.yaml"):
+        source = load_yaml(path)
+        rendered = crds[source["metadata"]["name"]]
+        assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert set(source["metadata"]["labels"].items()) <= set(rendered["metadata"]["labels"].items())
+        assert rendered["spec"] == source["spec"], f"{path.name}: the template changed the CRD's spec"
+    no_keep = by_kind(render(*set_args({"crds.keep": "false"})), "CustomResourceDefinition")
+    assert len(no_keep) == 2 and all("annotations" not in d["metadata"] for d in no_keep)
+    assert by_kind(render(*set_args({"crds.install": "false"})), "CustomResourceDefinition") == []
+
+
+def deployment(docs: list[Obj]) -> Obj:
+    return one(docs, "Deployment", "hs-hotswap")
+
+
+def test_deployment_security_and_probes() -> None:
+    d = deployment(render())
+    pod = d["spec"]["template"]["spec"]
+    assert d["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["serviceAccountName"] == "hs-hotswap"
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert c["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
+    assert c["resources"]["limits"]["memory"] == "512Mi"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"healthz": 8080, "metrics": 9090}
+    for probe in ("livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120
+    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"]
+    assert c["image"] == "ghcr.io/hotswap-dev/hotswap-operator:0.1.0"
+    # runAsUser: null leaves the uid to the platform; runAsNonRoot stays
+    pod = deployment(render("--set", "runAsUser=null"))["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_args(docs: list[Obj]) -> list[str]:
+    args: list[str] = deployment(docs)["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args
+
+
+def expand(args: list[str], env: dict[str, str]) -> list[str]:
+    return [re.sub(r"\$\(([A-Z_]+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def test_operator_accepts_the_rendered_arguments() -> None:
+    """The chart's flags are the operator's (argparse exits on an unknown flag at start-up)."""
+    env = {"POD_NAME": "hs-hotswap-abc", "POD_NAMESPACE": "hotswap-system", "POD_IP": "10.1.2.3"}
+    docs = render(
+        *set_args(
+            {
+                "watchNamespaces": '["team-a","team-b"]',
+                "logLevel": "debug",
+                "operator.p2pCatchUp": "true",
+                "listenAddress": "$(POD_IP)",
+                "leaderElection.leaseDurationSeconds": "30",
+            }
+        )
+    )
+    ns = parse_args(expand(container_args(docs), env))
+    assert ns.namespace == ["team-a", "team-b"]
+    assert (ns.lease_namespace, ns.lease_name, ns.lease_duration) == ("hotswap-system", "hs-hotswap", 30)
+    assert ns.identity == "hs-hotswap-abc"
+    assert ns.liveness == "http://10.1.2.3:8080/healthz" and ns.metrics == "10.1.2.3:9090"
+    assert ns.p2p_catch_up and ns.verbose and ns.agent_timeout == 5.0
+    ns = parse_args(expand(container_args(render(*set_args({"metrics.enabled": "false"}))), env))
+    assert ns.namespace == [] and ns.metrics is None and not ns.verbose and not ns.p2p_catch_up
+    assert by_kind(render(*set_args({"metrics.enabled": "false"})), "Service") == []
+
+
+def test_command_and_extra_settings_are_overridable() -> None:
+    docs = render(
+        *set_args(
+            {
+                "command": '["/venv/bin/python","-m","hotswap_operator"]',
+                "extraArgs": '["--agent-timeout=9"]',
+                "extraEnv": '[{"name":"X","value":"1"}]',
+                "engine.gpuSharing.mode": "dra",
+            }
+        )
+    )
+    c = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["/venv/bin/python", "-m", "hotswap_operator"]
+    assert c["args"][-1] == "--agent-timeout=9"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["X"]["value"] == "1"
+    assert (
+        env["HOTSWAP_ENGINE_GPU_SHARING"]["value"] == "dra"
+        and env["HOTSWAP_ENGINE_GPU_CLAIM"]["value"] == "gpus"
+    )
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+def rbac(docs: list[Obj]) -> dict[tuple[str, str, str], Obj]:
+    kinds = ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+    return {
+        (d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
+        for d in docs
+        if d["kind"] in kinds
+    }
+
+
+def test_rbac_all_namespaces() -> None:
+    objs = rbac(render())
+    assert set(objs) == {
+        ("ClusterRole", "", "hs-hotswap"),
+        ("ClusterRoleBinding", "", "hs-hotswap"),
+        ("ClusterRole", "", "hs-hotswap-crds"),
+        ("ClusterRoleBinding", "", "hs-hotswap-crds"),
+        ("Role", "hotswap-system", "hs-hotswap-leader-election"),
+        ("RoleBinding", "hotswap-system", "hs-hotswap-leader-election"),
+    }
+    assert objs["ClusterRole", "", "hs-hotswap"]["rules"] == NAMESPACED_RULES
+    assert objs["ClusterRole", "", "hs-hotswap-crds"]["rules"] == CRD_RULES
+    assert objs["Role", "hotswap-system", "hs-hotswap-leader-election"]["rules"] == LEASE_RULES
+    for key, obj in objs.items():
+        if key[0].endswith("Binding"):
+            assert obj["subjects"] == SA
+            assert obj["roleRef"]["name"] == key[2] and obj["roleRef"]["kind"] == key[0].removesuffix(
+                "Binding"
+            )
+    lease = one(render(), "Lease", "hs-hotswap")
+    assert lease["metadata"]["namespace"] == "hotswap-system" and lease["spec"] == {}
+
+
+def test_rbac_selected_namespaces_has_no_cluster_wide_access() -> None:
+    docs = render(*set_args({"watchNamespaces": '["team-a","team-b"]', "rbac.watchCRDs": "false"}))
+    objs = rbac(docs)
+    assert set(objs) == {
+        ("Role", "team-a", "hs-hotswap"),
+        ("RoleBinding", "team-a", "hs-hotswap"),
+        ("Role", "team-b", "hs-hotswap"),
+        ("RoleBinding", "team-b", "hs-hotswap"),
+        ("Role", "hotswap-system", "hs-hotswap-leader-election"),
+        ("RoleBinding", "hotswap-system", "hs-hotswap-leader-election"),
+    }
+    for ns in ("team-a", "team-b"):
+        assert objs["Role", ns, "hs-hotswap"]["rules"] == NAMESPACED_RULES
+        assert objs["RoleBinding", ns, "hs-hotswap"]["subjects"] == SA
+    assert "--namespace=team-a" in container_args(docs) and "--namespace=team-b" in container_args(docs)
+    assert rbac(render(*set_args({"rbac.create": "false"}))) == {}
+
+
+def test_no_rule_grants_wildcards_or_escalation() -> None:
+    for obj in rbac(render()).values():
+        for rule in obj.get("rules", []):
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+            assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} & set(rule["verbs"])
+
+
+def test_every_object_is_labelled_and_namespaced_objects_are_in_the_release_namespace() -> None:
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    for d in render():
+        meta = d["metadata"]
+        assert meta["labels"]["app.kubernetes.io/instance"] == "hs", d["kind"]
+        if d["kind"] in cluster_scoped:
+            assert "namespace" not in meta
+        elif d["kind"] not in ("Role", "RoleBinding"):
+            assert meta["namespace"] == "hotswap-system", d["kind"]
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"logLevel": "trace"}, "logLevel"),
+        ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
+        ({"watchNamespaces": '["Team_A"]'}, "watchNamespaces"),
+        ({"metrics.port": "70000"}, "port"),
+        ({"engine.gpuSharing.mode": "mps"}, "mode"),
+        ({"crds.install": '"yes"'}, "install"),
+        ({"replicaCount": "-1"}, "replicaCount"),
+        ({"resources.requests.memory": "lots"}, "memory"),
+        ({"surprise": "1"}, "surprise"),
+        ({"rbac.clusterAdmin": "true"}, "clusterAdmin"),
+        ({"command": "[]"}, "command"),
+    ],
+)
+def test_schema_rejects_bad_values(values: dict[str, str], needle: str) -> None:
+    out = helm("template", "hs", str(CHART), *set_args(values), check=False)
+    assert out.returncode != 0, f"accepted {values}"
+    assert "schema" in out.stderr and needle in out.stderr, out.stderr
+
+
+def test_values_file_defaults_pass_the_schema_and_every_key_is_described(tmp_path: Path) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    assert set(values) <= set(schema["properties"]), set(values) - set(schema["properties"])
+    assert schema["additionalProperties"] is False
+    # A chart copy whose values.yaml sets an unknown key fails even without --set.
+    copy = tmp_path / "hotswap"
+    shutil.copytree(CHART, copy)
+    (copy / "values.yaml").write_text((CHART / "values.yaml").read_text() + "\nlogLevl: debug\n")
+    out = helm("template", "hs", str(copy), check=False)
+    assert out.returncode != 0 and "logLevl" in out.stderr

@@ -1,0 +1,214 @@
+"""`hotswap` against the local cluster's real apiserver (CRD validation, AlreadyExists, 404s).
+
+No operator runs in these namespaces, so where a command reads a rollout's progress the test writes
+the WeightVersion's status itself, through the status subresource, exactly as the operator would;
+tests/chart/test_chart_install.py runs the CLI against the real operator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION = "hotswap.dev", "v1alpha1"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def env(hotswap_cluster: Any, cli_crds: None) -> dict[str, str]:
+    return {**os.environ, "KUBECONFIG": hotswap_cluster.kubeconfig}
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hotswap_cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+@pytest.fixture
+def custom(kube_api: client.ApiClient) -> Any:
+    return client.CustomObjectsApi(kube_api)
+
+
+def make_pool(custom: Any, namespace: str, name: str = "demo") -> None:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InferencePool",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 0,
+            "template": {"spec": {"containers": [{"name": "vllm", "image": "vllm"}]}},
+            "model": {"path": "models/base"},
+            "checkpointVolume": {"source": {"emptyDir": {}}},
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", body)
+
+
+def set_status(custom: Any, namespace: str, name: str, **status: Any) -> None:
+    """What the operator writes (WeightVersionStatus, camelCase)."""
+    custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "weightversions", name, {"status": status}
+    )
+
+
+def get_wv(custom: Any, namespace: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = custom.get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "weightversions", name
+    )
+    return obj
+
+
+def test_publish_creates_a_weight_version_once(env: dict[str, str], namespace: str, custom: Any) -> None:
+    out = cli(env, "publish", "ghost", "--version", "v1", "--path", "ck/1", "-n", namespace)
+    assert out.returncode == 3 and out.stderr.startswith(
+        f"hotswap: not-found: inferencepool {namespace}/ghost"
+    )
+
+    make_pool(custom, namespace)
+    args = ["publish", "demo", "--version", "v1", "--path", "ck/1", "--sha256-manifest", "ck/1/sha.json"]
+    out = cli(env, *args, "--strategy", "broadcast", "--timeout", "90s", "-n", namespace)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "weightversion.hotswap.dev/demo-v1 created\n"
+    wv = get_wv(custom, namespace, "demo-v1")
+    assert wv["spec"] == {
+        "poolRef": {"name": "demo"},
+        "version": "v1",
+        "source": {"path": "ck/1", "sha256Manifest": "ck/1/sha.json"},
+        "strategy": "broadcast",
+        "timeout": "90s",
+    }
+    assert wv["metadata"]["labels"] == {"hotswap.dev/pool": "demo"}
+
+    again = cli(env, "publish", "demo", "--version", "v1", "--path", "ck/other", "-n", namespace)
+    assert again.returncode == 2
+    assert again.stderr.startswith("hotswap: usage: version 'v1' of pool 'demo' exists already")
+
+
+def test_status_table_and_json(env: dict[str, str], namespace: str, custom: Any) -> None:
+    assert cli(env, "status", "nope", "-n", namespace).returncode == 3
+    make_pool(custom, namespace)
+    assert cli(env, "publish", "demo", "--version", "v1", "--path", "ck/1", "-n", namespace).returncode == 0
+    out = cli(env, "status", "demo", "-n", namespace)
+    assert out.returncode == 0, out.stderr
+    assert f"InferencePool {namespace}/demo: desired 0" in out.stdout
+    assert "latest rollout: demo v1: Pending" in out.stdout and out.stdout.rstrip().endswith("no pods")
+    doc = json.loads(cli(env, "status", "demo", "-n", namespace, "-o", "json").stdout)
+    assert doc["latestRollout"]["version"] == "v1" and doc["latestRollout"]["phase"] == "Pending"
+
+
+def test_rollback_publishes_an_earlier_checkpoint_as_a_new_version(
+    env: dict[str, str], namespace: str, custom: Any
+) -> None:
+    make_pool(custom, namespace)
+    out = cli(env, "rollback", "demo", "-n", namespace)
+    assert out.returncode == 3 and "no earlier Complete version" in out.stderr
+
+    for i, version in enumerate(("v1", "v2"), start=1):
+        assert (
+            cli(env, "publish", "demo", "--version", version, "--path", f"ck/{i}", "-n", namespace).returncode
+            == 0
+        )
+        set_status(
+            custom, namespace, f"demo-{version}", phase="Complete", completionTime=f"2026-01-01T00:0{i}:00Z"
+        )
+    custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "inferencepools", "demo", {"status": {"currentVersion": "v2"}}
+    )
+    out = cli(env, "rollback", "demo", "-n", namespace)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "weightversion.hotswap.dev/demo-v1-rollback-1 created\n"
+    wv = get_wv(custom, namespace, "demo-v1-rollback-1")
+    assert wv["spec"]["source"] == {"path": "ck/1"} and wv["spec"]["version"] == "v1-rollback-1"
+    assert wv["metadata"]["annotations"]["hotswap.dev/rollback-of"] == "v1"
+
+    out = cli(env, "rollback", "demo", "--to", "base", "-n", namespace)
+    assert out.returncode == 0, out.stderr
+    assert get_wv(custom, namespace, "demo-base-rollback-1")["spec"]["source"] == {"path": "models/base"}
+    out = cli(env, "rollback", "demo", "--to", "v9", "-n", namespace)
+    assert out.returncode == 3 and "'v9' does not exist" in out.stderr
+
+
+def drive(custom: Any, namespace: str, name: str, steps: list[dict[str, Any]]) -> threading.Thread:
+    """Writes the statuses one by one once the WeightVersion exists, like an operator's rollout."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                get_wv(custom, namespace, name)
+                break
+            except client.ApiException:
+                time.sleep(0.1)
+        for status in steps:
+            time.sleep(0.7)
+            set_status(custom, namespace, name, **status)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_publish_wait_follows_to_complete(env: dict[str, str], namespace: str, custom: Any) -> None:
+    make_pool(custom, namespace)
+    steps = [
+        {"phase": "Staging", "targetPods": 2},
+        {"phase": "Updating", "targetPods": 2, "updatedPods": 1, "stageDurations": {"staging": 1.5}},
+        {
+            "phase": "Complete",
+            "targetPods": 2,
+            "updatedPods": 2,
+            "startTime": "2026-01-01T00:00:00Z",
+            "completionTime": "2026-01-01T00:00:04Z",
+            "stageDurations": {"staging": 1.5, "transfer": 2.0, "reload": 0.25},
+        },
+    ]
+    t = drive(custom, namespace, "demo-v2", steps)
+    out = cli(env, "publish", "demo", "--version", "v2", "--path", "ck/2", "-n", namespace, "--wait")
+    t.join()
+    assert out.returncode == 0, out.stderr
+    phases = [line.split()[0] for line in out.stderr.splitlines()]
+    assert phases[-3:] == ["Staging", "Updating", "Complete"], out.stderr
+    assert out.stdout.splitlines()[-1] == (
+        "demo v2: Complete in 4.0s, 2/2 pods (staging 1.5s, transfer 2.0s, reload 0.2s)"
+    )
+
+
+def test_publish_wait_reports_failure_and_timeout(env: dict[str, str], namespace: str, custom: Any) -> None:
+    make_pool(custom, namespace)
+    t = drive(custom, namespace, "demo-v3", [{"phase": "Failed", "message": "checkpoint ck/3 not found"}])
+    out = cli(env, "publish", "demo", "--version", "v3", "--path", "ck/3", "-n", namespace, "--wait")
+    t.join()
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == "hotswap: failed: demo-v3 failed: checkpoint ck/3 not found"
+
+    out = cli(
+        env,
+        "publish",
+        "demo",
+        "--version",
+        "v4",
+        "--path",
+        "ck/4",
+        "-n",
+        namespace,
+        "--wait",
+        "--timeout-wait",
+        "2",
+    )
+    assert out.returncode == 4
+    last = out.stderr.splitlines()[-1]
+    assert (
+        last.startswith("hotswap: timeout: gave up waiting after 2.") and "demo-v4 is still Pending" in last
+    )

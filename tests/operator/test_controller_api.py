@@ -1,0 +1,143 @@
+"""The pool controller and the leader election against the real apiserver (no agents, no engines).
+
+The pods of these pools never get scheduled (their template asks for a node label no node has), so
+what is checked is the operator's side of the API: the Deployment and Secret it owns, the statuses it
+writes, the events, the /scale path, a version completing on an empty pool, and the Lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+import pytest
+from hotswap_operator.controller import PoolController, Runtime
+from hotswap_operator.kube import Kube
+from hotswap_operator.lease import LeaderElector, LeadershipLost
+from hotswap_operator.metrics import OperatorMetrics
+from kubernetes import client
+
+pytestmark = pytest.mark.cluster
+GROUP, VERSION = "hotswap.dev", "v1alpha1"
+MERGE = "application/merge-patch+json"
+
+
+def pool_body(replicas: int) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InferencePool",
+        "metadata": {"name": "chat"},
+        "spec": {
+            "replicas": replicas,
+            "template": {
+                "spec": {
+                    "containers": [{"name": "vllm", "image": "vllm-cpu"}],
+                    "nodeSelector": {"hotswap.dev/test-no-such-node": "true"},
+                }
+            },
+            "model": {"path": "models/base"},
+            "checkpointVolume": {"source": {"hostPath": {"path": "/tmp"}}},
+            "engine": {"device": "cpu"},
+        },
+    }
+
+
+def get(custom: client.CustomObjectsApi, ns: str, plural: str, name: str) -> dict[str, Any]:
+    out: dict[str, Any] = custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name)
+    return out
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in obj.get("status", {}).get("conditions", [])}
+
+
+async def test_pool_owns_its_workload_and_reports_status(
+    kube_api: client.ApiClient, namespace: str, crds: None
+) -> None:
+    custom = client.CustomObjectsApi(kube_api)
+    apps = client.AppsV1Api(kube_api)
+    core = client.CoreV1Api(kube_api)
+    pool = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", pool_body(0))
+    ctl = PoolController(Runtime(kube=Kube(kube_api), metrics=OperatorMetrics()), namespace, "chat")
+    try:
+        await ctl.reconcile()
+        dep = apps.read_namespaced_deployment("chat", namespace)
+        (owner,) = dep.metadata.owner_references
+        assert (owner.kind, owner.name, owner.uid, owner.controller) == (
+            "InferencePool",
+            "chat",
+            pool["metadata"]["uid"],
+            True,
+        )
+        assert dep.spec.replicas == 0
+        assert [c.name for c in dep.spec.template.spec.containers] == ["vllm", "hotswap-engine"]
+        assert dep.spec.template.spec.readiness_gates[0].condition_type == "hotswap.dev/weights-ready"
+        secret = core.read_namespaced_secret("chat-agent-token", namespace)
+        assert len(base64.b64decode(secret.data["token"])) >= 32
+        assert secret.metadata.owner_references[0].uid == pool["metadata"]["uid"]
+        st = get(custom, namespace, "inferencepools", "chat")["status"]
+        assert st["selector"] == "hotswap.dev/pool=chat" and st["observedGeneration"] == 1
+        assert conditions({"status": st})["Available"] == ("True", "ReplicasReady")
+
+        # A version on an empty pool completes at once and becomes current.
+        wv = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "WeightVersion",
+            "metadata": {"name": "chat-v1"},
+            "spec": {"poolRef": {"name": "chat"}, "version": "v1", "source": {"path": "ckpts/v1"}},
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "weightversions", wv)
+        await ctl.reconcile()
+        got = get(custom, namespace, "weightversions", "chat-v1")
+        assert got["status"]["phase"] == "Complete"
+        assert conditions(got)["Applied"] == ("True", "Applied")
+        assert get(custom, namespace, "inferencepools", "chat")["status"]["currentVersion"] == "v1"
+        events = core.list_namespaced_event(namespace).items
+        reasons = {(e.involved_object.name, e.reason) for e in events}
+        assert {("chat-v1", "Accepted"), ("chat-v1", "Complete"), ("chat", "VersionChanged")} <= reasons
+
+        # /scale changes the pool; the next look changes the Deployment; the pods are counted.
+        custom.patch_namespaced_custom_object_scale(
+            GROUP,
+            VERSION,
+            namespace,
+            "inferencepools",
+            "chat",
+            {"spec": {"replicas": 2}},
+            _content_type=MERGE,
+        )
+        await ctl.reconcile()
+        assert apps.read_namespaced_deployment("chat", namespace).spec.replicas == 2
+        deadline = time.monotonic() + 30
+        while True:
+            await ctl.reconcile()
+            st = get(custom, namespace, "inferencepools", "chat")["status"]
+            if st["replicas"] == 2:
+                break
+            assert time.monotonic() < deadline, f"pods not counted: {st}"
+            await asyncio.sleep(0.5)
+        assert st["readyReplicas"] == 0 and st["observedGeneration"] == 2
+        assert conditions({"status": st})["Available"] == ("False", "NoReplicasReady")
+        assert conditions({"status": st})["Progressing"][0] == "True"
+    finally:
+        await ctl.close()
+
+
+async def test_only_one_replica_holds_the_lease(kube_api: client.ApiClient, namespace: str) -> None:
+    kube = Kube(kube_api)
+    a = LeaderElector(kube, namespace, "hotswap-operator", "replica-a", duration_s=2)
+    b = LeaderElector(kube, namespace, "hotswap-operator", "replica-b", duration_s=2)
+    await asyncio.wait_for(a.acquire(), 10)
+    keeper = asyncio.create_task(a.hold())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(b.acquire(), 4)  # a renews every 2/3 s: b never sees it go stale
+    keeper.cancel()  # a stops renewing (a crashed leader)
+    started = time.monotonic()
+    await asyncio.wait_for(b.acquire(), 10)
+    assert time.monotonic() - started >= 1.0  # only after the record stayed unchanged for a duration
+    lease = client.CoordinationV1Api(kube_api).read_namespaced_lease("hotswap-operator", namespace)
+    assert lease.spec.holder_identity == "replica-b" and lease.spec.lease_transitions == 1
+    with pytest.raises(LeadershipLost, match="lost lease"):
+        await asyncio.wait_for(a.hold(), 10)  # a wakes up: it must stop acting

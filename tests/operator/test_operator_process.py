@@ -1,0 +1,234 @@
+"""`python -m hotswap_operator` as a process against the local cluster: kopf wiring, liveness, metrics,
+the Lease hand-over between two replicas. No engines: the pool has no schedulable pods, so versions
+complete at once (the rollout itself is covered where agents and vLLM run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+pytestmark = pytest.mark.cluster
+GROUP, VERSION = "hotswap.dev", "v1alpha1"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as e:
+            last: Any = e
+        else:
+            last = value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {last!r}")
+        time.sleep(0.3)
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        body: bytes = r.read()
+        return body.decode()
+
+
+class Operator:
+    def __init__(self, kubeconfig: str, namespace: str, identity: str, log: Path) -> None:
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics = f"127.0.0.1:{free_port()}"
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}/engine:{ROOT}/operator")
+        self.log = log
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hotswap_operator",
+                f"--kubeconfig={kubeconfig}",
+                f"--namespace={namespace}",
+                f"--lease-namespace={namespace}",
+                f"--identity={identity}",
+                "--lease-duration=3",
+                f"--liveness={self.liveness}",
+                f"--metrics={self.metrics}",
+            ],
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def live(self) -> str:
+        """The liveness answer; fails at once (with the log) when the process has exited."""
+        if self.proc.poll() is not None:
+            pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        return http_get(self.liveness)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def operators(
+    hotswap_cluster: Any, namespace: str, crds: None, tmp_path: Path
+) -> Iterator[Callable[[str], Operator]]:
+    started: list[Operator] = []
+
+    def start(identity: str) -> Operator:
+        op = Operator(hotswap_cluster.kubeconfig, namespace, identity, tmp_path / f"{identity}.log")
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        op.stop()
+    for op in started:
+        print(f"----- {op.log.name}\n{op.log.read_text()[-4000:]}")
+
+
+def pool_body() -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InferencePool",
+        "metadata": {"name": "chat"},
+        "spec": {
+            "replicas": 1,
+            "template": {
+                "spec": {
+                    "containers": [{"name": "vllm", "image": "vllm-cpu"}],
+                    "nodeSelector": {"hotswap.dev/test-no-such-node": "true"},
+                }
+            },
+            "model": {"path": "models/base"},
+            "checkpointVolume": {"source": {"hostPath": {"path": "/tmp"}}},
+            "engine": {"device": "cpu"},
+        },
+    }
+
+
+def wv_body(version: str, pool: str = "chat") -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "WeightVersion",
+        "metadata": {"name": f"{pool}-{version}"},
+        "spec": {"poolRef": {"name": pool}, "version": version, "source": {"path": f"ckpts/{version}"}},
+    }
+
+
+def condition(obj: dict[str, Any], type_: str) -> tuple[str, str] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c["status"], c["reason"]
+    return None
+
+
+def test_operator_process_acts_alone_and_hands_over(
+    kube_api: client.ApiClient, namespace: str, operators: Callable[[str], Operator]
+) -> None:
+    custom = client.CustomObjectsApi(kube_api)
+    apps = client.AppsV1Api(kube_api)
+    coord = client.CoordinationV1Api(kube_api)
+
+    def get(plural: str, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        return out
+
+    a = operators("op-a")
+    wait(a.live, 60, "op-a liveness")
+    wait(
+        lambda: coord.read_namespaced_lease("hotswap-operator", namespace).spec.holder_identity == "op-a",
+        30,
+        "lease",
+    )
+
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", pool_body())
+    wait(lambda: apps.read_namespaced_deployment("chat", namespace), 30, "deployment")
+    wait(lambda: get("inferencepools", "chat").get("status", {}).get("replicas") == 1, 30, "pool status")
+
+    # No pod is healthy (none can be scheduled): the version waits, with a message saying so.
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "weightversions", wv_body("v1"))
+    wait(
+        lambda: get("weightversions", "chat-v1").get("status", {}).get("message", "").startswith("waiting"),
+        30,
+        "v1",
+    )
+    assert condition(get("weightversions", "chat-v1"), "Accepted") == ("True", "Valid")
+
+    # An orphan version says its pool is missing.
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "weightversions", wv_body("v1", pool="nope")
+    )
+    wait(
+        lambda: condition(get("weightversions", "nope-v1"), "Accepted") == ("False", "PoolNotFound"),
+        30,
+        "orphan",
+    )
+
+    # A second replica waits while the first holds the Lease ...
+    b = operators("op-b")
+    time.sleep(5)
+    assert coord.read_namespaced_lease("hotswap-operator", namespace).spec.holder_identity == "op-a"
+    with pytest.raises(OSError):
+        http_get(b.liveness)  # kopf (and its liveness endpoint) starts only once the Lease is held
+    # ... and takes over when the first dies without a word.
+    a.stop(signal.SIGKILL)
+    wait(
+        lambda: coord.read_namespaced_lease("hotswap-operator", namespace).spec.holder_identity == "op-b",
+        30,
+        "b leads",
+    )
+    wait(b.live, 60, "op-b liveness")
+
+    # Scaling the pool to 0 lets the waiting version complete: op-b is acting.
+    custom.patch_namespaced_custom_object_scale(
+        GROUP,
+        VERSION,
+        namespace,
+        "inferencepools",
+        "chat",
+        {"spec": {"replicas": 0}},
+        _content_type="application/merge-patch+json",
+    )
+    wait(
+        lambda: apps.read_namespaced_deployment("chat", namespace).spec.replicas == 0, 30, "deployment scaled"
+    )
+
+    def no_pods() -> bool:
+        pods = client.CoreV1Api(kube_api).list_namespaced_pod(
+            namespace, label_selector="hotswap.dev/pool=chat"
+        )
+        return not pods.items
+
+    wait(no_pods, 60, "pods gone")
+    wait(
+        lambda: get("weightversions", "chat-v1").get("status", {}).get("phase") == "Complete",
+        60,
+        "v1 complete",
+    )
+    assert get("inferencepools", "chat")["status"]["currentVersion"] == "v1"
+    metrics = http_get(f"http://{b.metrics}/metrics")
+    assert 'hotswap_operator_rollouts_total{phase="Complete"} 1.0' in metrics

@@ -1,0 +1,211 @@
+"""The operator's agent client against the real agent HTTP API (aiohttp app + AgentService) on loopback.
+
+The agent's byte-moving runner is replaced by one that stages with the real `staging` module but has
+no vLLM engine attached, so updates fail the way an update fails (and roll back): what is under test
+is the client — auth, models, status codes mapped to exceptions carrying the agent's message — and
+the agent's API state machine it talks to. Updates that really apply are covered by the e2e tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from hotswap_engine import protocol, staging
+from hotswap_engine.agent.api import build_app
+from hotswap_engine.agent.config import AgentConfig
+from hotswap_engine.agent.service import AgentService
+from hotswap_engine.testing.checkpoints import random_filler, save_file
+from hotswap_operator.agents import (
+    AgentClient,
+    AgentConflict,
+    AgentError,
+    AgentNotFound,
+    AgentUnreachable,
+)
+
+TOKEN = "t0ken-for-tests"
+DEFS = [("a.weight", "F32", (16, 8)), ("b.weight", "F32", (8,)), ("c.weight", "BF16", (4, 4))]
+
+
+class StorageOnlyRunner:
+    """Stages for real; has no engine to apply to (an update fails like a broken engine would)."""
+
+    p2p_endpoint: str | None = None
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.expected = [loc.spec for loc in staging.read_index(cfg.base_checkpoint)]
+        self.updates_started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def stage(self, source: protocol.Source, part: protocol.PartSpec | None, full: bool = False) -> Any:
+        return staging.stage(
+            source.path,
+            part,
+            self.cfg.allowed_roots,
+            self.expected,
+            manifest=source.sha256_manifest,
+            pinned=False,
+        )
+
+    async def update(self, req: protocol.UpdateRequest, data: Any, rec: Any) -> Any:
+        self.updates_started.set()
+        await self.release.wait()
+        raise RuntimeError("no inference engine attached to this agent")
+
+    async def apply_local(self, version: str | None, data: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    save_file(tmp_path / "base.safetensors", DEFS, random_filler(1))
+    save_file(tmp_path / "v2.safetensors", DEFS, random_filler(2))
+    save_file(tmp_path / "wrong.safetensors", [("a.weight", "F32", (2, 2))], random_filler(3))
+    return tmp_path
+
+
+@pytest.fixture
+async def agent(root: Path) -> AsyncIterator[tuple[str, StorageOnlyRunner]]:
+    port = free_port()
+    cfg = AgentConfig(
+        pod_name="pod-a",
+        host="127.0.0.1",
+        port=port,
+        token=TOKEN,
+        base_checkpoint=root / "base.safetensors",
+        allowed_roots=(root,),
+        control_socket=root / "control.sock",
+        handoff_endpoint="tcp://127.0.0.1:1",
+    )
+    runner = StorageOnlyRunner(cfg)
+    service = AgentService(cfg, runner)  # type: ignore[arg-type]
+    app_runner = web.AppRunner(build_app(service, TOKEN), access_log=None)
+    await app_runner.setup()
+    await web.TCPSite(app_runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}", runner
+    finally:
+        runner.release.set()
+        await app_runner.cleanup()
+        await service.close()
+
+
+def src(root: Path, name: str) -> protocol.Source:
+    return protocol.Source(path=str(root / name))
+
+
+async def test_status_stage_idempotent_and_drop(agent: tuple[str, StorageOnlyRunner], root: Path) -> None:
+    url, _ = agent
+    async with AgentClient(TOKEN) as c:
+        st = await c.status(url)
+        assert (st.pod, st.serving_version, st.ready, st.staged) == ("pod-a", None, True, ())
+        part = protocol.PartSpec(index=1, count=2)
+        req = protocol.StageRequest(version="v2", source=src(root, "v2.safetensors"), part=part)
+        got = await c.stage(url, req)
+        assert (got.version, got.part, got.complete) == ("v2", part, False)
+        assert got.bytes > 0 and got.tensors >= 1
+        assert await c.stage(url, req) == got  # the operator repeats requests after a restart
+        assert [s.version for s in (await c.status(url)).staged] == ["v2"]
+        await c.drop_staged(url, "v2")
+        assert (await c.status(url)).staged == ()
+        with pytest.raises(AgentNotFound, match="version v2 is not staged here") as e:
+            await c.drop_staged(url, "v2")
+        assert e.value.status == 404 and e.value.code == "not_found" and not e.value.permanent
+        assert await c.healthz(url)
+        assert "hotswap_agent" in await c.metrics(url)
+
+
+async def test_refusals_carry_the_agents_message(agent: tuple[str, StorageOnlyRunner], root: Path) -> None:
+    url, _ = agent
+    async with AgentClient(TOKEN) as c:
+        with pytest.raises(AgentError) as e:
+            await c.stage(url, protocol.StageRequest(version="v9", source=src(root, "wrong.safetensors")))
+        assert e.value.code == "checkpoint_mismatch" and e.value.permanent
+        assert "b.weight" in e.value.message  # the agent lists what is missing
+        with pytest.raises(AgentError) as e:
+            await c.stage(
+                url, protocol.StageRequest(version="v9", source=protocol.Source(path="/etc/hostname"))
+            )
+        assert e.value.code == "forbidden_path" and e.value.status == 403 and e.value.permanent
+        with pytest.raises(AgentError, match="No such file") as e:
+            await c.stage(url, protocol.StageRequest(version="v9", source=src(root, "missing.safetensors")))
+        assert e.value.permanent  # a missing checkpoint fails the WeightVersion, it is not retried
+    async with AgentClient("wrong-token") as bad:
+        with pytest.raises(AgentError) as e:
+            await bad.status(url)
+        assert (e.value.status, e.value.code) == (401, "unauthorized")
+        assert "bearer token" in str(e.value)
+        assert await bad.healthz(url)  # open route
+
+
+def broadcast_alone(version: str, pod: str = "pod-a") -> protocol.UpdateRequest:
+    group = protocol.BroadcastGroup(
+        members=(protocol.GroupMember(rank=0, pod=pod, address="127.0.0.1", part=None),),
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+    )
+    return protocol.UpdateRequest(version=version, rank=0, group=group, timeout_seconds=30)
+
+
+async def test_update_lifecycle_conflict_and_failure(
+    agent: tuple[str, StorageOnlyRunner], root: Path
+) -> None:
+    url, runner = agent
+    async with AgentClient(TOKEN) as c:
+        with pytest.raises(AgentNotFound, match="not staged here"):
+            await c.start_update(url, broadcast_alone("v2"))
+        await c.stage(url, protocol.StageRequest(version="v2", source=src(root, "v2.safetensors")))
+        with pytest.raises(AgentError) as e:
+            await c.start_update(url, broadcast_alone("v2", pod="pod-b"))
+        assert e.value.code == "bad_request" and "belongs to pod pod-b" in e.value.message
+        started = await c.start_update(url, broadcast_alone("v2"))
+        assert started.version == "v2" and not started.done
+        await asyncio.wait_for(runner.updates_started.wait(), 10)
+        # A second request while one runs (an operator that restarted and sends again): 409.
+        with pytest.raises(AgentConflict, match="still running"):
+            await c.start_update(url, broadcast_alone("v2"))
+        running = await c.status(url)
+        assert running.update is not None and running.update.id == started.id and not running.ready
+        runner.release.set()
+        final = await c.wait_update(url, started.id, timeout_s=10, poll_s=0.05)
+        assert final.stage is protocol.UpdateStage.FAILED
+        assert final.error is not None and "no inference engine attached" in final.error
+        after = await c.status(url)
+        assert after.serving_version is None and after.ready  # rolled back to what it served
+        with pytest.raises(AgentNotFound, match="no update with id nope"):
+            await c.update(url, "nope")
+
+
+async def test_unreachable_and_silent_agents() -> None:
+    async with AgentClient(TOKEN, timeout_s=0.5) as c:
+        with pytest.raises(AgentUnreachable):
+            await c.status(f"http://127.0.0.1:{free_port()}")
+        assert not await c.healthz(f"http://127.0.0.1:{free_port()}")
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(5)
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(AgentUnreachable, match="Timeout"):
+                await c.status(f"http://127.0.0.1:{port}")
+        finally:
+            server.close()

@@ -1,0 +1,746 @@
+"""The planner over many fleet states: every decision the operator takes, without a cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hotswap_engine import protocol
+from hotswap_operator.planner import (
+    ActionFailure,
+    DropStaged,
+    Emit,
+    Fleet,
+    Plan,
+    PlannerConfig,
+    PodView,
+    Stage,
+    StartUpdate,
+    SyncPod,
+    VersionView,
+    condition,
+    plan,
+    set_condition,
+)
+from hotswap_operator.resources import (
+    ConditionStatus,
+    InferencePoolSpec,
+    InferencePoolStatus,
+    Phase,
+    SourceRef,
+    WeightVersionSpec,
+    WeightVersionStatus,
+)
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+POOL = "llm"
+
+
+def pool_spec(replicas: int = 2, **over: Any) -> InferencePoolSpec:
+    raw: dict[str, Any] = {
+        "replicas": replicas,
+        "template": {"spec": {"containers": [{"name": "vllm", "image": "img"}]}},
+        "model": {"path": "base-ckpt"},
+        "checkpointVolume": {"source": {"hostPath": {"path": "/data"}}, "mountPath": "/ckpt"},
+        "engine": {"device": "cpu", "port": 8600, "updateMemoryBudget": "64Mi"},
+    }
+    raw.update(over)
+    return InferencePoolSpec.model_validate(raw)
+
+
+def staged(version: str, part: tuple[int, int] | None = None, seconds: float = 0.5) -> protocol.StagedVersion:
+    p = protocol.PartSpec(index=part[0], count=part[1]) if part else None
+    return protocol.StagedVersion(
+        version=version,
+        source=protocol.Source(path=f"/ckpt/{version}"),
+        part=p,
+        complete=p is None or p.count == 1,
+        bytes=100,
+        tensors=4,
+        stage_seconds=seconds,
+    )
+
+
+def progress(
+    version: str,
+    stage: protocol.UpdateStage,
+    uid: str = "u1",
+    error: str | None = None,
+    finished: datetime | None = None,
+    durations: dict[str, float] | None = None,
+) -> protocol.UpdateProgress:
+    return protocol.UpdateProgress(
+        id=uid,
+        version=version,
+        mode=protocol.UpdateMode.BROADCAST,
+        stage=stage,
+        started_at=T0,
+        finished_at=finished,
+        error=error,
+        durations=durations or {},
+    )
+
+
+def agent(
+    name: str,
+    serving: str | None = None,
+    staged_: Sequence[protocol.StagedVersion] = (),
+    update: protocol.UpdateProgress | None = None,
+    ready: bool = True,
+    p2p: str | None = None,
+) -> protocol.AgentStatus:
+    busy = update is not None and not update.done
+    return protocol.AgentStatus(
+        pod=name,
+        serving_version=serving,
+        ready=ready and not busy,
+        staged=tuple(staged_),
+        update=update,
+        p2p_endpoint=p2p,
+    )
+
+
+def pod(
+    name: str,
+    ip: str,
+    serving: str | None = None,
+    *,
+    gate: bool | None = True,
+    label: str | None = None,
+    ready: bool | None = None,
+    running: bool = True,
+    deleting: bool = False,
+    agent_: protocol.AgentStatus | str | None = "auto",
+    **agent_kw: Any,
+) -> PodView:
+    a = agent(name, serving, **agent_kw) if agent_ == "auto" else agent_
+    assert not isinstance(a, str)
+    return PodView(
+        name=name,
+        ip=ip,
+        created=T0,
+        running=running,
+        deleting=deleting,
+        ready=bool(gate) if ready is None else ready,
+        gate=gate,
+        label_version=label if label is not None else (serving or "base"),
+        agent=a,
+    )
+
+
+def wv(
+    version: str,
+    *,
+    created: datetime = T0,
+    status: WeightVersionStatus | None = None,
+    strategy: str = "auto",
+    timeout: str = "10m",
+    path: str | None = None,
+) -> VersionView:
+    spec = WeightVersionSpec.model_validate(
+        {
+            "poolRef": {"name": POOL},
+            "version": version,
+            "source": {"path": path or f"ckpts/{version}"},
+            "strategy": strategy,
+            "timeout": timeout,
+        }
+    )
+    return VersionView(
+        name=f"{POOL}-{version}",
+        created=created,
+        generation=1,
+        spec=spec,
+        status=status or WeightVersionStatus(),
+    )
+
+
+def fleet(
+    pods: Sequence[PodView],
+    versions: Sequence[VersionView] = (),
+    *,
+    spec: InferencePoolSpec | None = None,
+    current: str | None = None,
+    now: datetime = T0 + timedelta(seconds=5),
+) -> Fleet:
+    status = InferencePoolStatus(
+        current_version=current, current_source=SourceRef(path=f"ckpts/{current}") if current else None
+    )
+    return Fleet(
+        pool=POOL,
+        generation=3,
+        spec=spec or pool_spec(len(pods)),
+        status=status,
+        pods=tuple(pods),
+        versions=tuple(versions),
+        now=now,
+    )
+
+
+def of(p: Plan, kind: type) -> list[Any]:
+    return [a for a in p.actions if isinstance(a, kind)]
+
+
+def events(p: Plan) -> list[tuple[str, str]]:
+    return [(e.name, e.reason) for e in of(p, Emit)]
+
+
+def cond(st: WeightVersionStatus | InferencePoolStatus, type_: str) -> ConditionStatus | None:
+    c = condition(st.conditions, type_)
+    return c.status if c else None
+
+
+def two_pods(serving: str | None = None, **kw: Any) -> list[PodView]:
+    return [pod("llm-a", "127.0.0.11", serving, **kw), pod("llm-b", "127.0.0.12", serving, **kw)]
+
+
+# ---- idle pools ----------------------------------------------------------------------------------------
+
+
+def test_empty_pool_reports_selector_and_not_available() -> None:
+    p = plan(fleet([], spec=pool_spec(2)))
+    assert p.actions == ()
+    st = p.pool_status
+    assert (st.replicas, st.ready_replicas, st.updated_replicas) == (0, 0, 0)
+    assert st.selector == "hotswap.dev/pool=llm"
+    assert st.observed_generation == 3
+    assert cond(st, "Available") is ConditionStatus.FALSE
+    assert cond(st, "Progressing") is ConditionStatus.TRUE
+    assert cond(st, "WeightsUpdating") is ConditionStatus.FALSE
+    assert cond(st, "Degraded") is ConditionStatus.FALSE
+
+
+def test_converged_pool_does_nothing_and_looks_again_later() -> None:
+    p = plan(fleet(two_pods()))
+    assert p.actions == ()
+    assert p.requeue_after == PlannerConfig().idle_requeue_s
+    st = p.pool_status
+    assert (st.replicas, st.ready_replicas, st.updated_replicas) == (2, 2, 2)
+    assert st.current_version is None and st.target_version is None
+    assert cond(st, "Available") is ConditionStatus.TRUE
+    assert cond(st, "Progressing") is ConditionStatus.FALSE
+
+
+def test_new_pod_gets_its_gate_and_label() -> None:
+    fresh = pod("llm-a", "127.0.0.11", gate=None, label="", ready=False)
+    p = plan(fleet([fresh], spec=pool_spec(1)))
+    (sync,) = of(p, SyncPod)
+    assert sync == SyncPod("llm-a", "base", True, "ServingCurrentVersion", "serves base")
+    assert p.requeue_after == PlannerConfig().active_requeue_s
+
+
+def test_unreachable_agent_leaves_pod_alone() -> None:
+    silent = pod("llm-a", "127.0.0.11", gate=True, agent_=None)
+    p = plan(fleet([silent], spec=pool_spec(1)))
+    assert p.actions == ()
+
+
+def test_inconsistent_agent_loses_its_gate() -> None:
+    a = agent("llm-a", None, ready=False)
+    broken = pod("llm-a", "127.0.0.11", gate=True, agent_=a)
+    p = plan(fleet([broken], spec=pool_spec(1)))
+    (sync,) = of(p, SyncPod)
+    assert sync.gate is False and sync.gate_reason == "AgentNotReady"
+
+
+# ---- a broadcast rollout, step by step -----------------------------------------------------------------
+
+
+def test_pending_forms_group_and_stages_parts() -> None:
+    p = plan(fleet(two_pods(), [wv("v1")]))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.STAGING
+    assert cond(st, "Accepted") is ConditionStatus.TRUE
+    assert st.start_time == T0 + timedelta(seconds=5)
+    assert st.target_pods == 2
+    assert st.rollout is not None
+    assert [(m.pod, m.rank, m.address) for m in st.rollout.members] == [
+        ("llm-a", 0, "127.0.0.11"),
+        ("llm-b", 1, "127.0.0.12"),
+    ]
+    stages = of(p, Stage)
+    assert [(s.pod, s.endpoint) for s in stages] == [
+        ("llm-a", "http://127.0.0.11:8600"),
+        ("llm-b", "http://127.0.0.12:8600"),
+    ]
+    assert [s.request.part for s in stages] == [
+        protocol.PartSpec(index=0, count=2),
+        protocol.PartSpec(index=1, count=2),
+    ]
+    assert stages[0].request.source == protocol.Source(path="/ckpt/ckpts/v1")
+    assert ("llm-v1", "Accepted") in events(p) and ("llm-v1", "Staging") in events(p)
+    assert cond(p.pool_status, "WeightsUpdating") is ConditionStatus.TRUE
+    assert p.pool_status.target_version == "v1"
+
+
+def staging_status(members: Sequence[tuple[str, str]], attempt: int = 1, **kw: Any) -> WeightVersionStatus:
+    st = WeightVersionStatus.model_validate(
+        {
+            "phase": kw.pop("phase", "Staging"),
+            "startTime": T0.isoformat(),
+            "targetPods": len(members),
+            "rollout": {
+                "attempt": attempt,
+                "members": [{"pod": n, "rank": i, "address": ip} for i, (n, ip) in enumerate(members)],
+                "masterPort": 29500 + attempt - 1,
+                **kw,
+            },
+        }
+    )
+    return st.model_copy(
+        update={"conditions": set_condition(st.conditions, "Accepted", True, "Valid", "", T0)}
+    )
+
+
+MEMBERS = [("llm-a", "127.0.0.11"), ("llm-b", "127.0.0.12")]
+
+
+def test_staging_only_asks_pods_that_have_not_staged() -> None:
+    pods = [
+        pod("llm-a", "127.0.0.11", staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12"),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS))]))
+    assert [s.pod for s in of(p, Stage)] == ["llm-b"]
+    assert p.version_statuses["llm-v1"].message == "staged on 1/2 pod(s)"
+
+
+def test_all_staged_sends_the_broadcast_to_every_member() -> None:
+    pods = [
+        pod("llm-a", "127.0.0.11", staged_=[staged("v1", (0, 2), seconds=1.5)]),
+        pod("llm-b", "127.0.0.12", staged_=[staged("v1", (1, 2), seconds=2.25)]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS))]))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.UPDATING
+    assert cond(st, "Staged") is ConditionStatus.TRUE
+    assert st.stage_durations is not None and st.stage_durations.staging == 2.25
+    ups = of(p, StartUpdate)
+    assert [(u.pod, u.request.rank) for u in ups] == [("llm-a", 0), ("llm-b", 1)]
+    group = ups[0].request.group
+    assert group is not None and group == ups[1].request.group
+    assert (group.master_addr, group.master_port) == ("127.0.0.11", 29500)
+    assert [m.part for m in group.members] == [
+        protocol.PartSpec(index=0, count=2),
+        protocol.PartSpec(index=1, count=2),
+    ]
+    req = ups[0].request
+    assert req.mode is protocol.UpdateMode.BROADCAST
+    assert req.memory_budget_bytes == 64 << 20
+    assert req.request_policy is protocol.RequestPolicy.KEEP
+    # the deadline is 10m from the start; 5 s have passed
+    assert req.timeout_seconds == pytest.approx(595.0)
+    assert ("llm-v1", "Updating") in events(p)
+
+
+def test_updating_waits_while_updates_run() -> None:
+    running = progress("v1", protocol.UpdateStage.TRANSFERRING)
+    pods = [
+        pod("llm-a", "127.0.0.11", update=running, staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12", update=running, staged_=[staged("v1", (1, 2))]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]))
+    assert of(p, StartUpdate) == [] and of(p, Stage) == []
+    assert p.version_statuses["llm-v1"].message == "updated 0/2 pod(s)"
+
+
+def test_restarted_operator_resends_the_update_only_where_it_never_arrived() -> None:
+    running = progress("v1", protocol.UpdateStage.CONNECTING)
+    pods = [
+        pod("llm-a", "127.0.0.11", update=running, staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12", staged_=[staged("v1", (1, 2))]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]))
+    (up,) = of(p, StartUpdate)
+    assert up.pod == "llm-b" and up.request.rank == 1
+    assert up.request.group is not None and up.request.group.master_port == 29500
+
+
+def test_group_done_completes_and_moves_the_pool() -> None:
+    done = progress(
+        "v1",
+        protocol.UpdateStage.COMPLETE,
+        finished=T0,
+        durations={"connect": 0.5, "transfer": 2, "reload": 1},
+    )
+    pods = two_pods("v1", update=done, label="base", staged_=[staged("v1")])
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.COMPLETE
+    assert cond(st, "Applied") is ConditionStatus.TRUE
+    assert st.completion_time == T0 + timedelta(seconds=5)
+    assert (st.target_pods, st.updated_pods, st.failed_pods) == (2, 2, 0)
+    assert st.stage_durations is not None
+    assert (st.stage_durations.transfer, st.stage_durations.reload) == (2.5, 1.0)
+    ps = p.pool_status
+    assert ps.current_version == "v1" and ps.current_source == SourceRef(path="ckpts/v1")
+    assert ps.updated_replicas == 2
+    assert [(s.pod, s.version_label, s.gate) for s in of(p, SyncPod)] == [
+        ("llm-a", "v1", None),
+        ("llm-b", "v1", None),
+    ]
+    assert ("llm-v1", "Complete") in events(p) and ("llm", "VersionChanged") in events(p)
+    assert cond(ps, "WeightsUpdating") is ConditionStatus.FALSE
+
+
+def test_early_finisher_is_kept_out_of_traffic_until_the_version_is_current() -> None:
+    done = progress("v1", protocol.UpdateStage.COMPLETE, finished=T0)
+    running = progress("v1", protocol.UpdateStage.RELOADING)
+    pods = [
+        pod("llm-a", "127.0.0.11", "v1", update=done, label="base", staged_=[staged("v1")]),
+        pod("llm-b", "127.0.0.12", update=running, staged_=[staged("v1", (1, 2))]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]))
+    assert p.version_statuses["llm-v1"].phase is Phase.UPDATING
+    syncs = {s.pod: s for s in of(p, SyncPod)}
+    assert syncs["llm-a"].gate is False and syncs["llm-a"].version_label == "v1"
+    assert "llm-b" not in syncs  # still serving the old version while it reloads: keeps its gate
+
+
+# ---- losing pods, failures, retries --------------------------------------------------------------------
+
+
+def test_pod_deleted_while_staging_starts_a_new_attempt_without_it() -> None:
+    pods = [pod("llm-a", "127.0.0.11", staged_=[staged("v1", (0, 2))])]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS))], spec=pool_spec(2)))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.STAGING
+    assert st.rollout is not None and st.rollout.attempt == 2
+    assert [m.pod for m in st.rollout.members] == ["llm-a"]
+    assert st.rollout.master_port == 29501
+    (stage,) = of(p, Stage)
+    assert stage.pod == "llm-a" and stage.request.part is None  # alone: the whole checkpoint
+    assert ("llm-v1", "Retrying") in events(p)
+
+
+def test_pod_replaced_under_the_same_name_counts_as_lost() -> None:
+    pods = [pod("llm-a", "127.0.0.11"), pod("llm-b", "127.0.0.99")]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS))]))
+    st = p.version_statuses["llm-v1"]
+    assert st.rollout is not None and st.rollout.attempt == 2
+    assert st.message == "attempt 2: staged on 0/2 pod(s)"
+    (retry,) = [e for e in of(p, Emit) if e.reason == "Retrying"]
+    assert "pod llm-b restarted or moved" in retry.message and retry.warning
+
+
+def test_member_lost_while_updating_waits_for_the_others_to_abort() -> None:
+    running = progress("v1", protocol.UpdateStage.TRANSFERRING)
+    pods = [pod("llm-a", "127.0.0.11", update=running, staged_=[staged("v1", (0, 2))])]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.UPDATING and st.message.startswith("waiting for 1 pod(s) to abort")
+    assert of(p, StartUpdate) == [] and of(p, Stage) == []
+
+
+def test_failed_broadcast_retries_with_a_new_group_and_ignores_the_old_result() -> None:
+    failed = progress("v1", protocol.UpdateStage.FAILED, uid="old", error="peer vanished", finished=T0)
+    pods = [
+        pod("llm-a", "127.0.0.11", update=failed, staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12", update=failed, staged_=[staged("v1", (1, 2))]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]))
+    st = p.version_statuses["llm-v1"]
+    assert st.rollout is not None and st.rollout.attempt == 2
+    assert st.rollout.stale_updates == ["old"]
+    # Same two pods; their staged parts still fit the new group, so the update goes out at once.
+    assert st.phase is Phase.UPDATING
+    assert [u.pod for u in of(p, StartUpdate)] == ["llm-a", "llm-b"]
+    assert all(u.request.group and u.request.group.master_port == 29501 for u in of(p, StartUpdate))
+    # The next look, with the stale failure still on the agents, does not count it again.
+    nxt = plan(fleet(pods, [wv("v1", status=st)]))
+    assert nxt.version_statuses.get("llm-v1", st).rollout.attempt == 2  # type: ignore[union-attr]
+    assert [u.pod for u in of(nxt, StartUpdate)] == ["llm-a", "llm-b"]
+
+
+def test_member_whose_agent_restarted_after_staging_ends_the_attempt() -> None:
+    running = progress("v1", protocol.UpdateStage.CONNECTING)
+    pods = [
+        pod("llm-a", "127.0.0.11", update=running, staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12"),  # restarted agent: nothing staged, no update
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]))
+    st = p.version_statuses["llm-v1"]
+    assert "pod llm-b no longer holds its staged part of v1" in st.message
+    assert of(p, StartUpdate) == []  # llm-a is still running: wait for it to abort first
+
+
+def test_attempts_exhausted_fails_and_leaves_pods_on_the_old_version() -> None:
+    failed = progress("v1", protocol.UpdateStage.FAILED, uid="x", error="boom", finished=T0)
+    pods = two_pods(update=failed, staged_=[staged("v1")])
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, attempt=3, phase="Updating"))]))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.FAILED
+    assert cond(st, "Applied") is ConditionStatus.FALSE
+    assert condition(st.conditions, "Applied").reason == "AttemptsExhausted"  # type: ignore[union-attr]
+    assert "boom" in st.message and st.failed_pods == 2
+    ps = p.pool_status
+    assert ps.current_version is None and ps.target_version is None
+    assert cond(ps, "Degraded") is ConditionStatus.TRUE
+    assert of(p, SyncPod) == []  # both still serve base and keep their gates
+    assert ("llm-v1", "Failed") in events(p)
+    assert any(e.warning for e in of(p, Emit) if e.reason == "Failed")
+
+
+def test_bad_checkpoint_fails_at_once() -> None:
+    fails = [ActionFailure("llm-b", "v1", "missing tensor lm_head.weight", permanent=True)]
+    pods = two_pods()
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS))]), failures=fails)
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.FAILED
+    assert condition(st.conditions, "Staged").reason == "CheckpointInvalid"  # type: ignore[union-attr]
+    assert "missing tensor lm_head.weight" in st.message
+    assert of(p, StartUpdate) == [] and of(p, Stage) == []
+    # the staged part is dropped
+    pods = [pod("llm-a", "127.0.0.11", staged_=[staged("v1", (0, 2))]), pods[1]]
+    after = plan(fleet(pods, [wv("v1", status=st)]))
+    assert of(after, DropStaged) == [DropStaged("llm-a", "http://127.0.0.11:8600", "v1")]
+
+
+def test_transient_failure_is_retried_not_fatal() -> None:
+    fails = [ActionFailure("llm-b", "v1", "connection refused", permanent=False)]
+    p = plan(fleet(two_pods(), [wv("v1", status=staging_status(MEMBERS))]), failures=fails)
+    assert p.version_statuses["llm-v1"].phase is Phase.STAGING
+    assert [s.pod for s in of(p, Stage)] == ["llm-a", "llm-b"]
+
+
+def test_timeout_fails_the_version() -> None:
+    st = staging_status(MEMBERS)
+    p = plan(fleet(two_pods(), [wv("v1", status=st, timeout="2m")], now=T0 + timedelta(minutes=3)))
+    out = p.version_statuses["llm-v1"]
+    assert out.phase is Phase.FAILED and "timed out after 2m in phase Staging" in out.message
+    assert condition(out.conditions, "Applied").reason == "Timeout"  # type: ignore[union-attr]
+
+
+# ---- superseding ---------------------------------------------------------------------------------------
+
+
+def test_newer_version_supersedes_one_in_progress_and_waits_for_running_updates() -> None:
+    running = progress("v1", protocol.UpdateStage.TRANSFERRING)
+    pods = two_pods(update=running, staged_=[staged("v1")])
+    v1 = wv("v1", status=staging_status(MEMBERS, phase="Updating"))
+    v2 = wv("v2", created=T0 + timedelta(seconds=1))
+    p = plan(fleet(pods, [v2, v1]))
+    assert p.version_statuses["llm-v1"].phase is Phase.SUPERSEDED
+    assert condition(p.version_statuses["llm-v1"].conditions, "Applied").reason == "Superseded"  # type: ignore[union-attr]
+    st2 = p.version_statuses["llm-v2"]
+    assert st2.phase is Phase.PENDING and "waiting for the update in progress" in st2.message
+    assert of(p, Stage) == [] and of(p, StartUpdate) == []
+
+
+def test_superseded_version_that_landed_does_not_cost_an_extra_update() -> None:
+    """v1 landed on both pods after it was superseded (it never became current): v2's group forms
+    from them as they are — a broadcast replaces every weight, so what they serve does not matter."""
+    done = progress("v1", protocol.UpdateStage.COMPLETE, finished=T0)
+    pods = two_pods("v1", update=done, staged_=[staged("v1")])
+    v1 = wv("v1", status=WeightVersionStatus(phase=Phase.SUPERSEDED))
+    v2 = wv("v2", created=T0 + timedelta(seconds=1))
+    p = plan(fleet(pods, [v1, v2]))
+    st = p.version_statuses["llm-v2"]
+    assert st.phase is Phase.STAGING and st.rollout is not None and st.rollout.from_version is None
+    assert [(s.pod, s.request.version) for s in of(p, Stage)] == [("llm-a", "v2"), ("llm-b", "v2")]
+    # while they serve v1 and the pool serves base, they are out of traffic
+    assert {(s.pod, s.gate) for s in of(p, SyncPod)} == {("llm-a", False), ("llm-b", False)}
+
+
+def test_target_is_newest_by_creation_then_name() -> None:
+    a = wv("a", created=T0)
+    b = wv("b", created=T0)
+    p = plan(fleet(two_pods(), [b, a]))
+    assert p.version_statuses["llm-a"].phase is Phase.SUPERSEDED
+    assert p.version_statuses["llm-b"].phase is Phase.STAGING
+
+
+def test_terminal_versions_are_left_alone() -> None:
+    v1 = wv("v1", status=WeightVersionStatus(phase=Phase.COMPLETE))
+    p = plan(fleet(two_pods("v1"), [v1], current="v1"))
+    assert p.version_statuses == {}
+    assert p.actions == ()
+
+
+# ---- catch-up ------------------------------------------------------------------------------------------
+
+
+def test_scaled_out_pod_stages_the_current_version_from_storage() -> None:
+    pods = [*two_pods("v1"), pod("llm-c", "127.0.0.13", gate=None, label="", ready=False)]
+    v1 = wv("v1", status=WeightVersionStatus(phase=Phase.COMPLETE))
+    p = plan(fleet(pods, [v1], current="v1", spec=pool_spec(3)))
+    (stage,) = of(p, Stage)
+    assert stage.pod == "llm-c" and stage.request.part is None
+    assert stage.request.source.path == "/ckpt/ckpts/v1"
+    (sync,) = of(p, SyncPod)
+    assert (sync.pod, sync.version_label, sync.gate, sync.gate_reason) == (
+        "llm-c",
+        "base",
+        False,
+        "OtherVersion",
+    )
+    assert cond(p.pool_status, "Progressing") is ConditionStatus.TRUE
+    assert p.pool_status.ready_replicas == 2 and p.pool_status.updated_replicas == 2
+
+
+def test_staged_pod_applies_the_version_alone() -> None:
+    pods = [*two_pods("v1"), pod("llm-c", "127.0.0.13", gate=False, staged_=[staged("v1")], ready=False)]
+    p = plan(fleet(pods, [], current="v1", spec=pool_spec(3)))
+    (up,) = of(p, StartUpdate)
+    assert up.pod == "llm-c"
+    g = up.request.group
+    assert g is not None and g.world_size == 1 and g.master_addr == "127.0.0.13"
+    assert up.request.rank == 0 and g.members[0].part is None
+
+
+def test_p2p_catch_up_reads_from_holders_when_enabled() -> None:
+    holders = [
+        pod("llm-a", "127.0.0.11", "v1", staged_=[staged("v1")], p2p="127.0.0.11:17001"),
+        pod("llm-b", "127.0.0.12", "v1", staged_=[staged("v1")], p2p="127.0.0.12:17001"),
+    ]
+    pods = [*holders, pod("llm-c", "127.0.0.13", gate=False, ready=False)]
+    p = plan(fleet(pods, [], current="v1", spec=pool_spec(3)), config=PlannerConfig(p2p_catch_up=True))
+    (up,) = of(p, StartUpdate)
+    assert up.request.mode is protocol.UpdateMode.P2P
+    assert [(x.pod, x.endpoint) for x in up.request.peers] == [
+        ("llm-a", "127.0.0.11:17001"),
+        ("llm-b", "127.0.0.12:17001"),
+    ]
+    assert of(p, Stage) == []
+
+
+def test_p2p_without_holders_falls_back_to_storage() -> None:
+    pods = [*two_pods("v1"), pod("llm-c", "127.0.0.13", gate=False, ready=False)]  # holders lack p2p
+    p = plan(fleet(pods, [], current="v1", spec=pool_spec(3)), config=PlannerConfig(p2p_catch_up=True))
+    assert [s.pod for s in of(p, Stage)] == ["llm-c"]
+
+
+def test_failed_catch_up_backs_off_then_retries() -> None:
+    failed = progress("v1", protocol.UpdateStage.FAILED, error="oom", finished=T0)
+    c = pod("llm-c", "127.0.0.13", gate=False, ready=False, update=failed, staged_=[staged("v1")])
+    pods = [*two_pods("v1"), c]
+    soon = plan(fleet(pods, [], current="v1", spec=pool_spec(3), now=T0 + timedelta(seconds=3)))
+    assert of(soon, StartUpdate) == []
+    assert cond(soon.pool_status, "Degraded") is ConditionStatus.TRUE
+    assert "oom" in condition(soon.pool_status.conditions, "Degraded").message  # type: ignore[union-attr]
+    later = plan(fleet(pods, [], current="v1", spec=pool_spec(3), now=T0 + timedelta(seconds=30)))
+    assert [u.pod for u in of(later, StartUpdate)] == ["llm-c"]
+
+
+def test_no_catch_up_while_a_broadcast_runs() -> None:
+    running = progress("v2", protocol.UpdateStage.TRANSFERRING)
+    members = two_pods("v1", update=running, staged_=[staged("v2")])
+    pods = [*members, pod("llm-c", "127.0.0.13", gate=False, ready=False)]
+    v2 = wv("v2", status=staging_status(MEMBERS, phase="Updating", fromVersion="v1"))
+    p = plan(fleet(pods, [v2], current="v1", spec=pool_spec(3)))
+    assert of(p, Stage) == [] and of(p, StartUpdate) == []
+
+
+# ---- other shapes --------------------------------------------------------------------------------------
+
+
+def test_pool_scaled_to_zero_completes_a_version_at_once() -> None:
+    p = plan(fleet([], [wv("v1")], spec=pool_spec(0)))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.COMPLETE and st.target_pods == 0
+    assert p.pool_status.current_version == "v1"
+    assert cond(p.pool_status, "Available") is ConditionStatus.TRUE
+
+
+def test_version_waits_for_a_healthy_pod() -> None:
+    starting = pod("llm-a", "127.0.0.11", running=False, gate=None, ready=False)
+    p = plan(fleet([starting], [wv("v1")], spec=pool_spec(1)))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.PENDING and st.message.startswith("waiting for a healthy pod")
+    assert of(p, Stage) == []
+
+
+def test_p2p_strategy_seeds_one_pod_then_followers_catch_up() -> None:
+    pods = two_pods()
+    p = plan(fleet(pods, [wv("v1", strategy="p2p")]))
+    st = p.version_statuses["llm-v1"]
+    assert st.rollout is not None
+    assert [m.pod for m in st.rollout.members] == ["llm-a"] and st.rollout.followers == ["llm-b"]
+    assert [(s.pod, s.request.part) for s in of(p, Stage)] == [("llm-a", None)]
+    # seed done: the follower stages from storage (p2p catch-up disabled)
+    done = progress("v1", protocol.UpdateStage.COMPLETE, finished=T0)
+    pods = [pod("llm-a", "127.0.0.11", "v1", update=done, staged_=[staged("v1")]), pods[1]]
+    st.phase = Phase.UPDATING
+    p2 = plan(fleet(pods, [wv("v1", strategy="p2p", status=st)]))
+    st2 = p2.version_statuses["llm-v1"]
+    assert st2.phase is Phase.UPDATING and "1 follower(s) catching up" in st2.message
+    assert [s.pod for s in of(p2, Stage)] == ["llm-b"]
+
+
+def test_stale_staged_versions_are_dropped_but_not_the_served_one() -> None:
+    a = pod("llm-a", "127.0.0.11", "v2", staged_=[staged("v1"), staged("v2"), staged("v0")])
+    p = plan(fleet([a], [], current="v2", spec=pool_spec(1)))
+    assert sorted(d.version for d in of(p, DropStaged)) == ["v0", "v1"]
+
+
+def test_condition_transition_time_moves_only_on_change() -> None:
+    c1 = set_condition([], "Applied", False, "A", "", T0)
+    c2 = set_condition(c1, "Applied", False, "B", "m", T0 + timedelta(seconds=9))
+    assert c2[0].last_transition_time == T0 and c2[0].reason == "B"
+    c3 = set_condition(c2, "Applied", True, "C", "", T0 + timedelta(seconds=10))
+    assert c3[0].last_transition_time == T0 + timedelta(seconds=10)
+
+
+# ---- a whole rollout against simulated agents (restart included) ---------------------------------------
+
+
+def _apply(pods: list[PodView], p: Plan, now: datetime) -> list[PodView]:
+    """Agents that do what they are asked at once (pure bookkeeping, to drive the planner end to end)."""
+    out = []
+    for pv in pods:
+        a = pv.agent
+        assert a is not None
+        for act in p.actions:
+            if isinstance(act, Stage) and act.pod == pv.name:
+                r = act.request
+                s = protocol.StagedVersion(
+                    version=r.version,
+                    source=r.source,
+                    part=r.part,
+                    complete=r.part is None,
+                    bytes=10,
+                    tensors=1,
+                    stage_seconds=0.1,
+                )
+                a = a.model_copy(update={"staged": (*a.staged, s)})
+            if isinstance(act, StartUpdate) and act.pod == pv.name:
+                u = progress(act.request.version, protocol.UpdateStage.COMPLETE, uid=f"u{now}", finished=now)
+                a = a.model_copy(update={"update": u, "serving_version": act.request.version})
+            if isinstance(act, SyncPod) and act.pod == pv.name:
+                if act.version_label is not None:
+                    pv = replace(pv, label_version=act.version_label)
+                if act.gate is not None:
+                    pv = replace(pv, gate=act.gate, ready=act.gate)
+        out.append(replace(pv, agent=a))
+    return out
+
+
+def test_rollout_runs_to_completion_and_survives_a_restart_at_every_step() -> None:
+    pods = two_pods()
+    v = wv("v1")
+    status = InferencePoolStatus()
+    phases = []
+    now = T0
+    for _step in range(10):
+        now += timedelta(seconds=2)
+        f = Fleet(POOL, 1, pool_spec(2), status, tuple(pods), (v,), now)
+        p = plan(f)
+        # "Restart": planning again from the same snapshot gives the same decisions.
+        assert plan(f).actions == p.actions
+        if v.name in p.version_statuses:
+            v = replace(v, status=p.version_statuses[v.name])
+        status = p.pool_status
+        phases.append(v.status.phase)
+        pods = _apply(pods, p, now)
+        if v.status.phase is Phase.COMPLETE:
+            break
+    assert phases[:3] == [Phase.STAGING, Phase.UPDATING, Phase.COMPLETE]
+    assert status.current_version == "v1"
+    f = Fleet(POOL, 1, pool_spec(2), status, tuple(pods), (v,), now + timedelta(seconds=2))
+    p = plan(f)
+    pods = _apply(pods, p, now)
+    assert [(x.label_version, x.gate) for x in pods] == [("v1", True), ("v1", True)]
+    assert plan(replace(f, pods=tuple(pods))).actions == ()
