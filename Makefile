@@ -23,6 +23,10 @@ typecheck: venv
 test-unit: venv
 	$(PY) -m pytest -q tests/unit
 
+# The whole story on the local cluster (README); DEMO_SCALE=0 for the short variant, DEMO_KEEP=1 to keep it.
+demo: venv cluster-build
+	bash demo/demo.sh
+
 test: venv lint typecheck cluster-build
 	$(PY) -m pytest -q -ra tests
 

@@ -33,6 +33,15 @@ class ClusterHandle:
     started_here: bool
 
 
+def bin_dir() -> Path:
+    """The folder holding etcd, kube-apiserver, kube-controller-manager, helm and kubectl (built
+    or fetched first if this version is not cached)."""
+    res = subprocess.run(["bash", str(SCRIPTS / "build.sh")], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"cluster build failed (rc {res.returncode}):\n{res.stderr[-6000:]}")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
 def running_kubeconfig() -> str | None:
     """The admin kubeconfig path if every part of the cluster runs, else None."""
     res = subprocess.run(["bash", str(SCRIPTS / "status.sh")], capture_output=True, text=True, check=False)

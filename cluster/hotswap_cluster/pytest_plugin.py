@@ -4,10 +4,11 @@
   runs; at the end the last test session stops a cluster that tests started (one started by hand
   with `make cluster-up` stays; HOTSWAP_KEEP_CLUSTER=1 keeps it too).
 - `kube_api` (session): an admin `kubernetes.client.ApiClient` (system:masters token).
-- `namespace`: a fresh namespace per test, deleted afterwards; teardown waits until it is gone and
-  checks that none of its pods' processes survive. A failed test prints the namespace's events,
+- `namespace`: a fresh namespace per test, deleted afterwards; teardown waits until its pods are
+  gone and checks that none of their processes survive. A failed test prints the namespace's events,
   pods and pod logs.
 - `waiter`: `Waiter` for that namespace (wait helpers with diagnostics).
+- `cluster_bin` (session): folder with helm and kubectl (and the control-plane binaries).
 - `sa_client`: `sa_client(name, namespace=None)` -> ApiClient authenticated as that ServiceAccount.
 """
 
@@ -17,12 +18,13 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client, config
 
-from .control import ClusterHandle, ensure_up, release
+from .control import ClusterHandle, bin_dir, ensure_up, release
 from .diagnostics import describe_namespace
 from .processes import pod_processes
 from .tokens import client_for_service_account
@@ -46,6 +48,11 @@ def hotswap_cluster() -> Iterator[ClusterHandle]:
     yield handle
     if os.environ.get("HOTSWAP_KEEP_CLUSTER") != "1":
         release(handle)
+
+
+@pytest.fixture(scope="session")
+def cluster_bin() -> Path:
+    return bin_dir()
 
 
 @pytest.fixture(scope="session")
@@ -82,15 +89,15 @@ def namespace(request: pytest.FixtureRequest, kube_api: client.ApiClient) -> Ite
         if e.status != 404:  # the test may have deleted it itself
             raise
 
-    def gone() -> bool:
-        try:
-            core.read_namespace(name)
-            return False
-        except client.ApiException as e:
-            return e.status == 404
-
-    wait_for(gone, 120, f"namespace {name} deleted", lambda: describe_namespace(kube_api, name))
-    # Pod deletion is finalised by the kubelet only after the processes are gone; check anyway.
+    # Waiting for the pods (not the namespace object, whose last steps take the namespace
+    # controller another ~10 s) keeps teardown short; the kubelet finalises a pod's deletion only
+    # once its processes are gone, and the process check below confirms it.
+    wait_for(
+        lambda: not core.list_namespaced_pod(name).items,
+        120,
+        f"pods of namespace {name} deleted",
+        lambda: describe_namespace(kube_api, name),
+    )
     wait_for(
         lambda: not pod_processes(namespace=name),
         10,

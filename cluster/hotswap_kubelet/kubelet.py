@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .events import emit
 from .ipam import PodIPAllocator, parse_range
 from .kubeapi import ApiError, KubeApi, load_kubeconfig
 from .node import NodeAgent, NodeConfig
@@ -172,6 +173,14 @@ class Kubelet:
                 if reason:
                     cur = {c["type"]: c for c in pod.get("status", {}).get("conditions") or []}
                     if cur.get("PodScheduled", {}).get("message") != reason:
+                        emit(
+                            self.api,
+                            pod,
+                            "FailedScheduling",
+                            reason,
+                            warning=True,
+                            component="default-scheduler",
+                        )
                         self.api.strategic_patch(
                             path + "/status",
                             {
@@ -203,6 +212,13 @@ class Kubelet:
                 # Count it at once so the next pod in this pass sees the GPUs taken.
                 bound.append({**pod, "spec": {**spec, "nodeName": self.cfg.node_name}})
                 log.info("bound %s/%s to %s", meta["namespace"], meta["name"], self.cfg.node_name)
+                emit(
+                    self.api,
+                    pod,
+                    "Scheduled",
+                    f"Successfully assigned {meta['namespace']}/{meta['name']} to {self.cfg.node_name}",
+                    component="default-scheduler",
+                )
             except ApiError as e:
                 if e.status not in (404, 409):
                     log.warning("scheduling %s/%s: %s", meta["namespace"], meta["name"], e)

@@ -4,8 +4,9 @@ Usage: python launcher.py SPEC.json. The spec holds argv, env, cwd, mounts and t
 - "namespace": a private mount namespace per container (unshare(CLONE_NEWNS)) with bind mounts,
   read-only where asked; nothing is visible outside the process tree.
 - "symlink": the fallback where mount namespaces are forbidden: each mountPath becomes a symlink
-  to the volume's folder (shared by every process on the host, readOnly not enforced; two pods
-  needing different sources at one mountPath fail with a clear message).
+  to the volume's folder (shared by every process on the host, readOnly not enforced; two running
+  pods needing different sources at one mountPath fail with a clear message; a link left by a
+  deleted pod is replaced).
 This file imports only the standard library: it runs before anything else in the container.
 """
 
@@ -57,6 +58,8 @@ def mount_namespace(mounts: list[dict[str, Any]]) -> None:
 def symlinks(mounts: list[dict[str, Any]]) -> None:
     for m in mounts:
         target, source = m["target"].rstrip("/"), m["source"]
+        if os.path.islink(target) and not os.path.exists(target):
+            os.unlink(target)  # left by a pod that is gone (its folder was removed)
         if os.path.islink(target):
             if os.readlink(target) == source:
                 continue

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .container import ContainerRunner, utcnow
+from .events import emit
 from .ipam import PodIPAllocator
 from .kubeapi import ApiError, KubeApi
 from .podenv import ConfigError, command_line, container_env
@@ -128,6 +129,9 @@ class PodWorker(threading.Thread):
                 self._cleanup()
                 return
             if pod["metadata"].get("deletionTimestamp"):
+                for r in self.init + self.main:
+                    if r.running:
+                        emit(self.ctx.api, pod, "Killing", f"Stopping container {r.name}")
                 self._kill_all(self._grace(pod))
                 self._finalize(pod)
                 return
@@ -181,6 +185,8 @@ class PodWorker(threading.Thread):
                 self.volumes_ready = True
                 self.config_error = ""
             except (ConfigError, OSError) as e:
+                if str(e) != self.config_error:
+                    emit(self.ctx.api, pod, "FailedMount", str(e), warning=True)
                 self.config_error = str(e)
         if self.volumes_ready:
             if not self.init_done:
@@ -215,6 +221,7 @@ class PodWorker(threading.Thread):
 
     def _sync_container(self, pod: Obj, r: ContainerRunner, policy: str) -> None:
         if r.running:
+            was_ready = r.view.ready
             if r.run_probes(self.pod_ip):
                 log.info(
                     "pod %s/%s: container %s failed its liveness/startup probe",
@@ -222,7 +229,25 @@ class PodWorker(threading.Thread):
                     self.pod_name,
                     r.name,
                 )
+                kind = "Liveness" if r.view.started else "Startup"
+                probe = r.liveness if r.view.started else r.startup
+                detail = probe.last_message if probe else ""
+                emit(self.ctx.api, pod, "Unhealthy", f"{kind} probe failed: {detail}", warning=True)
+                emit(
+                    self.ctx.api,
+                    pod,
+                    "Killing",
+                    f"Container {r.name} failed {kind.lower()} probe, will be restarted",
+                )
                 r.stop(float(pod["spec"].get("terminationGracePeriodSeconds", 30)), "Error")
+            elif was_ready and not r.view.ready and r.readiness is not None:
+                emit(
+                    self.ctx.api,
+                    pod,
+                    "Unhealthy",
+                    f"Readiness probe failed: {r.readiness.last_message}",
+                    warning=True,
+                )
             return
         term = r.view.terminated
         if term is None:
@@ -233,6 +258,7 @@ class PodWorker(threading.Thread):
             return
         if r.view.last_terminated is not term:
             r.mark_restart(self.ctx.backoff_max)
+            emit(self.ctx.api, pod, "BackOff", f"Back-off restarting failed container {r.name}", warning=True)
         if monotonic() < r.next_start:
             r.view.waiting_reason = "CrashLoopBackOff"
             r.view.waiting_message = (
@@ -260,12 +286,15 @@ class PodWorker(threading.Thread):
             argv = command_line(r.spec, env)
             mounts = self.volumes.mounts(r.spec)
         except ConfigError as e:
+            if r.view.waiting_message != str(e):
+                emit(self.ctx.api, pod, "Failed", f"Error: {e}", warning=True)
             r.view.terminated = None
             r.view.waiting_reason = "CreateContainerConfigError"
             r.view.waiting_message = str(e)
             return
         r.start(argv, env, mounts, r.spec.get("workingDir") or self.ctx.cwd)
         r.view.waiting_message = ""
+        emit(self.ctx.api, pod, "Started", f"Started container {r.name}")
         log.info(
             "pod %s/%s: started %s (pid %s) on %s", self.ns, self.pod_name, r.name, r.view.pid, self.pod_ip
         )

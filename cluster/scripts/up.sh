@@ -63,6 +63,10 @@ if ! proc_alive etcd; then
   # The cluster is ephemeral: a stopped cluster starts from an empty store (no stale pods from an
   # earlier session). HOTSWAP_CLUSTER_KEEP_DATA=1 keeps it.
   [ "${HOTSWAP_CLUSTER_KEEP_DATA:-0}" = 1 ] || rm -rf "$CLUSTER_RUN/etcd"
+  # A fresh cluster gets fresh logs; the previous run's stay in logs/previous/.
+  rm -rf "$CLUSTER_LOGS/previous" && mkdir -p "$CLUSTER_LOGS/previous"
+  mv "$CLUSTER_LOGS"/*.log "$CLUSTER_LOGS/pods" "$CLUSTER_LOGS/previous/" 2>/dev/null || true
+  mkdir -p "$CLUSTER_LOGS/pods"
   proc_start etcd "$bin/etcd" --name hotswap --data-dir "$CLUSTER_RUN/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
@@ -127,4 +131,6 @@ sys.exit(0 if any(c["type"] == "Ready" and c["status"] == "True" for c in json.l
 }
 wait_for "node $NODE_NAME Ready" 60 node_ready
 echo "cluster-up: ready in $(printf '%.1f' "$(echo "$(date +%s.%N) - $t0" | bc)") s; logs in $CLUSTER_LOGS" >&2
+# eval "$(make cluster-up)" puts helm/kubectl on PATH and points kubectl at the cluster.
+echo "export PATH=$bin:\$PATH"
 echo "export KUBECONFIG=$KUBECONFIG_PATH"

@@ -67,6 +67,26 @@ class StageRequest(_Model):
     part: PartSpec | None = None  # None: the whole checkpoint
 
 
+class P2PBuffer(_Model):
+    segment: int = Field(ge=0)
+    address: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+
+
+class P2PSource(_Model):
+    """What a holder publishes per staged version so a new pod can read it with one-sided Mooncake
+    reads (`transport.p2p.PeerSource`, field for field). The tensor table itself stays in the
+    holder's registered memory (at `layout_address`, checked against `layout_sha256`) rather than
+    travelling through the operator."""
+
+    endpoint: str  # Mooncake host:rpc_port
+    version: VersionName
+    buffers: tuple[P2PBuffer, ...] = Field(min_length=1)
+    layout_address: int = Field(ge=0)
+    layout_nbytes: int = Field(ge=1, le=64 << 20)
+    layout_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class StagedVersion(_Model):
     version: VersionName
     source: Source
@@ -75,6 +95,7 @@ class StagedVersion(_Model):
     bytes: int
     tensors: int
     stage_seconds: float | None = None
+    p2p: P2PSource | None = None  # set once this pod serves the version to peers
 
 
 class UpdateMode(StrEnum):
@@ -115,11 +136,10 @@ class BroadcastGroup(_Model):
 
 
 class PeerPart(_Model):
-    """For p2p: a peer that holds (at least) the given part of the version."""
+    """For p2p: a peer that holds the version (what it holds comes from its published table)."""
 
     pod: str
-    endpoint: str  # the peer's Mooncake endpoint, host:port
-    part: PartSpec | None  # None: the peer holds the whole version
+    source: P2PSource
 
 
 class UpdateRequest(_Model):
@@ -134,6 +154,17 @@ class UpdateRequest(_Model):
     # Caps this pod's transfer rate (None: as fast as the hardware goes), for fleets whose network
     # or storage is shared with training traffic.
     max_bytes_per_second: int | None = Field(default=None, ge=1)
+    # Tuning: a fixed bucket size (4 slots) instead of the one derived from the memory budget.
+    bucket_bytes: int | None = Field(default=None, ge=4096)
+
+    @model_validator(mode="after")
+    def _bucket_within_budget(self) -> UpdateRequest:
+        if self.bucket_bytes is not None and 4 * self.bucket_bytes > self.memory_budget_bytes:
+            raise ValueError(
+                f"4 slots of bucket_bytes={self.bucket_bytes} exceed "
+                f"memory_budget_bytes={self.memory_budget_bytes}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mode_fields(self) -> UpdateRequest:
@@ -179,6 +210,9 @@ class AgentStatus(_Model):
     pod: str
     serving_version: str | None  # None: serving the base checkpoint it started with
     ready: bool  # serving a fully applied version, no update or rollback running
+    # The launcher answered the agent's last health check; False while vLLM is still starting, when
+    # an update could only time out waiting for the engine's workers.
+    engine_up: bool = True
     staged: tuple[StagedVersion, ...] = ()
     update: UpdateProgress | None = None  # the latest update, running or finished
     last_error: str | None = None

@@ -86,6 +86,10 @@ class ForbiddenPath(StagingError):
     pass
 
 
+class CheckpointNotFound(StagingError):
+    """The path lies inside an allowed root but nothing is there."""
+
+
 class CheckpointMismatch(StagingError):
     pass
 
@@ -252,6 +256,11 @@ def check_path(path: Path, allowed_roots: Iterable[str | Path]) -> Path:
     roots = [Path(r).resolve() for r in allowed_roots]
     try:
         resolved = path.resolve(strict=True)
+    except FileNotFoundError as e:
+        lexical = Path(os.path.abspath(path))
+        if any(lexical == root or lexical.is_relative_to(root) for root in roots):
+            raise CheckpointNotFound(f"{path} does not exist") from e
+        raise ForbiddenPath(f"{path}: outside the allowed roots {[str(r) for r in roots]}") from e
     except (OSError, RuntimeError) as e:
         raise ForbiddenPath(f"{path}: cannot be resolved ({e})") from e
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):

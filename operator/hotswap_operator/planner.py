@@ -83,13 +83,14 @@ class PodView:
 
     @property
     def healthy(self) -> bool:
-        """Reachable, running, serving a fully applied version, nothing in progress."""
+        """Reachable, running, engine up, serving a fully applied version, nothing in progress."""
         return (
             self.running
             and not self.deleting
             and bool(self.ip)
             and self.agent is not None
             and self.agent.ready
+            and self.agent.engine_up
             and not self.busy
         )
 
@@ -294,6 +295,7 @@ class _Round:
             memory_budget_bytes=parse_quantity(self.spec.engine.update_memory_budget),
             request_policy=_POLICY[self.spec.update_policy.requests],
             timeout_seconds=timeout,
+            max_bytes_per_second=self.spec.engine.transport.max_bytes_per_second,
         )
 
 
@@ -639,6 +641,8 @@ def _catch_up(
     """Bring one pod to `version`: from peers that hold it, or from storage applied alone."""
     if pod.busy or pod.agent is None or not pod.running or not pod.ip or pod.deleting:
         return
+    if not pod.agent.engine_up:
+        return  # vLLM is still starting: an update now could only time out waiting for it
     label = _label(version)
     u = pod.agent.update
     if u is not None and u.version == label and u.stage is protocol.UpdateStage.FAILED:
@@ -652,13 +656,12 @@ def _catch_up(
             return
     r.active = True
     holders = tuple(
-        protocol.PeerPart(pod=p.name, endpoint=p.agent.p2p_endpoint, part=None)
+        protocol.PeerPart(pod=p.name, source=held.p2p)
         for p in r.fleet.pods
         if p.healthy
         and p.serving == version
-        and p.agent is not None
-        and p.agent.p2p_endpoint
-        and _staged(p, label, None) is not None
+        and (held := _staged(p, label, None)) is not None
+        and held.p2p is not None
     )
     if r.config.p2p_catch_up and holders:
         req = r.update_request(label, deadline=deadline, peers=holders)

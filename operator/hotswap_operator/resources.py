@@ -191,6 +191,9 @@ class TransportSpec(_Api):
     """TCP port the broadcast group's rank 0 listens on for the process group rendezvous."""
     collective_timeout_seconds: int = Field(default=60, ge=1)
     """A dead group member surfaces as a failed update within this bound."""
+    max_bytes_per_second: int | None = Field(default=None, ge=1)
+    """Caps each pod's transfer rate in bytes per second during an update (unset: as fast as the
+    hardware goes), for fleets whose network is shared with training traffic."""
 
 
 class EngineSpec(_Api):

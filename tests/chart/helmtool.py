@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -14,29 +15,20 @@ CHART = REPO / "charts" / "hotswap"
 Obj = dict[str, Any]
 
 
+@functools.cache
 def helm_binary() -> Path:
-    """$HOTSWAP_HELM, else the binary cluster/scripts/build.sh prints the folder of (built if missing)."""
+    """$HOTSWAP_HELM, else the helm in the folder cluster/scripts/build.sh prints (it fetches or builds
+    what is missing, and only prints the folder when everything is there)."""
     explicit = os.environ.get("HOTSWAP_HELM")
     if explicit:
         return Path(explicit)
-    env = dict(
-        line.split("=", 1)
-        for line in (REPO / "cluster" / "versions.env").read_text().splitlines()
-        if "=" in line and not line.startswith("#")
+    out = subprocess.run(
+        ["bash", str(REPO / "cluster" / "scripts" / "build.sh")], capture_output=True, text=True
     )
-    cache = Path(os.environ.get("HOTSWAP_CACHE", Path.home() / ".cache" / "hotswap"))
-    folder = (
-        cache
-        / "cluster"
-        / f"bin-k8s-{env['K8S_VERSION']}-etcd-{env['ETCD_VERSION']}-helm-{env['HELM_VERSION']}"
-    )
-    if not (folder / "helm").exists():
-        out = subprocess.run(
-            ["bash", str(REPO / "cluster" / "scripts" / "build.sh")], capture_output=True, text=True
-        )
-        assert out.returncode == 0, f"cluster/scripts/build.sh failed:\n{out.stderr[-4000:]}"
-        folder = Path(out.stdout.strip().splitlines()[-1])
-    return folder / "helm"
+    assert out.returncode == 0, f"cluster/scripts/build.sh failed:\n{out.stderr[-4000:]}"
+    helm = Path(out.stdout.strip().splitlines()[-1]) / "helm"
+    assert helm.exists(), f"{helm} missing after cluster/scripts/build.sh"
+    return helm
 
 
 def helm(

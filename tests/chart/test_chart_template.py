@@ -46,13 +46,12 @@ LEASE_RULES = [
         "verbs": ["get", "update"],
     }
 ]
-CRD_RULES = [
-    {
-        "apiGroups": ["apiextensions.k8s.io"],
-        "resources": ["customresourcedefinitions"],
-        "verbs": ["list", "watch"],
-    }
-]
+CRD_RULE = {
+    "apiGroups": ["apiextensions.k8s.io"],
+    "resources": ["customresourcedefinitions"],
+    "verbs": ["list", "watch"],
+}
+NAMESPACES_RULE = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
 SA = [{"kind": "ServiceAccount", "name": "hs-hotswap", "namespace": "hotswap-system"}]
 
 
@@ -195,13 +194,14 @@ def test_rbac_all_namespaces() -> None:
     assert set(objs) == {
         ("ClusterRole", "", "hs-hotswap"),
         ("ClusterRoleBinding", "", "hs-hotswap"),
-        ("ClusterRole", "", "hs-hotswap-crds"),
-        ("ClusterRoleBinding", "", "hs-hotswap-crds"),
+        ("ClusterRole", "", "hs-hotswap-observe"),
+        ("ClusterRoleBinding", "", "hs-hotswap-observe"),
         ("Role", "hotswap-system", "hs-hotswap-leader-election"),
         ("RoleBinding", "hotswap-system", "hs-hotswap-leader-election"),
     }
     assert objs["ClusterRole", "", "hs-hotswap"]["rules"] == NAMESPACED_RULES
-    assert objs["ClusterRole", "", "hs-hotswap-crds"]["rules"] == CRD_RULES
+    # all namespaces: kopf does not list namespaces, so only CRDs
+    assert objs["ClusterRole", "", "hs-hotswap-observe"]["rules"] == [CRD_RULE]
     assert objs["Role", "hotswap-system", "hs-hotswap-leader-election"]["rules"] == LEASE_RULES
     for key, obj in objs.items():
         if key[0].endswith("Binding"):
@@ -214,7 +214,7 @@ def test_rbac_all_namespaces() -> None:
 
 
 def test_rbac_selected_namespaces_has_no_cluster_wide_access() -> None:
-    docs = render(*set_args({"watchNamespaces": '["team-a","team-b"]', "rbac.watchCRDs": "false"}))
+    docs = render(*set_args({"watchNamespaces": '["team-a","team-b"]'}))
     objs = rbac(docs)
     assert set(objs) == {
         ("Role", "team-a", "hs-hotswap"),
@@ -223,11 +223,20 @@ def test_rbac_selected_namespaces_has_no_cluster_wide_access() -> None:
         ("RoleBinding", "team-b", "hs-hotswap"),
         ("Role", "hotswap-system", "hs-hotswap-leader-election"),
         ("RoleBinding", "hotswap-system", "hs-hotswap-leader-election"),
+        ("ClusterRole", "", "hs-hotswap-observe"),
+        ("ClusterRoleBinding", "", "hs-hotswap-observe"),
     }
     for ns in ("team-a", "team-b"):
         assert objs["Role", ns, "hs-hotswap"]["rules"] == NAMESPACED_RULES
         assert objs["RoleBinding", ns, "hs-hotswap"]["subjects"] == SA
+    # cluster-wide only reads of CRDs and namespace names (kopf's observers)
+    assert objs["ClusterRole", "", "hs-hotswap-observe"]["rules"] == [CRD_RULE, NAMESPACES_RULE]
     assert "--namespace=team-a" in container_args(docs) and "--namespace=team-b" in container_args(docs)
+    no_crds = rbac(render(*set_args({"watchNamespaces": '["team-a"]', "rbac.watchCRDs": "false"})))
+    assert no_crds["ClusterRole", "", "hs-hotswap-observe"]["rules"] == [NAMESPACES_RULE]
+    assert ("ClusterRole", "", "hs-hotswap-observe") not in rbac(
+        render(*set_args({"rbac.watchCRDs": "false"}))
+    )
     assert rbac(render(*set_args({"rbac.create": "false"}))) == {}
 
 

@@ -27,7 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def env(hotswap_cluster: Any, cli_crds: None) -> dict[str, str]:
-    return {**os.environ, "KUBECONFIG": hotswap_cluster.kubeconfig}
+    # the CLI runs as a process; the checkout's packages, as `make` sets them
+    path = os.pathsep.join(str(REPO / d) for d in ("cli", "operator", "engine"))
+    return {**os.environ, "KUBECONFIG": hotswap_cluster.kubeconfig, "PYTHONPATH": path}
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

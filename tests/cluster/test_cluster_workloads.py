@@ -248,6 +248,14 @@ def test_crashing_container_restarts_and_liveness_failure_restarts(
         "liveness restart",
     )
 
+    reasons = {(e.involved_object.name, e.reason) for e in core.list_namespaced_event(namespace).items}
+    assert {
+        ("crash", "BackOff"),
+        ("unhealthy", "Unhealthy"),
+        ("crash", "Scheduled"),
+        ("crash", "Started"),
+    } <= reasons
+
     never = client.V1Container(
         name="once", image="x", command=[sys.executable, "-c", "import sys; sys.exit(0)"]
     )
@@ -293,15 +301,16 @@ def test_volumes_env_and_in_cluster_credentials(
         ),
         client.V1EnvVar(name="EXPANDED", value="$(POD_NAME)-$(FROM_CM)"),
     ]
-    shared = client.V1VolumeMount(name="shared", mount_path="/hotswap-test/shared")
+    shared = client.V1VolumeMount(name="shared", mount_path="/tmp/hotswap-test/shared")
     writer = client.V1Container(
         name="writer",
         image="x",
         command=[
             "sh",
             "-c",
-            'echo "written by $POD_NAME" > /hotswap-test/shared/from-writer.tmp && '
-            "mv /hotswap-test/shared/from-writer.tmp /hotswap-test/shared/from-writer && exec sleep 3600",
+            "cd /tmp/hotswap-test/shared && "
+            'echo "written by $POD_NAME" > from-writer.tmp && mv from-writer.tmp from-writer && '
+            "exec sleep 3600",
         ],
         env=env,
         volume_mounts=[shared],
@@ -309,12 +318,12 @@ def test_volumes_env_and_in_cluster_credentials(
     reader = client.V1Container(
         name="reader",
         image="x",
-        command=[sys.executable, str(APPS / "volume_check.py"), "/hotswap-test/results"],
+        command=[sys.executable, str(APPS / "volume_check.py"), "/tmp/hotswap-test/results"],
         env=env,
         volume_mounts=[
             shared,
-            client.V1VolumeMount(name="secret", mount_path="/hotswap-test/secret", read_only=True),
-            client.V1VolumeMount(name="results", mount_path="/hotswap-test/results"),
+            client.V1VolumeMount(name="secret", mount_path="/tmp/hotswap-test/secret", read_only=True),
+            client.V1VolumeMount(name="results", mount_path="/tmp/hotswap-test/results"),
         ],
     )
     pod = client.V1Pod(
@@ -360,4 +369,4 @@ def test_volumes_env_and_in_cluster_credentials(
     assert f"system:serviceaccount:{namespace}:default" in report["in_cluster_body"]
     assert report["sa_namespace"] == namespace
     # Mounts are private to the pod's processes: nothing appears on the host at the mountPath.
-    assert not Path("/hotswap-test/shared/from-writer").exists()
+    assert not Path("/tmp/hotswap-test/shared/from-writer").exists()

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,8 +74,20 @@ class Member:
                 p.wait()
 
 
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """Slots of this test's members: removed afterwards, also those of a killed member."""
+    path = Path("/dev/shm") / f"hotswap-test-{uuid.uuid4().hex}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def start_group(
     tmp: Path,
+    shm: Path,
     base: Path,
     versions: list[Path],
     world: int,
@@ -90,7 +105,7 @@ def start_group(
             sys.executable, "-m", "hotswap_engine.testing.broadcast_member",
             "--rank", str(rank), "--members", members, "--master-addr", "127.0.0.1",
             "--master-port", str(port), "--bind-host", "127.0.0.1", "--device", "cpu",
-            "--base", str(base), "--endpoint", endpoint,
+            "--base", str(base), "--endpoint", endpoint, "--shm-dir", str(shm),
             "--bucket-bytes", str(BUCKET_BYTES), "--slots", str(SLOTS),
             "--op-timeout", str(op_timeout), "--out", str(mout),
         ]  # fmt: skip
@@ -129,10 +144,10 @@ def wait_all(members: list[Member], timeout: float) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_broadcast_every_receiver_byte_exact(tmp_path: Path, world: int) -> None:
+def test_broadcast_every_receiver_byte_exact(tmp_path: Path, shm_dir: Path, world: int) -> None:
     base, versions = write_versions(tmp_path)
-    members = start_group(tmp_path, base, versions, world)
-    logs = wait_all(members, timeout=240)
+    members = start_group(tmp_path, shm_dir, base, versions, world)
+    logs = wait_all(members, timeout=600)  # process start-up dominates on a loaded 2-core machine
     for rank, m in enumerate(members):
         results = m.results()
         assert m.proc.returncode == 0, logs
@@ -150,10 +165,14 @@ def test_broadcast_every_receiver_byte_exact(tmp_path: Path, world: int) -> None
 
 
 @pytest.mark.parametrize(("world", "victim"), [(3, 1), (2, 0)])
-def test_member_killed_mid_broadcast_fails_the_others(tmp_path: Path, world: int, victim: int) -> None:
+def test_member_killed_mid_broadcast_fails_the_others(
+    tmp_path: Path, shm_dir: Path, world: int, victim: int
+) -> None:
     base, versions = write_versions(tmp_path)
     op_timeout = 20.0
-    members = start_group(tmp_path, base, versions[:1], world, op_timeout=op_timeout, pause={victim: 1})
+    members = start_group(
+        tmp_path, shm_dir, base, versions[:1], world, op_timeout=op_timeout, pause={victim: 1}
+    )
     try:
         proc = members[victim].proc
         assert proc.stdout is not None

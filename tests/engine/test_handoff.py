@@ -268,6 +268,30 @@ def test_sender_serves_several_sessions(shm_dir: Path, endpoint: str) -> None:
     slots[0].close()
 
 
+def test_stale_hello_of_a_gone_worker_is_skipped(shm_dir: Path, endpoint: str) -> None:
+    # A worker of an earlier update said hello and gave up before any begin (the agent failed
+    # before sending). The next update's begin must reach the current worker of that rank.
+    slots = [SharedMemorySlot.create(4096, shm_dir)]
+    got: list[str] = []
+
+    def receive() -> None:
+        time.sleep(0.5)  # connect only after begin() found the stale hello
+        with HandoffReceiver(endpoint, 0, timeout=10) as rx:
+            got.extend(name for name, _ in rx.weights())
+            rx.done()
+
+    with HandoffSender(endpoint, 1, timeout=10) as sender:
+        with HandoffReceiver(endpoint, 0):
+            sender.wait_workers()
+        time.sleep(0.5)  # its connection is closed now; its hello is still queued in the sender
+        thread = threading.Thread(target=receive)
+        thread.start()
+        push_tensors(sender, "v", slots, [("w", torch.ones(4))])
+        thread.join(10)
+    assert got == ["w"]
+    slots[0].close()
+
+
 def test_chunk_out_of_order_is_a_protocol_error(
     pair: tuple[HandoffSender, HandoffReceiver, list[SharedMemorySlot]],
 ) -> None:

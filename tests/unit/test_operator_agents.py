@@ -37,6 +37,7 @@ class StorageOnlyRunner:
     """Stages for real; has no engine to apply to (an update fails like a broken engine would)."""
 
     p2p_endpoint: str | None = None
+    must_exit = False
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -60,6 +61,12 @@ class StorageOnlyRunner:
         raise RuntimeError("no inference engine attached to this agent")
 
     async def apply_local(self, version: str | None, data: Any) -> None:
+        return None
+
+    def publish(self, version: str, full: Any) -> None:
+        return None
+
+    def withdraw(self, version: str) -> None:
         return None
 
     def close(self) -> None:
@@ -143,9 +150,9 @@ async def test_refusals_carry_the_agents_message(agent: tuple[str, StorageOnlyRu
                 url, protocol.StageRequest(version="v9", source=protocol.Source(path="/etc/hostname"))
             )
         assert e.value.code == "forbidden_path" and e.value.status == 403 and e.value.permanent
-        with pytest.raises(AgentError, match="No such file") as e:
+        # a missing checkpoint fails the WeightVersion (the controller treats a 404 on stage as final)
+        with pytest.raises(AgentNotFound, match="does not exist"):
             await c.stage(url, protocol.StageRequest(version="v9", source=src(root, "missing.safetensors")))
-        assert e.value.permanent  # a missing checkpoint fails the WeightVersion, it is not retried
     async with AgentClient("wrong-token") as bad:
         with pytest.raises(AgentError) as e:
             await bad.status(url)

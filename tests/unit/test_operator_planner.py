@@ -51,9 +51,23 @@ def pool_spec(replicas: int = 2, **over: Any) -> InferencePoolSpec:
     return InferencePoolSpec.model_validate(raw)
 
 
-def staged(version: str, part: tuple[int, int] | None = None, seconds: float = 0.5) -> protocol.StagedVersion:
+def p2p_source(version: str, endpoint: str) -> protocol.P2PSource:
+    return protocol.P2PSource(
+        endpoint=endpoint,
+        version=version,
+        buffers=(protocol.P2PBuffer(segment=0, address=4096, nbytes=100),),
+        layout_address=8192,
+        layout_nbytes=10,
+        layout_sha256="0" * 64,
+    )
+
+
+def staged(
+    version: str, part: tuple[int, int] | None = None, seconds: float = 0.5, p2p: str | None = None
+) -> protocol.StagedVersion:
     p = protocol.PartSpec(index=part[0], count=part[1]) if part else None
     return protocol.StagedVersion(
+        p2p=p2p_source(version, p2p) if p2p else None,
         version=version,
         source=protocol.Source(path=f"/ckpt/{version}"),
         part=p,
@@ -593,14 +607,14 @@ def test_staged_pod_applies_the_version_alone() -> None:
 
 def test_p2p_catch_up_reads_from_holders_when_enabled() -> None:
     holders = [
-        pod("llm-a", "127.0.0.11", "v1", staged_=[staged("v1")], p2p="127.0.0.11:17001"),
-        pod("llm-b", "127.0.0.12", "v1", staged_=[staged("v1")], p2p="127.0.0.12:17001"),
+        pod("llm-a", "127.0.0.11", "v1", staged_=[staged("v1", p2p="127.0.0.11:17001")]),
+        pod("llm-b", "127.0.0.12", "v1", staged_=[staged("v1", p2p="127.0.0.12:17001")]),
     ]
     pods = [*holders, pod("llm-c", "127.0.0.13", gate=False, ready=False)]
     p = plan(fleet(pods, [], current="v1", spec=pool_spec(3)), config=PlannerConfig(p2p_catch_up=True))
     (up,) = of(p, StartUpdate)
     assert up.request.mode is protocol.UpdateMode.P2P
-    assert [(x.pod, x.endpoint) for x in up.request.peers] == [
+    assert [(x.pod, x.source.endpoint) for x in up.request.peers] == [
         ("llm-a", "127.0.0.11:17001"),
         ("llm-b", "127.0.0.12:17001"),
     ]

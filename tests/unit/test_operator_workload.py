@@ -197,3 +197,25 @@ def test_token_secret() -> None:
     assert sec["metadata"]["name"] == "chat-agent-token"
     assert sec["metadata"]["ownerReferences"][0]["uid"] == UID
     assert base64.b64decode(sec["data"]["token"]) == b"s3cret"
+
+
+def test_engine_args_parse_with_the_agents_own_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The injected command line and the agent's CLI cannot drift apart unnoticed."""
+    from hotswap_engine.agent.config import parse_args
+
+    e = containers(build_deployment(spec(), "chat", "ml", UID))[ENGINE_CONTAINER]
+    env = {"POD_NAME": "chat-abc", "POD_IP": "127.0.0.21"}  # what the kubelet expands $(VAR) with
+    argv = [a.replace("$(POD_NAME)", env["POD_NAME"]).replace("$(POD_IP)", env["POD_IP"]) for a in e["args"]]
+    monkeypatch.setenv("HOTSWAP_AGENT_TOKEN", "t")
+    cfg = parse_args(argv)
+    assert (cfg.pod_name, cfg.host, cfg.port, cfg.advertise_address) == (
+        "chat-abc",
+        "127.0.0.21",
+        8700,
+        "127.0.0.21",
+    )
+    assert str(cfg.base_checkpoint) == "/ckpt/models/base" and [str(r) for r in cfg.allowed_roots] == [
+        "/ckpt"
+    ]
+    assert (cfg.workers, cfg.device, cfg.p2p_protocol, cfg.p2p_device) == (2, "cpu", "rdma", "mlx5_0")
+    assert str(cfg.control_socket) == "/run/hotswap/control.sock" and cfg.collective_timeout_s == 60.0

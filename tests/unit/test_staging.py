@@ -17,6 +17,7 @@ from hotswap_engine.hostmem import HostBufferPool
 from hotswap_engine.protocol import PartSpec, TensorSpec
 from hotswap_engine.staging import (
     CheckpointMismatch,
+    CheckpointNotFound,
     ForbiddenPath,
     MalformedCheckpoint,
     ManifestMismatch,
@@ -116,8 +117,10 @@ def test_forbidden_paths(tmp_path: Path, single: Path) -> None:
     (inner / "model.safetensors").symlink_to(single / "model.safetensors")
     with pytest.raises(ForbiddenPath):
         stage(inner, None, [allowed], None)
-    with pytest.raises(ForbiddenPath, match="cannot be resolved"):
+    with pytest.raises(CheckpointNotFound, match="does not exist"):
         stage(allowed / "missing", None, [allowed], None)
+    with pytest.raises(ForbiddenPath, match="outside the allowed roots"):
+        stage(tmp_path / "elsewhere" / "missing", None, [allowed], None)  # no hint whether it exists
     # `..` that stays inside is fine
     (allowed / "sub").mkdir()
     save_file(allowed / "ok.safetensors", DEFS[:2], random_filler(4))

@@ -23,6 +23,7 @@ async def serve(cfg: AgentConfig) -> None:
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
     log.info("agent of pod %s listening on %s:%d", cfg.pod_name, cfg.host, cfg.port)
+    await service.recover()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -76,7 +76,9 @@ async def _body(request: web.Request, model: type[M]) -> M:
 
 
 async def status(request: web.Request) -> web.Response:
-    return _ok(request.app[SERVICE].status())
+    svc = request.app[SERVICE]
+    await svc.check_engine()
+    return _ok(svc.status())
 
 
 async def stage(request: web.Request) -> web.Response:

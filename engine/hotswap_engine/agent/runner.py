@@ -13,13 +13,15 @@ import contextlib
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from hotswap_engine import launcher_client, protocol, staging
+from hotswap_engine import buckets, launcher_client, protocol, staging
 from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.handoff import HandoffSender
+from hotswap_engine.hostmem import HostBuffer
+from hotswap_engine.p2p_plan import plan_reads
 from hotswap_engine.transport.broadcast import (
     BroadcastTransport,
     allocate_full_version,
@@ -31,8 +33,8 @@ from hotswap_engine.transport.process_group import GroupCache, GroupSpec
 
 if TYPE_CHECKING:
     from hotswap_engine.agent.service import UpdateRecord
-    from hotswap_engine.hostmem import HostBuffer
     from hotswap_engine.staging import StagedCheckpoint
+    from hotswap_engine.transport.p2p import P2PEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,13 @@ class UpdateRunner:
         self.groups = GroupCache()
         self.transport = BroadcastTransport(self.device)
         self.sender = HandoffSender(cfg.handoff_endpoint, cfg.workers, timeout=cfg.collective_timeout_s)
-        self.p2p_endpoint: str | None = None
+        self.p2p = _open_p2p(cfg)
+        self.p2p_endpoint: str | None = self.p2p.endpoint if self.p2p else None
+
+    @property
+    def must_exit(self) -> bool:
+        """A failed NCCL group was abandoned: this process must not use the GPU again."""
+        return self.groups.needs_exit
 
     # ---- staging ------------------------------------------------------------------------------
 
@@ -89,8 +97,8 @@ class UpdateRunner:
     async def update(
         self, req: protocol.UpdateRequest, staged: StagedCheckpoint | None, rec: UpdateRecord
     ) -> StagedCheckpoint:
-        if req.mode is not protocol.UpdateMode.BROADCAST:
-            raise UpdateError("p2p updates are not supported by this agent yet", engine_touched=False)
+        if req.mode is protocol.UpdateMode.P2P:
+            return await self._pull_and_apply(req, rec)
         assert req.group is not None and req.rank is not None and staged is not None
         members = sorted(req.group.members, key=lambda m: m.rank)
         spec = GroupSpec(
@@ -110,21 +118,95 @@ class UpdateRunner:
             rec,
             req.memory_budget_bytes,
             max_rate=req.max_bytes_per_second,
+            bucket_bytes=req.bucket_bytes,
         )
+
+    async def _pull_and_apply(self, req: protocol.UpdateRequest, rec: UpdateRecord) -> StagedCheckpoint:
+        """Scale-out catch-up: read the version from peers' staged host memory (one-sided Mooncake
+        reads, several peers at once), then hand it to the engine like a broadcast of one."""
+        from hotswap_engine.transport.p2p import PeerSource, staged_layout
+
+        if self.p2p is None:
+            raise UpdateError("peer-to-peer is unavailable (Mooncake did not start)", engine_touched=False)
+        p2p = self.p2p
+        dest = self._empty_version()
+        try:
+            rec.stage = protocol.UpdateStage.CONNECTING
+            t0 = time.perf_counter()
+            sources = {p.pod: PeerSource.from_dict(p.source.model_dump()) for p in req.peers}
+            layout = staged_layout(dest)
+            holders, left_out = await asyncio.to_thread(p2p.holders, sources, layout)
+            for pod, why in left_out.items():
+                log.warning("p2p: peer %s left out: %s", pod, why)
+            plan = plan_reads(layout, holders)  # NoHolderLeft: the operator stages from storage instead
+            rec.durations["connect"] = round(time.perf_counter() - t0, 4)
+            rec.stage = protocol.UpdateStage.TRANSFERRING
+            rec.bytes_total = dest.nbytes
+
+            def progress(done: int, total: int) -> None:
+                rec.bytes_done = done
+
+            result = await asyncio.to_thread(
+                p2p.pull, plan, dest.segments[0], sources, progress=progress, timeout_s=req.timeout_seconds
+            )
+            rec.durations["p2p"] = round(result.seconds, 4)
+            log.info(
+                "p2p: pulled %s: %d bytes in %.3fs from %s (failed: %s)",
+                req.version,
+                result.bytes,
+                result.seconds,
+                result.bytes_by_holder,
+                result.failed_holders,
+            )
+        except Exception as e:
+            dest.release()
+            raise UpdateError(f"peer-to-peer read failed: {e}", engine_touched=False) from e
+        try:
+            await self._apply_alone(req.version, dest, rec, req.request_policy)
+        except Exception:
+            dest.release()
+            raise
+        return dest
+
+    def _empty_version(self) -> StagedCheckpoint:
+        """A host buffer laid out for the whole served model (shapes from the base checkpoint, never
+        from a peer's table)."""
+        specs = self.expected
+        sizes = [(s.name, staging.tensor_nbytes(s.dtype, s.shape)) for s in specs]
+        items = [buckets.TensorItem(name, n, 0) for name, n in sizes]
+        layout = buckets.layout_part(items, 0, buckets.DEFAULT_ALIGNMENT)
+        buffer = HostBuffer(layout.nbytes, pinned=self.device.type == "cuda")
+        return staging.StagedCheckpoint(specs, {name: 0 for name, _ in sizes}, 1, {0: buffer})
+
+    def publish(self, version: str, full: StagedCheckpoint) -> protocol.P2PSource | None:
+        """Offer a complete version to peers (scale-out readers); None without p2p."""
+        from hotswap_engine.transport.p2p import staged_layout
+
+        if self.p2p is None or not full.complete:
+            return None
+        source = self.p2p.publish(version, full.segments, staged_layout(full))
+        return protocol.P2PSource.model_validate(source.to_dict())
+
+    def withdraw(self, version: str) -> None:
+        if self.p2p is not None:
+            self.p2p.withdraw(version)
 
     async def apply_local(self, version: str | None, full: StagedCheckpoint) -> None:
         """Hand a complete host copy to the engine through the same pipeline, in a group of one."""
-        spec = GroupSpec(
-            (self.cfg.pod_name,), self.cfg.advertise_address, _free_port(self.cfg.advertise_address)
-        )
-        rec_version = version or "base"
         from hotswap_engine.agent.service import UpdateRecord
 
-        rec = UpdateRecord(id="local", version=rec_version, mode=protocol.UpdateMode.BROADCAST)
+        rec = UpdateRecord(id="local", version=version or "base", mode=protocol.UpdateMode.BROADCAST)
+        await self._apply_alone(version or "base", full, rec, protocol.RequestPolicy.KEEP)
+
+    async def _apply_alone(
+        self, rec_version: str, full: StagedCheckpoint, rec: UpdateRecord, policy: protocol.RequestPolicy
+    ) -> None:
+        host = self.cfg.advertise_address
+        spec = GroupSpec((self.cfg.pod_name,), host, _free_port(host))
         try:
             out = await self._transfer(
                 rec_version,
-                protocol.RequestPolicy.KEEP,
+                policy,
                 spec,
                 0,
                 {0: None},
@@ -135,8 +217,9 @@ class UpdateRunner:
             )
         finally:
             self.groups.discard()
-        if out is not full:
-            out.release()
+        # `full` holds every part, so the transfer filled no new buffer: `out` shares full's buffers
+        # and must not be released (that would free the version being served).
+        assert out.segments.keys() == full.segments.keys()
 
     async def _transfer(
         self,
@@ -150,6 +233,7 @@ class UpdateRunner:
         memory_budget: int,
         keep_group: bool = True,
         max_rate: int | None = None,
+        bucket_bytes: int | None = None,
     ) -> StagedCheckpoint:
         cfg = self.cfg
         rec.stage = protocol.UpdateStage.CONNECTING
@@ -168,7 +252,11 @@ class UpdateRunner:
             raise UpdateError(f"could not form the process group: {e}", engine_touched=False) from e
         rec.durations["connect"] = round(time.perf_counter() - t0, 4)
 
-        plan, layout = make_plan(staged, memory_budget)
+        try:
+            fixed = (bucket_bytes, 4) if bucket_bytes else None
+            plan, layout = make_plan(staged, memory_budget, fixed=fixed)
+        except ValueError as e:  # e.g. a budget too small for this model: nothing was touched yet
+            raise UpdateError(f"cannot plan the update: {e}", engine_touched=False) from e
         full_out: dict[int, HostBuffer] = allocate_full_version(
             staged, plan, pinned=self.device.type == "cuda"
         )
@@ -239,6 +327,20 @@ class UpdateRunner:
         self.groups.discard()
         self.transport.close()
         self.sender.close()
+        if self.p2p is not None:
+            self.p2p.close()
+
+
+def _open_p2p(cfg: AgentConfig) -> P2PEndpoint | None:
+    """This pod's Mooncake endpoint on its own address; without one the pod still takes broadcasts."""
+    from hotswap_engine.transport.p2p import P2PEndpoint, P2PError
+
+    proto: Literal["tcp", "rdma"] = "rdma" if cfg.p2p_protocol == "rdma" else "tcp"
+    try:
+        return P2PEndpoint(cfg.advertise_address, proto, cfg.p2p_device)
+    except P2PError as e:
+        log.warning("peer-to-peer disabled: %s", e)
+        return None
 
 
 async def _settle(task: asyncio.Task[launcher_client.ApplyResult], timeout: float) -> str | None:

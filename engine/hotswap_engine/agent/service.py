@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -89,6 +90,10 @@ class AgentService:
         # that has not been rolled back yet); the pod's readiness probe follows it.
         self._consistent = True
         self._last_error: str | None = None
+        # Whether the launcher answered its last health check. An agent whose engine is not up (a
+        # pod still starting vLLM) cannot apply anything: the operator must not send it an update,
+        # which could only time out waiting for the engine's workers.
+        self._engine_up = False
 
     # ---- status -------------------------------------------------------------------------------
 
@@ -101,11 +106,25 @@ class AgentService:
             pod=self.cfg.pod_name,
             serving_version=self._serving,
             ready=self._consistent and not self.busy,
+            engine_up=self._engine_up,
             staged=tuple(e.meta for e in self._staged.values()),
             update=self._latest.to_model() if self._latest else None,
             last_error=self._last_error,
             p2p_endpoint=self.runner.p2p_endpoint,
         )
+
+    async def check_engine(self) -> None:
+        """Refresh `_engine_up` from the launcher's /healthz (the status handler calls it). Skipped
+        while an update runs: that talks to the launcher itself."""
+        if self.busy:
+            return
+        from hotswap_engine import launcher_client
+
+        try:
+            health = await launcher_client.healthz(str(self.cfg.control_socket), timeout=2.0)
+            self._engine_up = bool(health.get("engine_alive", True))
+        except launcher_client.LauncherUnreachable:
+            self._engine_up = False
 
     # ---- staging ------------------------------------------------------------------------------
 
@@ -157,6 +176,7 @@ class AgentService:
             raise Conflict(f"version {version} is being served: it stays staged as the rollback source")
         if self.busy and self._latest is not None and self._latest.version == version:
             raise Conflict(f"version {version} is being applied")
+        self.runner.withdraw(version)
         self._staged.pop(version).data.release()
         self._update_staged_gauge()
 
@@ -209,6 +229,15 @@ class AgentService:
             self._last_error = msg
             rec.error = msg
             self.metrics.updates.labels("failed").inc()
+            if self.runner.must_exit:
+                # A failed NCCL group may have left a kernel running on the GPU: this process must
+                # not touch the GPU again. Exit; the container restarts and `recover` (on start)
+                # puts a complete version back into the paused engine.
+                log.error("%s; NCCL group abandoned: exiting so the container restarts", msg)
+                rec.stage = protocol.UpdateStage.FAILED
+                rec.finished_at = _now()
+                asyncio.get_running_loop().call_later(1.0, os._exit, 3)
+                return
             if getattr(e, "engine_touched", True):
                 await self._roll_back(previous, rec)
             else:
@@ -218,7 +247,7 @@ class AgentService:
             return
         meta = protocol.StagedVersion(
             version=req.version,
-            source=entry.meta.source if entry else protocol.Source(path="p2p"),
+            source=entry.meta.source if entry else protocol.Source(path=f"p2p:{req.peers[0].pod}"),
             part=None,
             complete=True,
             bytes=full.nbytes,
@@ -227,7 +256,14 @@ class AgentService:
         )
         old = self._staged.get(req.version)
         if old is not None and old.data is not full:
-            old.data.release()
+            self.runner.withdraw(req.version)
+            _release_unshared(old.data, full)
+        try:
+            p2p = await asyncio.to_thread(self.runner.publish, req.version, full)
+        except Exception as e:  # serving works without it; scale-out then stages from storage
+            log.warning("could not offer %s to peers: %s", req.version, e)
+            p2p = None
+        meta = meta.model_copy(update={"p2p": p2p})
         self._staged[req.version] = StagedEntry(meta, full)
         self._update_staged_gauge()
         self._serving = req.version
@@ -265,6 +301,29 @@ class AgentService:
         finally:
             rec.durations["rollback"] = round(time.perf_counter() - t0, 4)
 
+    async def recover(self) -> None:
+        """On start: if the engine was left paused by an update that never finished (an agent that
+        died mid-update), give it the base checkpoint back so it serves complete weights again.
+        The operator then brings the pod to the pool's current version like any pod behind."""
+        from hotswap_engine import launcher_client
+
+        try:
+            health = await launcher_client.healthz(str(self.cfg.control_socket))
+        except launcher_client.LauncherUnreachable:
+            return  # the engine is not up yet: a fresh engine is not paused
+        if not health.get("paused"):
+            return
+        log.warning("engine is paused after an unfinished update (%s): restoring the base", health)
+        rec = UpdateRecord(id="recover", version="base", mode=protocol.UpdateMode.BROADCAST)
+        self._consistent = False
+        self._latest = rec
+        self._task = asyncio.create_task(self._restore_base(rec))
+
+    async def _restore_base(self, rec: UpdateRecord) -> None:
+        await self._roll_back(None, rec)
+        rec.stage = protocol.UpdateStage.COMPLETE if self._consistent else protocol.UpdateStage.FAILED
+        rec.finished_at = _now()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -274,6 +333,17 @@ class AgentService:
             e.data.release()
         self._staged.clear()
         self.runner.close()
+
+
+def _release_unshared(old: StagedCheckpoint, new: StagedCheckpoint) -> None:
+    """Free `old`'s host buffers except those `new` reuses: a broadcast builds the full version
+    around this pod's staged part, so that buffer now belongs to the full version."""
+    kept = {id(b) for b in new.segments.values()}
+    for buffer in old.segments.values():
+        if id(buffer) not in kept:
+            buffer.close()
+    old.segments = {}
+    old.tensors = {}
 
 
 def _covers(meta: protocol.StagedVersion, part: protocol.PartSpec | None) -> bool:
@@ -286,6 +356,8 @@ def _as_api_error(e: Exception) -> Exception:
 
     if isinstance(e, staging.ForbiddenPath):
         return ForbiddenPathError(str(e))
+    if isinstance(e, staging.CheckpointNotFound):
+        return NotFound(str(e))
     if isinstance(e, staging.StagingError):
         return CheckpointMismatchError(str(e))
     if isinstance(e, FileNotFoundError):

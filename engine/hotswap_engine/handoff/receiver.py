@@ -18,6 +18,7 @@ CUDA stream).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from collections.abc import Iterator
@@ -43,6 +44,8 @@ from .messages import (
 from .sender import DEFAULT_TIMEOUT_S
 from .slots import TORCH_DTYPES, device_uuid, open_slot
 
+ACK_POLL_SECONDS = 20e-6  # wait between checks of pending copies: a bucket's copy takes ~0.1 ms
+
 
 class HandoffReceiver:
     def __init__(
@@ -62,6 +65,9 @@ class HandoffReceiver:
         self._slots: list[torch.Tensor] = []
         self._last_seq = -1
         self._ended = False
+        # Buckets whose copies are queued on the GPU but not yet acknowledged: (seq, events). The
+        # ack goes out once the events completed, so the worker never blocks its stream per bucket.
+        self._unacked: collections.deque[tuple[int, list[torch.cuda.Event]]] = collections.deque()
         self._sock, self._monitor = make_socket(context or zmq.Context.instance(), zmq.DEALER)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -127,6 +133,7 @@ class HandoffReceiver:
         """Report that everything was applied (after the iterator finished)."""
         if not self._ended:
             raise HandoffError("done() before the sender's end")
+        self._flush_acks(wait=True)
         self._send(MsgType.DONE)
 
     def fail(self, message: str) -> None:
@@ -154,6 +161,7 @@ class HandoffReceiver:
         while True:
             kind, msg = self._recv(self.timeout)
             if kind is MsgType.END:
+                self._flush_acks(wait=True)
                 self._ended = True
                 return
             if kind is MsgType.ABORT:
@@ -174,12 +182,36 @@ class HandoffReceiver:
             yield seq, slot, entries
 
     def _ack(self, seq: int, slot: torch.Tensor) -> None:
-        # Our copies out of the slot must have finished before the sender may overwrite it.
-        if slot.is_cuda:
-            torch.cuda.current_stream(slot.device).synchronize()
-        if self.device.type == "cuda" and self.device != slot.device:
-            torch.cuda.current_stream(self.device).synchronize()
-        self._send(MsgType.ACK, seq=seq)
+        # Our copies out of the slot must have finished before the sender may overwrite it. On a
+        # GPU, an event marks their end and the ack leaves once it completed (`_flush_acks`, polled
+        # while waiting for the next message): the copies of the next bucket queue meanwhile.
+        events: list[torch.cuda.Event] = []
+        for device in {slot.device, self.device}:
+            if device.type == "cuda":
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(device))
+                events.append(ev)
+        if not events:
+            self._send(MsgType.ACK, seq=seq)
+            return
+        self._unacked.append((seq, events))
+        self._flush_acks()
+
+    def _flush_acks(self, *, wait: bool = False) -> None:
+        """Acknowledge the buckets whose copies completed (all of them with `wait`). Acks are
+        cumulative on the sender's side, so one message for the newest completed bucket suffices."""
+        newest = -1
+        while self._unacked:
+            seq, events = self._unacked[0]
+            if wait:
+                for ev in events:
+                    ev.synchronize()
+            elif not all(ev.query() for ev in events):
+                break
+            self._unacked.popleft()
+            newest = seq
+        if newest >= 0:
+            self._send(MsgType.ACK, seq=newest)
 
     def _send(self, kind: MsgType, **fields: Any) -> None:
         self._sock.send(encode(kind, **fields))
@@ -192,6 +224,12 @@ class HandoffReceiver:
                 return decode(self._sock.recv(flags=zmq.NOBLOCK))
             except zmq.Again:
                 pass
+            if self._unacked:
+                self._flush_acks()
+                if self._unacked:  # copies still running: check again soon instead of blocking
+                    time.sleep(ACK_POLL_SECONDS)
+                    if time.monotonic() < deadline:
+                        continue
             # Messages already queued (an abort sent just before the sender closed) come first.
             if lost:
                 raise HandoffPeerLost("the hand-off sender's connection closed")

@@ -109,16 +109,46 @@ class HandoffSender:
             raise HandoffError(f"session for {self._session.version} still open; end() or abort() it")
         if not slots:
             raise ValueError("begin() needs at least one slot")
-        self.wait_workers(timeout=timeout)
-        if len(self._hellos) > self.workers:
-            raise HandoffError(f"expected {self.workers} workers, got ranks {sorted(self._hellos)}")
-        workers = {ident: WorkerInfo(rank, uuid) for rank, (ident, uuid) in self._hellos.items()}
-        self._hellos.clear()
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        workers: dict[bytes, WorkerInfo] = {}
+        try:
+            self._begin_workers(version, slots, workers, deadline)
+        except BaseException:
+            for ident in workers:  # those that got `begin` must not wait for buckets until they time out
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sock.send_multipart(
+                        [ident, encode(MsgType.ABORT, reason="begin failed")], zmq.NOBLOCK
+                    )
+            raise
         self._session = _Session(version, slots, workers, [-1] * len(slots))
         self._short_since = None
-        for ident in workers:
-            # One handle per receiver: a CUDA IPC handle carries one reference (see CudaSlot.handle).
-            self._send(ident, encode(MsgType.BEGIN, version=version, slots=[s.handle() for s in slots]))
+
+    def _begin_workers(
+        self, version: str, slots: Sequence[Slot], workers: dict[bytes, WorkerInfo], deadline: float
+    ) -> None:
+        while len(workers) < self.workers:
+            self._wait_until(
+                lambda: bool(self._hellos),
+                max(deadline - time.monotonic(), 0.0),
+                lambda: f"only {len(workers)} of {self.workers} hand-off workers connected",
+            )
+            for rank, (ident, uuid) in sorted(self._hellos.items()):
+                del self._hellos[rank]
+                if any(w.rank == rank for w in workers.values()):
+                    raise HandoffError(f"two hand-off workers with rank {rank}")
+                # One handle per receiver: a CUDA IPC handle carries one reference (see CudaSlot.handle).
+                payload = encode(MsgType.BEGIN, version=version, slots=[s.handle() for s in slots])
+                try:
+                    self._sock.send_multipart([ident, payload])
+                except zmq.ZMQError:
+                    # A hello left by a worker of an earlier update that gave up before any begin
+                    # (its connection is gone): wait for this rank's current worker instead.
+                    log.info("dropping the stale hand-off hello of rank %d", rank)
+                    continue
+                workers[ident] = WorkerInfo(rank, uuid)
+                if len(workers) > self.workers:
+                    raise HandoffError(f"more than {self.workers} hand-off workers connected")
 
     def wait_workers(self, *, timeout: float | None = None) -> None:
         """Wait until `workers` receivers said hello (begin() does this itself)."""

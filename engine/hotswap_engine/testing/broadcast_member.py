@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bucket-bytes", type=int, default=0, help="fix the bucket size (0: from the budget)")
     ap.add_argument("--slots", type=int, default=4, help="slot count with --bucket-bytes")
     ap.add_argument("--op-timeout", type=float, default=60.0)
+    ap.add_argument("--shm-dir", default="/dev/shm", help="where CPU slots live (tests use their own)")
     ap.add_argument(
         "--no-full", action="store_true", help="skip the full-version host copy (to time its cost)"
     )
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     part = PartSpec(index=args.rank, count=world)
     member_parts: dict[int, tuple[int, int] | None] = {r: (r, world) for r in range(world)}
     cache = GroupCache()
-    transport = BroadcastTransport(device)
+    transport = BroadcastTransport(device, args.shm_dir)
     sender = HandoffSender(args.endpoint, args.workers, timeout=args.op_timeout)
     results: list[dict[str, object]] = []
     ok = True
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
                 break
             record["stats"] = stats.as_dict()
+            if device.type == "cuda":  # slots and staging scratch (NCCL's own buffers not included)
+                record["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             full = complete_version(staged, full_out)
             if args.no_full:
                 record.update(ok=True, verified=False)

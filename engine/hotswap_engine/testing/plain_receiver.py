@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     params = allocate(args.base, device)
     # Expected bytes are loaded before the first update, so checking never delays the next one.
     expected_cache = {path: load_expected(path, device) for path in dict.fromkeys(args.verify)}
+    if device.type == "cuda":
+        # What the hand-off costs this process beyond its parameters (and the reference bytes).
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
     ok = True
     for n in range(args.updates):
         for t in params.values():
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                     rx.fail(f"{type(e).__name__}: {e}")
                     raise
                 record.update(version=version, bytes=nbytes, seconds=time.perf_counter() - t0)
+                if device.type == "cuda":
+                    record["gpu_extra_peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
                 missing = sorted(set(params) - touched)
                 if missing:
                     raise ValueError(f"no bytes arrived for {missing[:10]}")

@@ -14,6 +14,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -125,7 +126,7 @@ def make_variant(base_dir: str | Path, out_dir: str | Path, seed: int) -> Path:
 
 
 # Engine settings for tests: small KV cache (the default takes 92% of RAM on CPU), eager mode.
-ENGINE_KWARGS: dict[str, object] = {
+ENGINE_KWARGS: dict[str, Any] = {
     "enforce_eager": True,
     "kv_cache_memory_bytes": 32 << 20,
     "max_model_len": 256,
@@ -139,7 +140,7 @@ def greedy_completions(model_dir: str | Path, prompts: list[str], max_tokens: in
     VLLM_ENABLE_V1_MULTIPROCESSING=0 to keep it to one small process."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), **ENGINE_KWARGS)  # type: ignore[arg-type]
+    llm = LLM(model=str(model_dir), **ENGINE_KWARGS)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return [o.outputs[0].text for o in outputs]

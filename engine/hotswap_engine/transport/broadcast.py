@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from hotswap_engine import buckets
 from hotswap_engine.handoff import Entry, HandoffSender, Slot, create_slots
+from hotswap_engine.handoff.slots import DEFAULT_SHM_DIR
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
 from hotswap_engine.staging import StagedCheckpoint
 from hotswap_engine.transport.process_group import Group, GroupError
@@ -175,8 +177,9 @@ class BroadcastTransport:
     """Slots and streams of one rank worker, reused across updates (no allocation or IPC
     registration on the hot path of later updates). The group comes from a `GroupCache`."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, shm_dir: str | os.PathLike[str] = DEFAULT_SHM_DIR) -> None:
         self.device = device
+        self.shm_dir = shm_dir  # CPU slots' directory (a tmpfs shared with the workers)
         self.cuda = device.type == "cuda"
         self._slots: list[Slot] = []
         if self.cuda:
@@ -187,7 +190,7 @@ class BroadcastTransport:
     def slots(self, count: int, nbytes: int) -> list[Slot]:
         if len(self._slots) != count or any(s.nbytes != nbytes for s in self._slots):
             self.close()
-            self._slots = create_slots(count, nbytes, self.device)
+            self._slots = create_slots(count, nbytes, self.device, self.shm_dir)
         return self._slots
 
     def close(self) -> None:

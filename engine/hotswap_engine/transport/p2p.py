@@ -7,19 +7,23 @@ and a small JSON copy of its tensor table, and returns a `PeerSource`: everythin
 its status; the operator passes it on to readers. `withdraw(version)` unregisters before the
 buffers are released.
 
-Reader side: `fetch_layout(source)` reads a peer's table through Mooncake and checks its digest,
-`holder(name, source, dest_layout)` turns it into a planning `Holder`, `p2p_plan.plan_reads` makes
-the plan, and `pull(plan, dest, sources)` runs it: one driver thread keeps `parallel` reads in
-flight per peer (each read its own single-entry Mooncake batch, polled without blocking, so one
-completion or failure is attributed to exactly one read and one peer), lets an idle peer take
-queued reads of a busy one, and, when a peer fails (a read returns an error or makes no progress
-in time), re-plans that peer's unfinished ranges onto the others (`p2p_plan.replan`), or raises
-`NoHolderLeft` when some bytes are held by nobody left.
+Reader side: `holders(sources, dest_layout)` contacts every peer at once, reads each one's table
+through Mooncake (checked against its digest) and turns it into a planning `Holder`;
+`p2p_plan.plan_reads` makes the plan; and `pull(plan, dest, sources)` runs it: one driver thread
+keeps `parallel` reads in flight per peer (each read its own single-entry Mooncake batch, polled
+without blocking, so one completion or failure is attributed to exactly one read and one peer), lets
+an idle peer take queued reads of a busy one, and, when a peer fails (a read returns an error or
+makes no progress in time), re-plans that peer's unfinished ranges onto the others
+(`p2p_plan.replan`), or raises `NoHolderLeft` when some bytes are held by nobody left.
 
 Why not the blocking batch calls in threads: Mooncake's synchronous calls spin on the status
 without sleeping; on a small host several spinning threads starve the transport's own I/O thread
-(measured: three threads reading from three peers were 3-4x slower than one). Polling with short
-sleeps leaves the CPU to the transfer.
+(measured here: three threads reading from three peers were 2.5-4x slower than one). Polling with
+short sleeps leaves the CPU to the transfer.
+
+Security: Mooncake's TCP data port has no authentication; it serves (and accepts writes to) every
+registered buffer. Only a version's buffers and its table are ever registered here, and the pool's
+Mooncake ports must be reachable only from the pool's own pods (a NetworkPolicy).
 
 Addresses are configuration: `local_hostname` is the pod IP (127.0.0.1 in tests), never detected.
 """

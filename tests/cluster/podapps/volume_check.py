@@ -18,15 +18,15 @@ def read(path: str) -> str:
 
 
 out_dir = sys.argv[1]
-shared = "/hotswap-test/shared/from-writer"
+shared = "/tmp/hotswap-test/shared/from-writer"
 for _ in range(200):  # the writer container fills the shared emptyDir
     if os.path.exists(shared):
         break
     time.sleep(0.05)
 report: dict[str, object] = {"shared": read(shared) if os.path.exists(shared) else None}
-report["secret_file"] = read("/hotswap-test/secret/password")
+report["secret_file"] = read("/tmp/hotswap-test/secret/password")
 try:
-    with open("/hotswap-test/secret/new-file", "w") as f:
+    with open("/tmp/hotswap-test/secret/new-file", "w") as f:
         f.write("x")
     report["secret_writable"] = True
 except OSError as e:

@@ -1,0 +1,336 @@
+"""Issue 4's acceptance, end to end: the operator process drives one InferencePool of real pods (vLLM
+launcher + hotswap agent each) on the local cluster.
+
+The tests share one pool (engines are expensive) and run in file order; each starts from the state
+the previous one left, which its docstring names:
+  1. the pool becomes Available on the base checkpoint (2 replicas);
+  2. v2 rolls out: greedy output equals a fresh engine on v2, statuses, labels, events, kubectl wait;
+  3. sources that are missing or belong to another model fail, every replica keeps serving v2, Ready;
+  4. v4 applied while v3 rolls out (transfers throttled) supersedes v3 and ends at v4;
+  5. the operator is killed during a rollout; started again, it completes it;
+  6. scaling to 3: the new pod stays not Ready until its agent serves the current version.
+Greedy output is compared through the public OpenAI API (temperature 0, ignore_eos, fixed max_tokens).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from e2e_fleet import (
+    POOL,
+    VLLM_PORT,
+    Checkpoints,
+    Cluster,
+    OperatorProcess,
+    condition,
+    is_ready,
+    log,
+    pool_body,
+)
+from pods import generate
+
+pytestmark = [pytest.mark.cluster, pytest.mark.vllm, pytest.mark.timeout(1200)]
+
+# What one test leaves for the next (file order; see the module docstring).
+STATE: dict[str, Any] = {}
+TERMINAL = ("Complete", "Failed", "Superseded")
+
+
+def outputs(pod: Any) -> list[str]:
+    return generate(f"http://{pod.status.pod_ip}:{VLLM_PORT}")
+
+
+def phase(kube: Cluster, version: str) -> str | None:
+    st: dict[str, Any] = kube.wv(version).get("status") or {}
+    return st.get("phase")
+
+
+def wait_phase(kube: Cluster, op: OperatorProcess, version: str, want: str, timeout: float = 600) -> None:
+    def check() -> bool:
+        got = phase(kube, version)
+        if got in TERMINAL and got != want:
+            raise AssertionError(f"{version} ended {got}, not {want}: {kube.wv(version).get('status')}")
+        return got == want
+
+    kube.wait(check, timeout, f"WeightVersion {version} {want}", op)
+
+
+def assert_pool_serves(kube: Cluster, version: str, expected: list[str], replicas: int) -> None:
+    """Every pod: Ready, labelled `version`, its agent serving it, greedy output `expected`."""
+
+    # The operator writes statuses before it relabels pods (one reconcile apart): labels follow.
+    def labelled() -> bool:
+        pods = kube.pods()
+        return len(pods) == replicas and all(
+            p.metadata.labels.get("hotswap.dev/weight-version") == version and is_ready(p) for p in pods
+        )
+
+    kube.wait(labelled, 60, f"{replicas} Ready pods labelled {version}")
+    pods = kube.pods()
+    assert len(pods) == replicas, [p.metadata.name for p in pods]
+    for pod in pods:
+        name = pod.metadata.name
+        assert is_ready(pod), f"{name} not Ready: {pod.status.conditions}"
+        assert pod.metadata.labels["hotswap.dev/weight-version"] == version, (name, pod.metadata.labels)
+        agent = kube.agent_status(pod)
+        assert agent is not None and agent["serving_version"] == (None if version == "base" else version), (
+            name,
+            agent,
+        )
+        assert outputs(pod) == expected, f"{name} output differs from a fresh engine on {version}"
+    st = kube.pool()["status"]
+    assert st["readyReplicas"] == replicas and st["replicas"] == replicas, st
+    assert st.get("currentVersion") == (None if version == "base" else version), st
+
+
+def events_of(kube: Cluster, kind: str, name: str) -> list[Any]:
+    evs = kube.core.list_namespaced_event(kube.namespace).items
+    return [e for e in evs if e.involved_object.kind == kind and e.involved_object.name == name]
+
+
+def wait_events(kube: Cluster, kind: str, name: str, reasons: set[str], warning: bool = False) -> None:
+    """Events come after the status they describe (the operator writes statuses first): wait."""
+
+    def seen() -> bool:
+        evs = events_of(kube, kind, name)
+        return reasons <= {e.reason for e in evs if not warning or e.type == "Warning"}
+
+    kube.wait(seen, 30, f"events {sorted(reasons)} on {kind} {name}")
+
+
+def agents_updating(kube: Cluster, version: str) -> bool:
+    """An agent reports a running update to `version` (its transfer is in progress)."""
+    for pod in kube.pods():
+        st = kube.agent_status(pod) or {}
+        u = st.get("update") or {}
+        if u.get("version") == version and u.get("stage") not in ("Complete", "Failed", None):
+            return True
+    return False
+
+
+def model_bytes(ckpts: Checkpoints) -> int:
+    return sum(f.stat().st_size for f in ckpts.path("models/base").glob("*.safetensors"))
+
+
+def test_1_pool_becomes_available(
+    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+) -> None:
+    """Fresh namespace -> a 2-replica pool on the base checkpoint, Available, both pods Ready."""
+    checkpoints.reference("ckpts/v2")  # computed meanwhile, in the background
+    t0 = time.monotonic()
+    kube.custom.create_namespaced_custom_object(
+        "hotswap.dev", "v1alpha1", kube.namespace, "inferencepools", pool_body(checkpoints.root)
+    )
+
+    def available() -> bool:
+        c = condition(kube.pool(), "Available")
+        return c is not None and c["status"] == "True"
+
+    kube.wait(available, 900, "pool Available", operator)
+    timings["pool_available_s"] = time.monotonic() - t0
+    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 2, 600, "2 ready replicas", operator)
+    timings["pool_all_ready_s"] = time.monotonic() - t0
+    avail, ready = timings["pool_available_s"], timings["pool_all_ready_s"]
+    log(f"pool Available after {avail:.1f}s, all replicas ready after {ready:.1f}s")
+
+    dep = kube.apps.read_namespaced_deployment(POOL, kube.namespace)
+    assert dep.spec.replicas == 2
+    pods = kube.pods()
+    assert len(pods) == 2
+    for pod in pods:
+        gate = next(c for c in pod.status.conditions if c.type == "hotswap.dev/weights-ready")
+        assert gate.status == "True", gate
+        assert {c.name for c in pod.spec.containers} == {"vllm", "hotswap-engine"}
+    base = [outputs(p) for p in pods]
+    assert base[0] == base[1], "two replicas of one checkpoint answer differently"
+    STATE["base"] = base[0]
+    assert_pool_serves(kube, "base", base[0], 2)
+
+
+def test_2_weight_version_rolls_out(
+    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+) -> None:
+    """From: the pool on base. To: every pod serves v2 (ckpts/v2), the pool's currentVersion is v2."""
+    kube.create_wv("v2", "ckpts/v2")
+    t0 = time.monotonic()
+    # `kubectl wait --for=condition=Applied` is how users wait for a version.
+    waiter = subprocess.Popen(
+        [
+            str(kube.kubectl_bin),
+            "-n",
+            kube.namespace,
+            "wait",
+            "--for=condition=Applied",
+            "wv/chat-v2",
+            "--timeout=600s",
+        ],
+        env={"KUBECONFIG": kube.kubeconfig, "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_phase(kube, operator, "v2", "Complete")
+    timings["rollout_v2_s"] = time.monotonic() - t0
+    out, _ = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, out
+    assert "condition met" in out, out
+
+    st = kube.wv("v2")["status"]
+    durations = st["stageDurations"]
+    log(f"v2 complete after {timings['rollout_v2_s']:.1f}s; stage durations {durations}")
+    for stage in ("staging", "transfer", "reload"):
+        assert durations.get(stage) is not None and durations[stage] >= 0, durations
+        timings[f"v2_{stage}_s"] = durations[stage]
+    assert st["updatedPods"] == 2 and st["targetPods"] == 2 and st.get("failedPods", 0) == 0, st
+    assert st["startTime"] and st["completionTime"], st
+    for type_ in ("Accepted", "Staged", "Applied"):
+        c = condition(kube.wv("v2"), type_)
+        assert c is not None and c["status"] == "True", (type_, c)
+
+    wait_events(kube, "WeightVersion", "chat-v2", {"Accepted", "Staging", "Updating", "Complete"})
+    wait_events(kube, "InferencePool", POOL, {"VersionChanged"})
+
+    expected = checkpoints.reference("ckpts/v2").result(timeout=900)
+    assert expected != STATE["base"], "the variant must answer differently from the base"
+    assert_pool_serves(kube, "v2", expected, 2)
+    pool_st = kube.pool()["status"]
+    assert pool_st["targetVersion"] == "v2" and pool_st["updatedReplicas"] == 2, pool_st
+    STATE["v2"] = expected
+    checkpoints.reference("ckpts/v3")  # for test 4, computed meanwhile
+
+
+@pytest.mark.parametrize(
+    ("version", "source", "says"),
+    [
+        ("missing", "ckpts/does-not-exist", "does-not-exist"),
+        ("other-model", "ckpts/other-model", "does not match the served model"),
+    ],
+)
+def test_3_bad_source_fails_and_pool_keeps_serving(
+    kube: Cluster, operator: OperatorProcess, version: str, source: str, says: str
+) -> None:
+    """From: v2 everywhere. To: the same; the bad WeightVersion is Failed with a message."""
+    kube.create_wv(version, source)
+    wait_phase(kube, operator, version, "Failed", timeout=300)
+    st = kube.wv(version)["status"]
+    log(f"{version} failed: {st['message']}")
+    assert says in st["message"], st["message"]
+    applied = condition(kube.wv(version), "Applied")
+    assert applied is not None and applied["status"] == "False", applied
+    wait_events(kube, "WeightVersion", f"{POOL}-{version}", {"Failed"}, warning=True)
+    # Every replica still serves v2, Ready.
+    kube.wait(
+        lambda: kube.pool()["status"].get("readyReplicas") == 2,
+        60,
+        "2 ready replicas after a failure",
+        operator,
+    )
+    assert_pool_serves(kube, "v2", STATE["v2"], 2)
+    assert kube.pool()["status"]["targetVersion"] == "v2"
+
+
+def test_4_newer_version_supersedes_one_in_progress(
+    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+) -> None:
+    """From: v2 everywhere. v3 (the base checkpoint again) is throttled; v4 (ckpts/v3) is applied while
+    v3 rolls out. To: v3 Superseded, every pod serves v4; the throttle stays on for test 5."""
+    # About 12 s per transfer: long enough to act while one runs.
+    rate = max(1, model_bytes(checkpoints) // 12)
+    kube.patch_pool({"spec": {"engine": {"transport": {"maxBytesPerSecond": rate}}}})
+    kube.create_wv("v3", "models/base")
+    t0 = time.monotonic()
+    kube.wait(lambda: agents_updating(kube, "v3"), 300, "v3 transferring", operator)
+    assert phase(kube, "v3") == "Updating"
+    kube.create_wv("v4", "ckpts/v3")
+    wait_phase(kube, operator, "v4", "Complete")
+    timings["supersede_to_v4_s"] = time.monotonic() - t0
+    log(f"v3 superseded, v4 complete after {timings['supersede_to_v4_s']:.1f}s")
+
+    transfer = kube.wv("v4")["status"]["stageDurations"]["transfer"]
+    assert transfer >= 3, f"the throttle (about 12 s per transfer) did not hold: {transfer}s"
+    v3 = kube.wv("v3")["status"]
+    assert v3["phase"] == "Superseded", v3
+    applied = condition(kube.wv("v3"), "Applied")
+    assert applied is not None and (applied["status"], applied["reason"]) == ("False", "Superseded"), applied
+    wait_events(kube, "WeightVersion", "chat-v3", {"Superseded"})
+    expected = checkpoints.reference("ckpts/v3").result(timeout=900)
+    assert expected not in (STATE["base"], STATE["v2"])
+    assert_pool_serves(kube, "v4", expected, 2)
+
+
+def test_5_operator_killed_mid_rollout_resumes(
+    kube: Cluster, operator: OperatorProcess, timings: dict[str, float]
+) -> None:
+    """From: v4 everywhere, throttled transfers. v5 rolls back to the v2 checkpoint; the operator is
+    SIGKILLed while v5 is in progress and started again. To: every pod serves v5 (= v2's output)."""
+    kube.create_wv("v5", "ckpts/v2")
+    t0 = time.monotonic()
+    kube.wait(lambda: phase(kube, "v5") in ("Staging", "Updating"), 300, "v5 in progress", operator)
+    operator.stop(signal.SIGKILL)
+    killed_in = phase(kube, "v5")
+    log(f"operator killed with v5 {killed_in}")
+    assert killed_in in ("Staging", "Updating"), killed_in
+    time.sleep(2)
+    assert phase(kube, "v5") == killed_in, "nothing else writes the status while the operator is down"
+    operator.start()
+    wait_phase(kube, operator, "v5", "Complete")
+    timings["rollout_v5_with_restart_s"] = time.monotonic() - t0
+    log(f"v5 complete {timings['rollout_v5_with_restart_s']:.1f}s after it was created")
+    assert_pool_serves(kube, "v5", STATE["v2"], 2)
+
+
+def test_6_scale_up_new_pod_ready_only_when_current(
+    kube: Cluster, operator: OperatorProcess, timings: dict[str, float]
+) -> None:
+    """From: v5 everywhere. `kubectl scale hspool/chat --replicas=3`. To: 3 pods serving v5; the new
+    one was never Ready before its agent served v5."""
+    kube.patch_pool({"spec": {"engine": {"transport": {"maxBytesPerSecond": None}}}})
+    old = {p.metadata.name for p in kube.pods()}
+    res = kube.kubectl("scale", f"inferencepools.hotswap.dev/{POOL}", "--replicas=3")
+    assert res.returncode == 0, res.stdout + res.stderr
+    t0 = time.monotonic()
+    scale = kube.custom.get_namespaced_custom_object_scale(
+        "hotswap.dev", "v1alpha1", kube.namespace, "inferencepools", POOL
+    )
+    assert scale["spec"]["replicas"] == 3, scale
+    kube.wait(
+        lambda: kube.apps.read_namespaced_deployment(POOL, kube.namespace).spec.replicas == 3,
+        60,
+        "Deployment scaled to 3",
+        operator,
+    )
+
+    seen_not_ready = seen_held_by_gate = False
+    new_pod: Any = None
+    deadline = time.monotonic() + 900
+    while True:
+        assert time.monotonic() < deadline, "the new pod did not become Ready"
+        new = [p for p in kube.pods() if p.metadata.name not in old]
+        if new:
+            assert len(new) == 1, [p.metadata.name for p in new]
+            new_pod = new[0]
+            conds = {c.type: c.status for c in new_pod.status.conditions or []}
+            if not is_ready(new_pod):
+                seen_not_ready = True
+                if conds.get("ContainersReady") == "True":
+                    seen_held_by_gate = True  # vLLM answers /health, the weights gate holds the pod
+            else:
+                agent = kube.agent_status(new_pod)
+                assert agent is not None and agent["serving_version"] == "v5", (
+                    f"{new_pod.metadata.name} Ready while its agent serves {agent}"
+                )
+                break
+        time.sleep(0.5)
+    timings["scale_new_pod_ready_s"] = time.monotonic() - t0
+    log(
+        f"new pod {new_pod.metadata.name} Ready after {timings['scale_new_pod_ready_s']:.1f}s "
+        f"(held by the weights gate while containers were ready: {seen_held_by_gate})"
+    )
+    assert seen_not_ready
+    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 3, 120, "3 ready replicas", operator)
+    assert_pool_serves(kube, "v5", STATE["v2"], 3)
+    assert kube.pool()["status"]["updatedReplicas"] == 3
