@@ -28,6 +28,7 @@ from hotswap_operator.kube import Kube
 from hotswap_operator.lease import LeaderElector, LeadershipLost
 from hotswap_operator.metrics import OperatorMetrics
 from hotswap_operator.planner import PlannerConfig
+from hotswap_operator.workload import GPU_SHARING_MODES
 
 log = logging.getLogger("hotswap_operator")
 
@@ -48,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", default=None, help="host:port for Prometheus metrics")
     p.add_argument("--p2p-catch-up", action="store_true", help="new pods read the current version from peers")
     p.add_argument("--agent-timeout", type=float, default=5.0)
+    p.add_argument(
+        "--gpu-sharing",
+        choices=GPU_SHARING_MODES,
+        default=os.environ.get("HOTSWAP_ENGINE_GPU_SHARING") or "none",
+        help="how the injected engine container sees the inference container's GPUs",
+    )
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -75,6 +82,7 @@ async def run(args: argparse.Namespace) -> int:
             metrics=metrics,
             config=PlannerConfig(p2p_catch_up=args.p2p_catch_up),
             agent_timeout_s=args.agent_timeout,
+            gpu_sharing=args.gpu_sharing,
         )
     )
     stop: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

@@ -54,6 +54,7 @@ class Runtime:
     config: PlannerConfig = field(default_factory=PlannerConfig)
     agent_timeout_s: float = 5.0
     stage_timeout_s: float = 900.0
+    gpu_sharing: str = "none"  # workload.GPU_SHARING_MODES
 
 
 def spec_hash(obj: Obj) -> str:
@@ -108,7 +109,7 @@ class PoolController:
         client = await self._agent_client(uid)
         parsed = InferencePool.model_validate(pool)
         try:
-            desired = build_deployment(parsed.spec, self.name, self.namespace, uid)
+            desired = build_deployment(parsed.spec, self.name, self.namespace, uid, self.rt.gpu_sharing)
         except WorkloadError as e:
             await self._degraded(pool, "InvalidTemplate", str(e))
             return 30.0

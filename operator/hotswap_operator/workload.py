@@ -170,8 +170,18 @@ def engine_container(spec: InferencePoolSpec, pool: str, default_image: str | No
     return container
 
 
-def build_pod_template(spec: InferencePoolSpec, pool: str) -> Obj:
-    """The pod template of the Deployment: the user's template plus everything hotswap needs."""
+GPU_SHARING_MODES = ("none", "dra", "visibleDevices")
+
+
+def build_pod_template(spec: InferencePoolSpec, pool: str, gpu_sharing: str = "none") -> Obj:
+    """The pod template of the Deployment: the user's template plus everything hotswap needs.
+
+    `gpu_sharing` says how the engine container sees the inference container's GPUs (the chart's
+    `engine.gpuSharing.mode`; trade-offs in charts/hotswap/README.md): "dra" gives it the inference
+    container's ResourceClaims, "visibleDevices" sets NVIDIA_VISIBLE_DEVICES=all on it, "none" adds
+    nothing (CPU pools, or templates that arrange it themselves)."""
+    if gpu_sharing not in GPU_SHARING_MODES:
+        raise WorkloadError(f"unknown GPU sharing mode {gpu_sharing!r}; one of {GPU_SHARING_MODES}")
     template = spec.template.model_dump(mode="json", by_alias=True, exclude_none=True)
     metadata: Obj = template.setdefault("metadata", {})
     labels = metadata.setdefault("labels", {})
@@ -194,6 +204,7 @@ def build_pod_template(spec: InferencePoolSpec, pool: str) -> Obj:
     _merge_volume_mounts(inference, copy.deepcopy(mounts))
     engine = engine_container(spec, pool, inference.get("image"))
     _merge_volume_mounts(engine, copy.deepcopy(mounts))
+    _share_gpus(engine, inference, gpu_sharing)
     containers.append(engine)
 
     ours = {RUN_VOLUME, CHECKPOINT_VOLUME}
@@ -207,6 +218,19 @@ def build_pod_template(spec: InferencePoolSpec, pool: str) -> Obj:
     return template
 
 
+def _share_gpus(engine: Obj, inference: Obj, mode: str) -> None:
+    """Let the engine container reach the GPUs of the inference container (CUDA IPC, NCCL)."""
+    if mode == "dra":
+        claims = (inference.get("resources") or {}).get("claims") or []
+        resources = engine.setdefault("resources", {})
+        if claims and not resources.get("claims"):
+            resources["claims"] = copy.deepcopy(claims)
+    elif mode == "visibleDevices":
+        env: list[Obj] = engine.setdefault("env", [])
+        if not any(e.get("name") == "NVIDIA_VISIBLE_DEVICES" for e in env):
+            env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
+
+
 def _read_only(source: dict[str, dict[str, Any]]) -> Obj:
     """The volume source, read-only where the source type has the flag (PVCs, NFS, CSI, ...)."""
     out = copy.deepcopy(source)
@@ -216,7 +240,9 @@ def _read_only(source: dict[str, dict[str, Any]]) -> Obj:
     return out
 
 
-def build_deployment(spec: InferencePoolSpec, pool: str, namespace: str, uid: str) -> Obj:
+def build_deployment(
+    spec: InferencePoolSpec, pool: str, namespace: str, uid: str, gpu_sharing: str = "none"
+) -> Obj:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -229,6 +255,6 @@ def build_deployment(spec: InferencePoolSpec, pool: str, namespace: str, uid: st
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": pool_selector(pool)},
-            "template": build_pod_template(spec, pool),
+            "template": build_pod_template(spec, pool, gpu_sharing),
         },
     }

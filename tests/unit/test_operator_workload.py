@@ -219,3 +219,24 @@ def test_engine_args_parse_with_the_agents_own_parser(monkeypatch: pytest.Monkey
     ]
     assert (cfg.workers, cfg.device, cfg.p2p_protocol, cfg.p2p_device) == (2, "cpu", "rdma", "mlx5_0")
     assert str(cfg.control_socket) == "/run/hotswap/control.sock" and cfg.collective_timeout_s == 60.0
+
+
+def test_gpu_sharing_modes_give_the_engine_the_inference_containers_gpus() -> None:
+    s = spec()
+    tpl = s.template.model_dump(mode="json", by_alias=True, exclude_none=True)
+    tpl["spec"]["containers"][1]["resources"] = {"claims": [{"name": "gpus"}]}
+    tpl["spec"]["resourceClaims"] = [{"name": "gpus", "resourceClaimTemplateName": "two-h200"}]
+    s = spec(template=tpl)
+
+    plain = containers(build_deployment(s, "chat", "ns", UID))[ENGINE_CONTAINER]
+    assert "claims" not in plain.get("resources", {})
+    assert all(e["name"] != "NVIDIA_VISIBLE_DEVICES" for e in plain["env"])
+
+    dra = containers(build_deployment(s, "chat", "ns", UID, "dra"))[ENGINE_CONTAINER]
+    assert dra["resources"]["claims"] == [{"name": "gpus"}]  # the same claim: the same GPUs
+
+    env = containers(build_deployment(s, "chat", "ns", UID, "visibleDevices"))[ENGINE_CONTAINER]["env"]
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"} in env
+
+    with pytest.raises(WorkloadError, match="GPU sharing mode"):
+        build_deployment(s, "chat", "ns", UID, "sideways")
