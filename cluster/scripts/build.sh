@@ -53,7 +53,7 @@ build_helm_go() {
   log "building helm $HELM_GO_VERSION"
   local t0=$SECONDS tmp
   tmp="$(mktemp -d "$bin/.helm.XXXXXX")"
-  # helm has no replace directives, so go install at a pinned version works (checked against sum.golang.org).
+  # helm has no replace directives, so go install at a pinned version works (checked against the checksum database).
   GOBIN="$tmp" run_go install -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_GO_VERSION" \
     "helm.sh/helm/v4/cmd/helm@$HELM_GO_VERSION"
   mv "$tmp/helm" "$bin/helm"

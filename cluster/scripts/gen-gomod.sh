@@ -22,8 +22,9 @@ mkdir -p "$kube"
   echo "require k8s.io/kubernetes $K8S_VERSION"
   echo
   echo "replace ("
-  curl -fsSL "https://proxy.golang.org/k8s.io/kubernetes/@v/$K8S_VERSION.mod" \
-    | awk '/=> \.\/staging/ {print $1}' | sort | while read -r m; do
+  # the staging modules are the `=> ./staging/...` replaces of k8s.io/kubernetes's own go.mod
+  gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+  awk '/=> \.\/staging/ {print $1}' "$gomod" | sort | while read -r m; do
       printf '\t%s => %s %s\n' "$m" "$m" "$staging_version"
     done
   echo ")"

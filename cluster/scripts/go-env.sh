@@ -7,7 +7,7 @@ export GOFLAGS="${HOTSWAP_GOFLAGS:--p=2 -buildvcs=false -trimpath}"
 export CGO_ENABLED=0
 export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
 # Go itself: the one on PATH, else /usr/local/go, else the official toolchain zip that the Go module
-# proxy serves (golang.org/toolchain), unpacked once into the cache.
+# proxy named by $GOPROXY serves (module golang.org/toolchain), unpacked once into the cache.
 if ! command -v go >/dev/null 2>&1; then
   if [ -x /usr/local/go/bin/go ]; then
     export PATH="/usr/local/go/bin:$PATH"
@@ -15,9 +15,14 @@ if ! command -v go >/dev/null 2>&1; then
     go_version="${HOTSWAP_GO_VERSION:-1.26.8}"
     goroot="$HOTSWAP_CACHE/go/toolchain-go$go_version"
     if [ ! -x "$goroot/bin/go" ]; then
-      echo "cluster-build: fetching Go $go_version from proxy.golang.org" >&2
+      proxy="${GOPROXY:-}"; proxy="${proxy%%,*}"
+      if [ -z "$proxy" ] || [ "$proxy" = direct ] || [ "$proxy" = off ]; then
+        echo "cluster-build: Go is not installed; install it, or set GOPROXY to a module proxy URL" >&2
+        exit 1
+      fi
+      echo "cluster-build: fetching Go $go_version from the module proxy ($proxy)" >&2
       go_tmp="$(mktemp -d)"
-      curl -fsSL "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-go$go_version.linux-amd64.zip" -o "$go_tmp/go.zip"
+      curl -fsSL "$proxy/golang.org/toolchain/@v/v0.0.1-go$go_version.linux-amd64.zip" -o "$go_tmp/go.zip"
       (cd "$go_tmp" && python3 -m zipfile -e go.zip .)
       # zipfile drops the executable bits.
       chmod +x "$go_tmp/golang.org/toolchain@v0.0.1-go$go_version.linux-amd64/bin/"* \
