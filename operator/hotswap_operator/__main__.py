@@ -47,7 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--liveness", default=None, help="kopf liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz"
     )
     p.add_argument("--metrics", default=None, help="host:port for Prometheus metrics")
-    p.add_argument("--p2p-catch-up", action="store_true", help="new pods read the current version from peers")
+    p.add_argument(
+        "--p2p-catch-up",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="new pods read the current version from peers (Mooncake) instead of storage",
+    )
     p.add_argument("--agent-timeout", type=float, default=5.0)
     p.add_argument(
         "--gpu-sharing",

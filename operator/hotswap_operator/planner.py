@@ -20,7 +20,17 @@ The rules, in the order `plan` applies them:
    is missing or does not match fails at once (agents stage before anything is applied, so every pod
    keeps serving the old weights). The deadline is `spec.timeout` from the start.
 3. Catch-up (only while no broadcast is running): a pod that does not serve the current version
-   takes it from peers that hold it (p2p, when enabled) or stages it from storage and applies it alone.
+   (a pod added by scale-out, or one that restarted) reads it peer-to-peer from the healthy pods that
+   serve it and publish it (one-sided Mooncake reads of their staged host memory: they keep serving
+   and do no work), and applies it alone. Without such a holder, with `p2p_catch_up` off, or right
+   after its last p2p attempt at this version failed (e.g. every holder went away mid-transfer), it
+   stages the version from the WeightVersion's source instead; after a failed storage attempt the
+   usual backoff applies and p2p may be tried again.
+   A pod added while a broadcast is Staging or Updating does not join it: the group is fixed when
+   staging starts (each member stages part i of n), and admitting a member would restart the
+   collective rendezvous (NCCL communicator) of every member. It stays out of traffic (its readiness
+   gate is False, it serves an older version) and catches up to the rollout's target once the rollout
+   is Complete and that version is the pool's current one.
 4. Pods: the label `hotswap.dev/weight-version` says what the agent serves; the readiness gate is
    True only when that is the pool's current version.
 """
@@ -127,7 +137,7 @@ class ActionFailure:
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    p2p_catch_up: bool = False  # peer-to-peer catch-up (issue 5); storage catch-up until then
+    p2p_catch_up: bool = True  # new pods read the current version from peers; False: from storage
     retry_backoff_s: float = 10.0  # a failed catch-up on a pod is retried after this long
     active_requeue_s: float = 2.0
     idle_requeue_s: float = 30.0
@@ -638,16 +648,20 @@ def _supersede(r: _Round, wv: VersionView, by: VersionView) -> WeightVersionStat
 def _catch_up(
     r: _Round, pod: PodView, version: str | None, source: SourceRef, deadline: datetime | None
 ) -> None:
-    """Bring one pod to `version`: from peers that hold it, or from storage applied alone."""
+    """Bring one pod to `version`: from peers that hold it, or from storage applied alone (rule 3)."""
     if pod.busy or pod.agent is None or not pod.running or not pod.ip or pod.deleting:
         return
     if not pod.agent.engine_up:
         return  # vLLM is still starting: an update now could only time out waiting for it
     label = _label(version)
     u = pod.agent.update
+    p2p_failed = False
     if u is not None and u.version == label and u.stage is protocol.UpdateStage.FAILED:
+        # A failed peer-to-peer read (no holder left, peers unreachable) goes to storage at once: no
+        # backoff and no p2p retry ping-pong. After a failed storage attempt the backoff applies.
+        p2p_failed = u.mode is protocol.UpdateMode.P2P
         finished = u.finished_at or u.started_at
-        if (r.now - finished).total_seconds() < r.config.retry_backoff_s:
+        if not p2p_failed and (r.now - finished).total_seconds() < r.config.retry_backoff_s:
             r.degraded.append(f"pod {pod.name} failed to catch up to {label}: {u.error}")
             return
     for f in r.failures:
@@ -663,7 +677,7 @@ def _catch_up(
         and (held := _staged(p, label, None)) is not None
         and held.p2p is not None
     )
-    if r.config.p2p_catch_up and holders:
+    if r.config.p2p_catch_up and holders and not p2p_failed:
         req = r.update_request(label, deadline=deadline, peers=holders)
         r.actions.append(StartUpdate(pod.name, r.endpoint(pod), req))
         return

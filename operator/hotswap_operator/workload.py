@@ -163,6 +163,10 @@ def engine_container(spec: InferencePoolSpec, pool: str, default_image: str | No
             "failureThreshold": 6,
         },
     }
+    if eng.device == "cuda":
+        # One rank worker per GPU of the pod, one GPU per vLLM TP worker: the same count on every pod
+        # of the pool (the group's layout is pods x GPUs), whatever else the container can see.
+        container["args"].append(f"--gpus={spec.model.tensor_parallel_size}")
     if eng.transport.p2p_device:
         container["args"].append(f"--p2p-device={eng.transport.p2p_device}")
     if eng.resources:

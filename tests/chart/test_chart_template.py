@@ -140,7 +140,7 @@ def test_operator_accepts_the_rendered_arguments() -> None:
             {
                 "watchNamespaces": '["team-a","team-b"]',
                 "logLevel": "debug",
-                "operator.p2pCatchUp": "true",
+                "operator.p2pCatchUp": "false",
                 "listenAddress": "$(POD_IP)",
                 "leaderElection.leaseDurationSeconds": "30",
             }
@@ -151,9 +151,10 @@ def test_operator_accepts_the_rendered_arguments() -> None:
     assert (ns.lease_namespace, ns.lease_name, ns.lease_duration) == ("hotswap-system", "hs-hotswap", 30)
     assert ns.identity == "hs-hotswap-abc"
     assert ns.liveness == "http://10.1.2.3:8080/healthz" and ns.metrics == "10.1.2.3:9090"
-    assert ns.p2p_catch_up and ns.verbose and ns.agent_timeout == 5.0
+    assert not ns.p2p_catch_up and ns.verbose and ns.agent_timeout == 5.0
     ns = parse_args(expand(container_args(render(*set_args({"metrics.enabled": "false"}))), env))
-    assert ns.namespace == [] and ns.metrics is None and not ns.verbose and not ns.p2p_catch_up
+    # peer-to-peer catch-up is on by default
+    assert ns.namespace == [] and ns.metrics is None and not ns.verbose and ns.p2p_catch_up
     assert by_kind(render(*set_args({"metrics.enabled": "false"})), "Service") == []
 
 

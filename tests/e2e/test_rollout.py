@@ -8,7 +8,10 @@ the previous one left, which its docstring names:
   3. sources that are missing or belong to another model fail, every replica keeps serving v2, Ready;
   4. v4 applied while v3 rolls out (transfers throttled) supersedes v3 and ends at v4;
   5. the operator is killed during a rollout; started again, it completes it;
-  6. scaling to 3: the new pod stays not Ready until its agent serves the current version.
+  6. scaling to 3: the new pod reads the current version peer-to-peer from the stable pods, which keep
+     serving (and run no update); it stays not Ready until its agent serves that version;
+  7. throttled, scaling to 4 and deleting a source pod mid-transfer: the new pod still ends serving the
+     current version (from the remaining holders), the replacement pod catches up too.
 Greedy output is compared through the public OpenAI API (temperature 0, ignore_eos, fixed max_tokens).
 """
 
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -283,54 +288,255 @@ def test_5_operator_killed_mid_rollout_resumes(
     assert_pool_serves(kube, "v5", STATE["v2"], 2)
 
 
-def test_6_scale_up_new_pod_ready_only_when_current(
+def test_6_scale_up_catches_up_peer_to_peer(
     kube: Cluster, operator: OperatorProcess, timings: dict[str, float]
 ) -> None:
     """From: v5 everywhere. `kubectl scale hspool/chat --replicas=3`. To: 3 pods serving v5; the new
-    one was never Ready before its agent served v5."""
+    one read v5 peer-to-peer from the two stable pods, was never Ready before its agent served v5 and,
+    when it first turned Ready, answered like them; the stable pods answered throughout and ran no
+    update."""
     kube.patch_pool({"spec": {"engine": {"transport": {"maxBytesPerSecond": None}}}})
-    old = {p.metadata.name for p in kube.pods()}
-    res = kube.kubectl("scale", f"inferencepools.hotswap.dev/{POOL}", "--replicas=3")
+    stable = kube.pods()
+    old = {p.metadata.name for p in stable}
+    before = stable_updates(kube, stable)
+    with Traffic(stable, STATE["v2"]) as traffic:
+        res = kube.kubectl("scale", f"inferencepools.hotswap.dev/{POOL}", "--replicas=3")
+        assert res.returncode == 0, res.stdout + res.stderr
+        t0 = time.monotonic()
+        scale = kube.custom.get_namespaced_custom_object_scale(
+            "hotswap.dev", "v1alpha1", kube.namespace, "inferencepools", POOL
+        )
+        assert scale["spec"]["replicas"] == 3, scale
+        kube.wait(
+            lambda: kube.apps.read_namespaced_deployment(POOL, kube.namespace).spec.replicas == 3,
+            60,
+            "Deployment scaled to 3",
+            operator,
+        )
+        new_pod, seen_held_by_gate = wait_new_pod_ready(kube, old, "v5", STATE["v2"], t0)
+    timings["scale_new_pod_ready_s"] = time.monotonic() - t0
+    agent = kube.agent_status(new_pod)
+    assert agent is not None
+    u = agent["update"]
+    log(
+        f"new pod {new_pod.metadata.name} Ready after {timings['scale_new_pod_ready_s']:.1f}s "
+        f"(held by the weights gate while containers were ready: {seen_held_by_gate}); "
+        f"catch-up {describe_update(u)}; stable pods answered {traffic.summary()}"
+    )
+    assert_p2p_catch_up(u, "v5", sources=old, failed=set())
+    timings["scale_p2p_pull_s"] = u["durations"]["p2p"]
+    # The stable pods never paused: every request they got meanwhile was answered with v5's output,
+    # and their agents ran no update (the reads were one-sided).
+    traffic.check(old)
+    assert stable_updates(kube, stable) == before
+    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 3, 120, "3 ready replicas", operator)
+    assert_pool_serves(kube, "v5", STATE["v2"], 3)
+    assert kube.pool()["status"]["updatedReplicas"] == 3
+
+
+def test_7_source_pod_deleted_mid_transfer(
+    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+) -> None:
+    """From: 3 pods serving v5. Transfers throttled (about 20 s per copy of the model), scale to 4 and,
+    once the new pod's peer-to-peer read is under way, delete one of its sources. To: the new pod
+    serves v5, its bytes came from the remaining holders (the deleted one is named failed); the
+    Deployment's replacement for the deleted pod catches up too and the pool is back to 4 Ready."""
+    rate = max(1, model_bytes(checkpoints) // 20)
+    kube.patch_pool({"spec": {"engine": {"transport": {"maxBytesPerSecond": rate}}}})
+    stable = sorted(kube.pods(), key=lambda p: p.metadata.name)
+    assert len(stable) == 3, [p.metadata.name for p in stable]
+    old = {p.metadata.name for p in stable}
+    victim, survivors = stable[0], stable[1:]
+    before = stable_updates(kube, survivors)
+    res = kube.kubectl("scale", f"inferencepools.hotswap.dev/{POOL}", "--replicas=4")
     assert res.returncode == 0, res.stdout + res.stderr
     t0 = time.monotonic()
-    scale = kube.custom.get_namespaced_custom_object_scale(
-        "hotswap.dev", "v1alpha1", kube.namespace, "inferencepools", POOL
+
+    def pulling() -> Any:
+        for pod in kube.pods():
+            if pod.metadata.name in old:
+                continue
+            u = (kube.agent_status(pod) or {}).get("update") or {}
+            if u.get("version") == "v5" and u.get("mode") == "p2p":
+                assert not is_ready(pod), f"{pod.metadata.name} Ready while it pulls v5"
+                # durations["p2p"] appears when the read is done (then the local hand-off runs)
+                assert "p2p" not in u["durations"] and u["stage"] not in ("Complete", "Failed"), (
+                    f"the pull ended before a source could be deleted: {u}"
+                )
+                if u["stage"] == "Transferring" and u["bytes_done"] > 0:
+                    return pod, u
+        return None
+
+    with Traffic(survivors, STATE["v2"]) as traffic:
+        new_pod, u = kube.wait(pulling, 900, "the new pod pulling v5 peer-to-peer", operator)
+        name = new_pod.metadata.name
+        res = kube.kubectl("delete", "pod", victim.metadata.name, "--wait=false")
+        assert res.returncode == 0, res.stdout + res.stderr
+        t_delete = time.monotonic()
+        log(
+            f"{name} pulling v5 ({u['bytes_done']}/{u['bytes_total']} bytes) "
+            f"{t_delete - t0:.1f}s after the scale: deleted source {victim.metadata.name}"
+        )
+
+        def finished() -> dict[str, Any] | None:
+            u = (kube.agent_status(new_pod) or {}).get("update") or {}
+            return u if u.get("stage") in ("Complete", "Failed") else None
+
+        u = kube.wait(finished, 300, f"{name}'s catch-up finished", operator)
+        new_pod, _ = wait_new_pod_ready(kube, old, "v5", STATE["v2"], t0, only=name)
+        timings["p2p_with_source_deleted_ready_s"] = time.monotonic() - t0
+    log(
+        f"{name} Ready {timings['p2p_with_source_deleted_ready_s']:.1f}s after the scale, "
+        f"{time.monotonic() - t_delete:.1f}s after the deletion; catch-up {describe_update(u)}; "
+        f"survivors answered {traffic.summary()}"
     )
-    assert scale["spec"]["replicas"] == 3, scale
-    kube.wait(
-        lambda: kube.apps.read_namespaced_deployment(POOL, kube.namespace).spec.replicas == 3,
-        60,
-        "Deployment scaled to 3",
-        operator,
+    survivor_names = {p.metadata.name for p in survivors}
+    assert_p2p_catch_up(u, "v5", sources=old, failed={victim.metadata.name})
+    # The survivors took over the deleted pod's unread ranges.
+    assert sum(u["peer_bytes"].get(n, 0) for n in survivor_names) > u["peer_bytes"].get(
+        victim.metadata.name, 0
+    )
+    assert u["durations"]["p2p"] >= 5, f"the throttle (about 20 s per pull) did not hold: {u['durations']}"
+    timings["p2p_throttled_pull_s"] = u["durations"]["p2p"]
+    traffic.check(survivor_names)
+    # The survivors answered while the new pod was pulling and ran no update themselves.
+    assert traffic.answered_between(u["started_at"], u["finished_at"]), traffic.summary()
+    assert stable_updates(kube, survivors) == before
+
+    # The Deployment replaces the deleted pod; the replacement catches up as well (peer-to-peer).
+    def four_ready() -> bool:
+        pods = kube.pods()
+        return len(pods) == 4 and all(is_ready(p) for p in pods)
+
+    kube.wait(four_ready, 900, "4 Ready pods again", operator)
+    timings["pool_back_to_4_ready_s"] = time.monotonic() - t_delete
+    replacement = [p for p in kube.pods() if p.metadata.name not in old | {name}]
+    assert len(replacement) == 1, [p.metadata.name for p in replacement]
+    ru = (kube.agent_status(replacement[0]) or {}).get("update") or {}
+    log(
+        f"pool back to 4 Ready {timings['pool_back_to_4_ready_s']:.1f}s after the deletion; "
+        f"replacement {replacement[0].metadata.name}: catch-up {describe_update(ru)}"
+    )
+    assert_p2p_catch_up(ru, "v5", sources=survivor_names | {name}, failed=set())
+    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 4, 120, "4 ready replicas", operator)
+    assert_pool_serves(kube, "v5", STATE["v2"], 4)
+
+
+# ---- scale-out helpers -----------------------------------------------------------------------------------
+
+
+def stable_updates(kube: Cluster, pods: list[Any]) -> dict[str, Any]:
+    """Each pod's latest agent update record (unchanged: no update ran there)."""
+    out = {}
+    for pod in pods:
+        st = kube.agent_status(pod)
+        assert st is not None, f"{pod.metadata.name}'s agent does not answer"
+        out[pod.metadata.name] = st.get("update")
+    return out
+
+
+def describe_update(u: dict[str, Any]) -> str:
+    return (
+        f"{u.get('mode')} {u.get('stage')} {u.get('bytes_done')}/{u.get('bytes_total')} bytes, "
+        f"durations {u.get('durations')}, peer_bytes {u.get('peer_bytes')}, "
+        f"peers_failed {u.get('peers_failed')}"
     )
 
+
+def assert_p2p_catch_up(u: dict[str, Any], version: str, sources: set[str], failed: set[str]) -> None:
+    """A completed p2p update to `version` whose bytes all came from `sources`, giving up on `failed`."""
+    assert u["version"] == version and u["mode"] == "p2p" and u["stage"] == "Complete", u
+    peer_bytes: dict[str, int] = u["peer_bytes"]
+    assert peer_bytes and set(peer_bytes) <= sources, u
+    assert all(n > 0 for n in peer_bytes.values()), u
+    # Every tensor byte came from a peer: bytes_total is the version's host layout (tensor bytes plus
+    # alignment padding, which is not read); bytes_done is from the local hand-off that followed.
+    assert 0.95 * u["bytes_total"] <= sum(peer_bytes.values()) <= u["bytes_total"], u
+    assert set(u["peers_failed"]) == failed, u
+    assert u["durations"].get("p2p") is not None, u
+
+
+def wait_new_pod_ready(
+    kube: Cluster, old: set[str], version: str, expected: list[str], t0: float, only: str | None = None
+) -> tuple[Any, bool]:
+    """The pod not in `old` (or `only`) until it turns Ready: never Ready before its agent serves
+    `version`; when it first is, its greedy output is `expected`. Returns it and whether it was seen
+    held by the weights gate alone (containers ready, pod not Ready)."""
     seen_not_ready = seen_held_by_gate = False
-    new_pod: Any = None
     deadline = time.monotonic() + 900
     while True:
         assert time.monotonic() < deadline, "the new pod did not become Ready"
-        new = [p for p in kube.pods() if p.metadata.name not in old]
+        new = [
+            p for p in kube.pods() if p.metadata.name == only or (only is None and p.metadata.name not in old)
+        ]
         if new:
             assert len(new) == 1, [p.metadata.name for p in new]
-            new_pod = new[0]
-            conds = {c.type: c.status for c in new_pod.status.conditions or []}
-            if not is_ready(new_pod):
+            pod = new[0]
+            conds = {c.type: c.status for c in pod.status.conditions or []}
+            if not is_ready(pod):
                 seen_not_ready = True
                 if conds.get("ContainersReady") == "True":
                     seen_held_by_gate = True  # vLLM answers /health, the weights gate holds the pod
             else:
-                agent = kube.agent_status(new_pod)
-                assert agent is not None and agent["serving_version"] == "v5", (
-                    f"{new_pod.metadata.name} Ready while its agent serves {agent}"
+                agent = kube.agent_status(pod)
+                assert agent is not None and agent["serving_version"] == version, (
+                    f"{pod.metadata.name} Ready while its agent serves {agent}"
                 )
-                break
-        time.sleep(0.5)
-    timings["scale_new_pod_ready_s"] = time.monotonic() - t0
-    log(
-        f"new pod {new_pod.metadata.name} Ready after {timings['scale_new_pod_ready_s']:.1f}s "
-        f"(held by the weights gate while containers were ready: {seen_held_by_gate})"
-    )
-    assert seen_not_ready
-    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 3, 120, "3 ready replicas", operator)
-    assert_pool_serves(kube, "v5", STATE["v2"], 3)
-    assert kube.pool()["status"]["updatedReplicas"] == 3
+                got = outputs(pod)
+                log(f"{pod.metadata.name} first Ready {time.monotonic() - t0:.1f}s after the scale")
+                assert got == expected, f"{pod.metadata.name} Ready but answers {got}, not {expected}"
+                assert seen_not_ready or only is not None
+                return pod, seen_held_by_gate
+        time.sleep(0.3)
+
+
+class Traffic:
+    """Greedy requests to `pods` in a background thread, in rounds, until the `with` block ends: every
+    answer must equal `expected` (a paused or half-updated engine would fail or differ)."""
+
+    def __init__(self, pods: list[Any], expected: list[str], pause_s: float = 0.5) -> None:
+        self.pods = [(p.metadata.name, p.status.pod_ip) for p in pods]
+        self.expected = expected
+        self.pause_s = pause_s
+        self.results: list[tuple[str, float, float, list[str] | str]] = []  # pod, start, end, output/error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, ip in self.pods:
+                start = time.time()
+                try:
+                    got: list[str] | str = generate(f"http://{ip}:{VLLM_PORT}")
+                except Exception as e:  # recorded, the test fails on it
+                    got = f"{type(e).__name__}: {e}"
+                self.results.append((name, start, time.time(), got))
+            self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    def summary(self) -> str:
+        by_pod: dict[str, list[float]] = {}
+        for name, start, end, _ in self.results:
+            by_pod.setdefault(name, []).append(end - start)
+        return ", ".join(f"{n}: {len(v)} rounds, slowest {max(v):.2f}s" for n, v in sorted(by_pod.items()))
+
+    def check(self, names: set[str]) -> None:
+        bad = [(n, got) for n, _, _, got in self.results if got != self.expected]
+        assert not bad, f"a stable pod failed or answered otherwise: {bad[:3]}"
+        assert {n for n, *_ in self.results} == names, self.summary()
+
+    def answered_between(self, started: str, finished: str) -> bool:
+        """Some request to every pod was answered inside [started, finished] (agent ISO times)."""
+        lo = datetime.fromisoformat(started).timestamp()
+        hi = datetime.fromisoformat(finished).timestamp()
+        answered = {
+            n for n, start, end, got in self.results if lo <= start and end <= hi and got == self.expected
+        }
+        return answered == {n for n, _ in self.pods}

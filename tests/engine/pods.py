@@ -243,6 +243,14 @@ def reference_completions(model_dir: Path, prompts: Iterable[str] = PROMPTS) -> 
     raise RuntimeError(f"reference engine failed ({done.returncode}):\n{done.stderr[-4000:]}")
 
 
+def loopback_ips(n: int, first: int = 11) -> tuple[str, ...]:
+    """`n` loopback addresses of their own for one test process: 127.1.B.first.., B from the pid.
+    Outside the dev cluster kubelet's pod range (127.0.0.16-254), and two test runs at once (two
+    developers' checkouts on one machine) do not take each other's addresses."""
+    block = 1 + os.getpid() % 250
+    return tuple(f"127.1.{block}.{first + i}" for i in range(n))
+
+
 def group(pods: list[Pod], port: int, parts: bool = True) -> dict[str, Any]:
     """The broadcast group the operator would send: rank = position, master = rank 0's address."""
     n = len(pods)

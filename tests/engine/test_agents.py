@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pods import Pod, reference_completions
+from pods import Pod, loopback_ips, reference_completions
 
 pytestmark = pytest.mark.vllm
 
-IPS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
+IPS = loopback_ips(3)
 
 
 def _rewrite_header(path: Path, edit: object) -> None:

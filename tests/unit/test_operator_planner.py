@@ -85,11 +85,12 @@ def progress(
     error: str | None = None,
     finished: datetime | None = None,
     durations: dict[str, float] | None = None,
+    mode: protocol.UpdateMode = protocol.UpdateMode.BROADCAST,
 ) -> protocol.UpdateProgress:
     return protocol.UpdateProgress(
         id=uid,
         version=version,
-        mode=protocol.UpdateMode.BROADCAST,
+        mode=mode,
         stage=stage,
         started_at=T0,
         finished_at=finished,
@@ -605,26 +606,124 @@ def test_staged_pod_applies_the_version_alone() -> None:
     assert up.request.rank == 0 and g.members[0].part is None
 
 
-def test_p2p_catch_up_reads_from_holders_when_enabled() -> None:
-    holders = [
-        pod("llm-a", "127.0.0.11", "v1", staged_=[staged("v1", p2p="127.0.0.11:17001")]),
-        pod("llm-b", "127.0.0.12", "v1", staged_=[staged("v1", p2p="127.0.0.12:17001")]),
+def holder(name: str, ip: str, version: str = "v1", **kw: Any) -> PodView:
+    """A pod serving `version` and publishing it to peers (Mooncake endpoint on its IP)."""
+    return pod(name, ip, version, staged_=[staged(version, p2p=f"{ip}:17001")], **kw)
+
+
+def test_p2p_catch_up_is_the_default_and_reads_from_the_healthy_holders() -> None:
+    transport = {"maxBytesPerSecond": 1 << 20}
+    spec = pool_spec(5, engine={"device": "cpu", "port": 8600, "transport": transport})
+    busy = progress("v1", protocol.UpdateStage.TRANSFERRING, mode=protocol.UpdateMode.P2P)
+    pods = [
+        holder("llm-a", "127.0.0.11"),
+        holder("llm-b", "127.0.0.12"),
+        pod("llm-c", "127.0.0.13", gate=False, ready=False),
+        holder("llm-d", "127.0.0.14", deleting=True),  # going away: not a source
+        pod("llm-e", "127.0.0.15", gate=False, ready=False, update=busy),  # pulling already
     ]
-    pods = [*holders, pod("llm-c", "127.0.0.13", gate=False, ready=False)]
-    p = plan(fleet(pods, [], current="v1", spec=pool_spec(3)), config=PlannerConfig(p2p_catch_up=True))
+    assert PlannerConfig().p2p_catch_up
+    p = plan(fleet(pods, [], current="v1", spec=spec))
     (up,) = of(p, StartUpdate)
-    assert up.request.mode is protocol.UpdateMode.P2P
-    assert [(x.pod, x.source.endpoint) for x in up.request.peers] == [
+    assert up.pod == "llm-c" and up.endpoint == "http://127.0.0.13:8600"
+    req = up.request
+    assert req.version == "v1" and req.mode is protocol.UpdateMode.P2P
+    assert req.group is None and req.rank is None
+    assert [(x.pod, x.source.endpoint) for x in req.peers] == [
         ("llm-a", "127.0.0.11:17001"),
         ("llm-b", "127.0.0.12:17001"),
     ]
+    assert req.max_bytes_per_second == 1 << 20  # the pool's transport cap paces catch-up too
     assert of(p, Stage) == []
+    # The gate stays False until the pod serves v1.
+    assert [(s.pod, s.gate) for s in of(p, SyncPod) if s.gate is not None] == []
+    # Disabled: storage.
+    off = plan(fleet(pods, [], current="v1", spec=spec), config=PlannerConfig(p2p_catch_up=False))
+    assert of(off, StartUpdate) == [] and [s.pod for s in of(off, Stage)] == ["llm-c"]
 
 
 def test_p2p_without_holders_falls_back_to_storage() -> None:
     pods = [*two_pods("v1"), pod("llm-c", "127.0.0.13", gate=False, ready=False)]  # holders lack p2p
-    p = plan(fleet(pods, [], current="v1", spec=pool_spec(3)), config=PlannerConfig(p2p_catch_up=True))
-    assert [s.pod for s in of(p, Stage)] == ["llm-c"]
+    p = plan(fleet(pods, [], current="v1", spec=pool_spec(3)))
+    assert [s.pod for s in of(p, Stage)] == ["llm-c"] and of(p, StartUpdate) == []
+    # A holder that is not healthy (its engine is down) is no source either.
+    a = holder("llm-a", "127.0.0.11")
+    assert a.agent is not None
+    down = replace(a, agent=a.agent.model_copy(update={"engine_up": False}))
+    p = plan(fleet([down, pods[2]], [], current="v1", spec=pool_spec(2)))
+    assert [s.pod for s in of(p, Stage)] == ["llm-c"] and of(p, StartUpdate) == []
+
+
+def test_failed_p2p_catch_up_stages_from_storage_at_once() -> None:
+    """No holder left (NoHolderLeft) or peers unreachable: the next attempt reads the WeightVersion's
+    source, without waiting out the backoff and without another p2p attempt in between."""
+    holders = [holder("llm-a", "127.0.0.11"), holder("llm-b", "127.0.0.12")]
+    failed_p2p = progress(
+        "v1", protocol.UpdateStage.FAILED, error="no holder left", finished=T0, mode=protocol.UpdateMode.P2P
+    )
+    c = pod("llm-c", "127.0.0.13", gate=False, ready=False, update=failed_p2p)
+    now = T0 + timedelta(seconds=1)  # well inside the backoff
+    p = plan(fleet([*holders, c], [], current="v1", spec=pool_spec(3), now=now))
+    assert of(p, StartUpdate) == []
+    (stage,) = of(p, Stage)
+    assert stage.pod == "llm-c" and stage.request.part is None
+    assert stage.request.source.path == "/ckpt/ckpts/v1"  # the current version's source
+    # Staged: applied alone (a broadcast group of one), still not p2p.
+    c = pod("llm-c", "127.0.0.13", gate=False, ready=False, update=failed_p2p, staged_=[staged("v1")])
+    p = plan(fleet([*holders, c], [], current="v1", spec=pool_spec(3), now=now))
+    (up,) = of(p, StartUpdate)
+    assert up.pod == "llm-c" and up.request.mode is protocol.UpdateMode.BROADCAST
+    assert up.request.group is not None and up.request.group.world_size == 1
+    # That failed too: the usual backoff, then p2p again (the holders are still there).
+    failed_storage = progress("v1", protocol.UpdateStage.FAILED, uid="u2", error="oom", finished=now)
+    c = pod("llm-c", "127.0.0.13", gate=False, ready=False, update=failed_storage)
+    soon = plan(fleet([*holders, c], [], current="v1", spec=pool_spec(3), now=now + timedelta(seconds=2)))
+    assert of(soon, StartUpdate) == [] and of(soon, Stage) == []
+    assert cond(soon.pool_status, "Degraded") is ConditionStatus.TRUE
+    later = plan(fleet([*holders, c], [], current="v1", spec=pool_spec(3), now=now + timedelta(seconds=30)))
+    (up,) = of(later, StartUpdate)
+    assert up.request.mode is protocol.UpdateMode.P2P and [x.pod for x in up.request.peers] == [
+        "llm-a",
+        "llm-b",
+    ]
+
+
+def test_pod_added_during_a_broadcast_catches_up_to_the_target_afterwards() -> None:
+    """The group is fixed at Staging (joining would restart the collective rendezvous of every
+    member): a pod added meanwhile gets nothing until the rollout is Complete, then reads the
+    rollout's target version from the members peer-to-peer."""
+    v1_holders = [holder("llm-a", "127.0.0.11"), holder("llm-b", "127.0.0.12")]
+    new = pod("llm-c", "127.0.0.13", gate=None, label="", ready=False)
+    staging = wv("v2", status=staging_status(MEMBERS, fromVersion="v1"))
+    p = plan(fleet([*v1_holders, new], [staging], current="v1", spec=pool_spec(3)))
+    assert p.version_statuses["llm-v2"].phase is Phase.STAGING
+    assert {s.pod for s in of(p, Stage)} == {"llm-a", "llm-b"}  # the members only
+    assert of(p, StartUpdate) == []
+    sync = {s.pod: s for s in of(p, SyncPod)}
+    assert sync["llm-c"].gate is False
+    # Updating: still nothing for llm-c, not even v1 from the holders.
+    running = progress("v2", protocol.UpdateStage.TRANSFERRING)
+    members = [
+        pod(n, ip, "v1", update=running, staged_=[staged("v1", p2p=f"{ip}:17001"), staged("v2", (i, 2))])
+        for i, (n, ip) in enumerate(MEMBERS)
+    ]
+    updating = wv("v2", status=staging_status(MEMBERS, phase="Updating", fromVersion="v1"))
+    p = plan(fleet([*members, new], [updating], current="v1", spec=pool_spec(3)))
+    assert p.version_statuses.get("llm-v2", updating.status).phase is Phase.UPDATING
+    assert [a for a in of(p, Stage) + of(p, StartUpdate) if a.pod == "llm-c"] == []
+    # The members finish: the round that completes v2 makes it current and starts llm-c's catch-up.
+    done = progress("v2", protocol.UpdateStage.COMPLETE, finished=T0)
+    members = [
+        pod(n, ip, "v2", update=done, label="v1", staged_=[staged("v2", p2p=f"{ip}:17001")])
+        for n, ip in MEMBERS
+    ]
+    p = plan(fleet([*members, new], [updating], current="v1", spec=pool_spec(3)))
+    st = p.version_statuses["llm-v2"]
+    assert st.phase is Phase.COMPLETE and p.pool_status.current_version == "v2"
+    (up,) = of(p, StartUpdate)  # to the rollout's target v2, not the v1 it was added under
+    assert up.pod == "llm-c" and up.request.version == "v2"
+    assert up.request.mode is protocol.UpdateMode.P2P
+    assert [(x.pod, x.source.version) for x in up.request.peers] == [("llm-a", "v2"), ("llm-b", "v2")]
 
 
 def test_failed_catch_up_backs_off_then_retries() -> None:
@@ -674,7 +773,7 @@ def test_p2p_strategy_seeds_one_pod_then_followers_catch_up() -> None:
     assert st.rollout is not None
     assert [m.pod for m in st.rollout.members] == ["llm-a"] and st.rollout.followers == ["llm-b"]
     assert [(s.pod, s.request.part) for s in of(p, Stage)] == [("llm-a", None)]
-    # seed done: the follower stages from storage (p2p catch-up disabled)
+    # seed done: the follower stages from storage (the seed publishes no p2p source here)
     done = progress("v1", protocol.UpdateStage.COMPLETE, finished=T0)
     pods = [pod("llm-a", "127.0.0.11", "v1", update=done, staged_=[staged("v1")]), pods[1]]
     st.phase = Phase.UPDATING

@@ -230,6 +230,11 @@ def test_gpu_sharing_modes_give_the_engine_the_inference_containers_gpus() -> No
 
     plain = containers(build_deployment(s, "chat", "ns", UID))[ENGINE_CONTAINER]
     assert "claims" not in plain.get("resources", {})
+    assert "--gpus=2" not in plain["args"]  # this spec's engine runs on cpu
+    cuda = spec(template=tpl)
+    cuda.engine.device = "cuda"
+    gpu_args = containers(build_deployment(cuda, "chat", "ns", UID, "dra"))[ENGINE_CONTAINER]["args"]
+    assert "--device=cuda" in gpu_args and "--gpus=2" in gpu_args  # a rank worker per TP GPU
     assert all(e["name"] != "NVIDIA_VISIBLE_DEVICES" for e in plain["env"])
 
     dra = containers(build_deployment(s, "chat", "ns", UID, "dra"))[ENGINE_CONTAINER]

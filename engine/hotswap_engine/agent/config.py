@@ -29,7 +29,38 @@ class AgentConfig:
     p2p_protocol: str = "tcp"  # Mooncake protocol: "tcp" in tests, "rdma" in production
     p2p_device: str = ""  # RDMA device names for Mooncake; empty for tcp
     collective_timeout_s: float = 60.0  # a dead group member surfaces within this bound
+    # Rank workers (one process per local GPU, cuda:0..N-1; on CPU gloo processes). None: every
+    # GPU of the container on cuda, 1 on cpu. Every pod of a group must run the same number.
+    gpus: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def local_ranks(self) -> int:
+        if self.gpus is not None:
+            return self.gpus
+        if self.device == "cuda":
+            import torch
+
+            return max(torch.cuda.device_count(), 1)
+        return 1
+
+    @property
+    def rank_endpoint(self) -> str:
+        """The hand-off endpoint with `{rank}` (each rank worker binds its own) when there are several."""
+        return rank_endpoint(self.handoff_endpoint, self.local_ranks)
+
+
+def rank_endpoint(endpoint: str, local: int) -> str:
+    """`endpoint` for `local` rank workers: unchanged for one or when it has `{rank}` already; an
+    ipc path gets `-{rank}` before its extension (tcp endpoints must carry `{rank}` themselves)."""
+    if local == 1 or "{rank}" in endpoint:
+        return endpoint
+    if not endpoint.startswith("ipc://"):
+        raise ValueError(f"with {local} rank workers the hand-off endpoint needs `{{rank}}`: {endpoint}")
+    head, dot, ext = endpoint.rpartition(".")
+    if dot and "/" not in ext:
+        return f"{head}-{{rank}}.{ext}"
+    return f"{endpoint}-{{rank}}"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -57,7 +88,20 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--p2p-protocol", choices=["tcp", "rdma"], default="tcp")
     p.add_argument("--p2p-device", default="")
     p.add_argument("--collective-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="rank workers, one per local GPU (default: all GPUs of the container on cuda, 1 on cpu)",
+    )
     a = p.parse_args(argv)
+    if a.gpus is not None and a.gpus < 1:
+        p.error("--gpus must be at least 1")
+    if a.gpus is not None and a.gpus > 1:
+        try:
+            rank_endpoint(a.handoff_endpoint, a.gpus)
+        except ValueError as e:
+            p.error(str(e))
     if not a.host:
         p.error("--host (or POD_IP) is required: the agent never guesses its address")
     token = _env("HOTSWAP_AGENT_TOKEN")
@@ -81,4 +125,5 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         p2p_protocol=a.p2p_protocol,
         p2p_device=a.p2p_device,
         collective_timeout_s=a.collective_timeout,
+        gpus=a.gpus,
     )

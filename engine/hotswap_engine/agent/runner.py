@@ -1,9 +1,11 @@
 """The agent's byte work: staging, the broadcast update, a local re-apply, and the launcher call.
 
-One `UpdateRunner` per agent process. It keeps what is expensive to rebuild across updates: the
-hand-off socket the vLLM workers connect to, the transfer slots and streams, and the process group
-(while the membership is unchanged). Blocking work runs in a worker thread; the hand-off sender and
-the group are only ever used from that one thread at a time (the service runs one update at once).
+One `UpdateRunner` per agent process. Staging, peer-to-peer and the launcher call happen here; the
+collectives happen in one rank worker process per local GPU (`rank_pool`, `rank_worker`), which
+keep what is expensive to rebuild across updates: the hand-off socket their vLLM worker connects
+to, the transfer slots and streams, and the process group (while the membership is unchanged).
+The host buffers (staged parts, full versions) live here and are mapped by the workers (memfds).
+A worker whose NCCL group had to be abandoned exits and is replaced; the agent stays up.
 """
 
 from __future__ import annotations
@@ -13,23 +15,16 @@ import contextlib
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Literal
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from hotswap_engine import buckets, launcher_client, protocol, staging
+from hotswap_engine.agent import ranks
 from hotswap_engine.agent.config import AgentConfig
-from hotswap_engine.handoff import HandoffSender
-from hotswap_engine.hostmem import HostBuffer
+from hotswap_engine.agent.rank_pool import RankPool, failures
+from hotswap_engine.hostmem import HostBuffer, HostBufferPool
 from hotswap_engine.p2p_plan import plan_reads
-from hotswap_engine.transport.broadcast import (
-    BroadcastTransport,
-    allocate_full_version,
-    complete_version,
-    make_plan,
-    run_broadcast,
-)
-from hotswap_engine.transport.process_group import GroupCache, GroupSpec
+from hotswap_engine.transport.broadcast import allocate_full_version, complete_version, make_plan
 
 if TYPE_CHECKING:
     from hotswap_engine.agent.service import UpdateRecord
@@ -51,20 +46,23 @@ class UpdateError(RuntimeError):
 class UpdateRunner:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
-        )
+        self.local = cfg.local_ranks
         self._expected: list[protocol.TensorSpec] | None = None
-        self.groups = GroupCache()
-        self.transport = BroadcastTransport(self.device)
-        self.sender = HandoffSender(cfg.handoff_endpoint, cfg.workers, timeout=cfg.collective_timeout_s)
+        # The agent process itself never opens a CUDA context: the rank workers own the GPUs and
+        # pin the host buffers they map; buffers here are plain shared memory, reused across
+        # versions (the workers keep them mapped and pinned, so pinning is paid once).
+        self.host_pool = HostBufferPool(pinned=False)
+        self.pool = RankPool(
+            self.local,
+            cfg.device,
+            endpoint=cfg.rank_endpoint,
+            workers=cfg.workers if self.local == 1 else 1,
+            bind_host=cfg.advertise_address,
+            shm_dir=str(cfg.shm_dir),
+            timeout=cfg.collective_timeout_s,
+        )
         self.p2p = _open_p2p(cfg)
         self.p2p_endpoint: str | None = self.p2p.endpoint if self.p2p else None
-
-    @property
-    def must_exit(self) -> bool:
-        """A failed NCCL group was abandoned: this process must not use the GPU again."""
-        return self.groups.needs_exit
 
     # ---- staging ------------------------------------------------------------------------------
 
@@ -83,14 +81,22 @@ class UpdateRunner:
         roots = [*self.cfg.allowed_roots]
         if trusted:
             roots.append(self.cfg.base_checkpoint)
-        return staging.stage(
+        staged = staging.stage(
             source.path,
             part,
             roots,
             self.expected,
             manifest=source.sha256_manifest,
-            pinned=self.device.type == "cuda",
+            pinned=False,
+            pool=self.host_pool,
         )
+        # Map (and on CUDA pin) it in the rank workers now, off the update's critical path; workers
+        # busy with an update map it when it is used.
+        try:
+            self.pool.share(staged.segments.values(), wait=False)
+        except Exception as e:
+            log.warning("could not map the staged version in the rank workers yet: %s", e)
+        return staged
 
     # ---- updates ------------------------------------------------------------------------------
 
@@ -101,19 +107,13 @@ class UpdateRunner:
             return await self._pull_and_apply(req, rec)
         assert req.group is not None and req.rank is not None and staged is not None
         members = sorted(req.group.members, key=lambda m: m.rank)
-        spec = GroupSpec(
-            tuple(m.pod for m in members),
-            req.group.master_addr,
-            req.group.master_port,
-            "nccl" if self.device.type == "cuda" else "gloo",
-        )
-        member_parts = {m.rank: (m.part.index, m.part.count) if m.part else None for m in members}
+        pod_parts = {m.rank: (m.part.index, m.part.count) if m.part else None for m in members}
         return await self._transfer(
             req.version,
             req.request_policy,
-            spec,
+            _Membership(tuple(m.pod for m in members), req.group.master_addr, req.group.master_port),
             req.rank,
-            member_parts,
+            pod_parts,
             staged,
             rec,
             req.memory_budget_bytes,
@@ -123,13 +123,19 @@ class UpdateRunner:
 
     async def _pull_and_apply(self, req: protocol.UpdateRequest, rec: UpdateRecord) -> StagedCheckpoint:
         """Scale-out catch-up: read the version from peers' staged host memory (one-sided Mooncake
-        reads, several peers at once), then hand it to the engine like a broadcast of one."""
+        reads, several peers at once), then hand it to the engine like a broadcast of one.
+
+        `req.max_bytes_per_second` paces the reads (the pool's transport cap applies to catch-up
+        too). The record names the peers that served bytes (`peer_bytes`, once the read finished)
+        and those given up on (`peers_failed`: unreachable at the start, or failed midway)."""
+        from hotswap_engine.p2p_plan import DEFAULT_CHUNK_BYTES, NoHolderLeft
         from hotswap_engine.transport.p2p import PeerSource, staged_layout
 
         if self.p2p is None:
             raise UpdateError("peer-to-peer is unavailable (Mooncake did not start)", engine_touched=False)
         p2p = self.p2p
         dest = self._empty_version()
+        failed: list[str] = []
         try:
             rec.stage = protocol.UpdateStage.CONNECTING
             t0 = time.perf_counter()
@@ -138,18 +144,29 @@ class UpdateRunner:
             holders, left_out = await asyncio.to_thread(p2p.holders, sources, layout)
             for pod, why in left_out.items():
                 log.warning("p2p: peer %s left out: %s", pod, why)
-            plan = plan_reads(layout, holders)  # NoHolderLeft: the operator stages from storage instead
+            failed.extend(left_out)
+            rec.peers_failed = list(failed)
+            # Throttled: reads of about a quarter second at the cap (at least 64 KiB), so the pace is
+            # even and a peer lost midway leaves fine-grained ranges to spread over the others.
+            chunk = DEFAULT_CHUNK_BYTES
+            if req.max_bytes_per_second is not None:
+                chunk = max(64 << 10, min(chunk, req.max_bytes_per_second // 4))
+            plan = plan_reads(layout, holders, chunk)  # NoHolderLeft: the operator stages from storage
             rec.durations["connect"] = round(time.perf_counter() - t0, 4)
             rec.stage = protocol.UpdateStage.TRANSFERRING
             rec.bytes_total = dest.nbytes
+            pace = _Pacer(req.max_bytes_per_second)
 
             def progress(done: int, total: int) -> None:
                 rec.bytes_done = done
+                pace.wait(done)  # runs in the pull's driver thread, between reads
 
             result = await asyncio.to_thread(
                 p2p.pull, plan, dest.segments[0], sources, progress=progress, timeout_s=req.timeout_seconds
             )
             rec.durations["p2p"] = round(result.seconds, 4)
+            rec.peer_bytes = dict(result.bytes_by_holder)
+            rec.peers_failed = [*failed, *result.failed_holders]
             log.info(
                 "p2p: pulled %s: %d bytes in %.3fs from %s (failed: %s)",
                 req.version,
@@ -159,6 +176,8 @@ class UpdateRunner:
                 result.failed_holders,
             )
         except Exception as e:
+            if isinstance(e, NoHolderLeft):
+                rec.peers_failed = [*failed, *(n for n in e.failed if n not in failed)]
             dest.release()
             raise UpdateError(f"peer-to-peer read failed: {e}", engine_touched=False) from e
         try:
@@ -175,7 +194,7 @@ class UpdateRunner:
         sizes = [(s.name, staging.tensor_nbytes(s.dtype, s.shape)) for s in specs]
         items = [buckets.TensorItem(name, n, 0) for name, n in sizes]
         layout = buckets.layout_part(items, 0, buckets.DEFAULT_ALIGNMENT)
-        buffer = HostBuffer(layout.nbytes, pinned=self.device.type == "cuda")
+        buffer = HostBuffer(layout.nbytes, pinned=False)
         return staging.StagedCheckpoint(specs, {name: 0 for name, _ in sizes}, 1, {0: buffer})
 
     def publish(self, version: str, full: StagedCheckpoint) -> protocol.P2PSource | None:
@@ -202,21 +221,18 @@ class UpdateRunner:
         self, rec_version: str, full: StagedCheckpoint, rec: UpdateRecord, policy: protocol.RequestPolicy
     ) -> None:
         host = self.cfg.advertise_address
-        spec = GroupSpec((self.cfg.pod_name,), host, _free_port(host))
-        try:
-            out = await self._transfer(
-                rec_version,
-                policy,
-                spec,
-                0,
-                {0: None},
-                full,
-                rec,
-                protocol.DEFAULT_MEMORY_BUDGET_BYTES,
-                keep_group=False,
-            )
-        finally:
-            self.groups.discard()
+        alone = _Membership((self.cfg.pod_name,), host, _free_port(host))
+        out = await self._transfer(
+            rec_version,
+            policy,
+            alone,
+            0,
+            {0: None},
+            full,
+            rec,
+            protocol.DEFAULT_MEMORY_BUDGET_BYTES,
+            keep_group=False,
+        )
         # `full` holds every part, so the transfer filled no new buffer: `out` shares full's buffers
         # and must not be released (that would free the version being served).
         assert out.segments.keys() == full.segments.keys()
@@ -225,9 +241,9 @@ class UpdateRunner:
         self,
         version: str,
         policy: protocol.RequestPolicy,
-        spec: GroupSpec,
-        rank: int,
-        member_parts: dict[int, tuple[int, int] | None],
+        members: _Membership,
+        pod_rank: int,
+        pod_parts: dict[int, tuple[int, int] | None],
         staged: StagedCheckpoint,
         rec: UpdateRecord,
         memory_budget: int,
@@ -235,100 +251,156 @@ class UpdateRunner:
         max_rate: int | None = None,
         bucket_bytes: int | None = None,
     ) -> StagedCheckpoint:
+        """One broadcast through this pod's rank workers: form (or reuse) the group of
+        `pods × local` ranks, move every bucket into every worker's vLLM worker and into the full
+        version's host buffers, and run the engine's reload through the launcher."""
         cfg = self.cfg
+        pool = self.pool
+        timeout = cfg.collective_timeout_s
         rec.stage = protocol.UpdateStage.CONNECTING
         t0 = time.perf_counter()
-        try:
-            group = await asyncio.to_thread(
-                self.groups.get,
-                spec,
-                rank,
-                bind_host=cfg.advertise_address,
-                device=self.device,
-                timeout=cfg.collective_timeout_s,
-            )
-        except Exception as e:
-            self.groups.discard()
-            raise UpdateError(f"could not form the process group: {e}", engine_touched=False) from e
-        rec.durations["connect"] = round(time.perf_counter() - t0, 4)
-
         try:
             fixed = (bucket_bytes, 4) if bucket_bytes else None
             plan, layout = make_plan(staged, memory_budget, fixed=fixed)
         except ValueError as e:  # e.g. a budget too small for this model: nothing was touched yet
             raise UpdateError(f"cannot plan the update: {e}", engine_touched=False) from e
+        try:
+            await asyncio.to_thread(pool.ensure)
+            rl = ranks.RankLayout(pod_rank, len(members.pods), self.local)
+            group_msg = {
+                "op": "group",
+                "members": list(ranks.member_names(members.pods, self.local)),
+                "master_addr": members.master_addr,
+                "master_port": members.master_port,
+                "backend": "nccl" if cfg.device == "cuda" else "gloo",
+            }
+            # A membership change on NCCL replaces the workers that hold the old group (their
+            # communicator cannot be torn down safely in-process); every member decides this
+            # locally before the rendezvous, so all of them meet the new group with fresh state.
+            prepared = await pool.acall_all(
+                lambda lr: {**group_msg, "op": "prepare", "rank": rl.global_rank(lr)}, timeout=timeout
+            )
+            errors = failures(prepared)
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            stale = [lr for lr, r in enumerate(prepared) if isinstance(r, dict) and r.get("restart")]
+            if stale:
+                log.info("new membership: replacing rank worker(s) %s that hold the old NCCL group", stale)
+                await asyncio.to_thread(pool.replace, stale)
+                await asyncio.to_thread(pool.ensure)
+            results = await pool.acall_all(
+                lambda lr: {**group_msg, "rank": rl.global_rank(lr)}, timeout=timeout * 2 + 30
+            )
+            errors = failures(results)
+            if errors:
+                raise RuntimeError("; ".join(errors))
+        except Exception as e:
+            await self._discard()
+            raise UpdateError(f"could not form the process group: {e}", engine_touched=False) from e
+        rec.durations["connect"] = round(time.perf_counter() - t0, 4)
+
         full_out: dict[int, HostBuffer] = allocate_full_version(
-            staged, plan, pinned=self.device.type == "cuda"
+            staged, plan, pinned=False, pool=self.host_pool
         )
         rec.bytes_total = sum(p.nbytes for p in plan.parts)
         rec.stage = protocol.UpdateStage.TRANSFERRING
+        try:
+            await asyncio.to_thread(pool.share, [*staged.segments.values(), *full_out.values()])
+            endpoint = pool.endpoint()
+        except Exception as e:
+            for b in full_out.values():
+                b.close()
+            await self._discard()
+            raise UpdateError(
+                f"rank workers could not map the host buffers: {e}", engine_touched=False
+            ) from e
+        seg_ids = dict(zip(staged.segments, pool.buffer_ids(staged.segments.values()), strict=True))
+        out_ids = dict(zip(full_out, pool.buffer_ids(full_out.values()), strict=True))
+        message = {
+            "op": "broadcast",
+            "version": version,
+            "staged": {
+                "specs": [[s.name, s.dtype, list(s.shape)] for s in staged.specs],
+                "assignment": staged.assignment,
+                "part_count": staged.part_count,
+                "alignment": staged.alignment,
+                "segments": seg_ids,
+            },
+            "full_out": out_ids,
+            "pod_parts": ranks.parts_to_wire(pod_parts),
+            "local": self.local,
+            "bucket_bytes": plan.bucket_bytes,
+            "slots": layout.slots,
+            "op_timeout": timeout,
+            "max_rate": max_rate,
+        }
+        done = [0] * self.local
 
-        pace = _Pacer(max_rate)
-
-        def progress(done: int) -> None:
-            rec.bytes_done = done
-            pace.wait(done)  # runs in the transfer thread between buckets
+        def progress(lr: int, event: dict[str, Any]) -> None:
+            done[lr] = int(event.get("bytes", 0))
+            rec.bytes_done = min(done)
 
         # The launcher runs the receiving side inside vLLM (between engine steps, engine paused);
         # it answers only when every worker finished the reload, or failed.
         apply = asyncio.create_task(
             launcher_client.apply(
-                str(cfg.control_socket),
-                self.sender.endpoint,
-                version,
-                policy.value,
-                timeout=cfg.collective_timeout_s * 4,
+                str(cfg.control_socket), endpoint, version, policy.value, timeout=timeout * 4
             )
         )
         t1 = time.perf_counter()
-        try:
-            stats = await asyncio.to_thread(
-                run_broadcast,
-                group,
-                staged,
-                plan,
-                layout,
-                member_parts,
-                self.sender,
-                version,
-                self.transport,
-                full_out=full_out,
-                progress=progress,
-                op_timeout=cfg.collective_timeout_s,
-            )
-        except Exception as e:
-            self.groups.discard()
+        results = await pool.acall_all(lambda lr: message, timeout=timeout * 2 + 30, on_event=progress)
+        errors = failures(results)
+        if errors:
+            await self._discard()
             for b in full_out.values():
                 b.close()
-            engine_error = await _settle(apply, cfg.collective_timeout_s)
+            engine_error = await _settle(apply, timeout)
             detail = f"; the engine said: {engine_error}" if engine_error else ""
-            raise UpdateError(f"transfer failed: {e}{detail}") from e
-        rec.durations["transfer"] = round(stats.seconds, 4)
+            raise UpdateError(f"transfer failed: {'; '.join(errors)}{detail}")
+        stats = [r["stats"] for r in results if isinstance(r, dict)]
+        rec.bytes_done = rec.bytes_total
+        rec.durations["transfer"] = round(max(s["seconds"] for s in stats), 4)
         rec.stage = protocol.UpdateStage.RELOADING
         t2 = time.perf_counter()
         result = await apply
-        rec.durations["reload"] = round(stats.end_seconds + (time.perf_counter() - t2), 4)
+        end_seconds = max(s["end_seconds"] for s in stats)
+        rec.durations["reload"] = round(end_seconds + (time.perf_counter() - t2), 4)
         if not result.ok:
             for b in full_out.values():
                 b.close()
             raise UpdateError(f"the engine failed to apply {version}: {result.error}")
         if not keep_group:
-            self.groups.discard()
+            await self._discard()
         log.info(
-            "applied %s: %d bytes in %.3fs (transfer %.3fs)",
+            "applied %s: %d bytes in %.3fs (transfer %.3fs, %d rank workers)",
             version,
             rec.bytes_total,
             time.perf_counter() - t1,
-            stats.seconds,
+            rec.durations["transfer"],
+            self.local,
         )
         return complete_version(staged, full_out)
 
+    async def _discard(self) -> None:
+        """Drop every worker's group (a worker that abandoned an NCCL group has exited already)."""
+        await self.pool.acall_all(lambda lr: {"op": "discard"}, timeout=self.cfg.collective_timeout_s + 30)
+
+    def release_unused(self) -> None:
+        """Let the rank workers unmap host buffers the agent freed."""
+        self.pool.unmap_closed()
+
     def close(self) -> None:
-        self.groups.discard()
-        self.transport.close()
-        self.sender.close()
+        self.pool.close()
+        self.host_pool.clear()
         if self.p2p is not None:
             self.p2p.close()
+
+
+@dataclass(frozen=True)
+class _Membership:
+    pods: tuple[str, ...]  # by pod rank
+    master_addr: str
+    master_port: int
 
 
 def _open_p2p(cfg: AgentConfig) -> P2PEndpoint | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,6 +58,8 @@ class UpdateRecord:
     finished_at: datetime | None = None
     durations: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    peer_bytes: dict[str, int] = field(default_factory=dict)  # p2p: bytes served by each peer
+    peers_failed: list[str] = field(default_factory=list)  # p2p: peers given up on
 
     def to_model(self) -> protocol.UpdateProgress:
         return protocol.UpdateProgress(
@@ -72,6 +73,8 @@ class UpdateRecord:
             finished_at=self.finished_at,
             durations=dict(self.durations),
             error=self.error,
+            peer_bytes=dict(self.peer_bytes),
+            peers_failed=tuple(self.peers_failed),
         )
 
 
@@ -229,15 +232,8 @@ class AgentService:
             self._last_error = msg
             rec.error = msg
             self.metrics.updates.labels("failed").inc()
-            if self.runner.must_exit:
-                # A failed NCCL group may have left a kernel running on the GPU: this process must
-                # not touch the GPU again. Exit; the container restarts and `recover` (on start)
-                # puts a complete version back into the paused engine.
-                log.error("%s; NCCL group abandoned: exiting so the container restarts", msg)
-                rec.stage = protocol.UpdateStage.FAILED
-                rec.finished_at = _now()
-                asyncio.get_running_loop().call_later(1.0, os._exit, 3)
-                return
+            # A rank worker whose NCCL group had to be abandoned has exited on its own and is
+            # replaced before the rollback below runs through the workers: the agent stays up.
             if getattr(e, "engine_touched", True):
                 await self._roll_back(previous, rec)
             else:

@@ -20,13 +20,15 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from hotswap_engine.handoff import HandoffSender
-from hotswap_engine.hostmem import HostBuffer
+from hotswap_engine.hostmem import HostBuffer, HostBufferPool
 from hotswap_engine.protocol import PartSpec
 from hotswap_engine.staging import StagedCheckpoint, read_index, stage
 from hotswap_engine.transport.broadcast import (
@@ -43,22 +45,27 @@ def check_full(full: StagedCheckpoint, checkpoint: Path, piece: int = 64 << 20) 
     """Names whose bytes in `full` differ from the checkpoint's files (streamed: no second copy)."""
     locations = {loc.spec.name: loc for loc in read_index(checkpoint)}
     bad = sorted(set(full.tensors) ^ set(locations))
-    fds: dict[Path, int] = {}
-    scratch = bytearray(piece)
-    view = memoryview(scratch)
-    window = torch.frombuffer(scratch, dtype=torch.uint8)
+    fds = {f: os.open(f, os.O_RDONLY) for f in {loc.file for loc in locations.values()}}
+    local = threading.local()
+
+    def differs(name: str) -> bool:
+        if not hasattr(local, "window"):
+            local.scratch = bytearray(piece)
+            local.window = torch.frombuffer(local.scratch, dtype=torch.uint8)
+        view = memoryview(local.scratch)
+        loc = locations[name]
+        raw = full.raw(name)
+        for start in range(0, loc.nbytes, piece):
+            n = min(piece, loc.nbytes - start)
+            got = os.preadv(fds[loc.file], [view[:n]], loc.start + start)
+            if got != n or not torch.equal(local.window[:n], raw[start : start + n]):
+                return True
+        return False
+
+    names = [name for name in locations if name in full.tensors]
     try:
-        for name, loc in locations.items():
-            if name not in full.tensors:
-                continue
-            fd = fds.setdefault(loc.file, os.open(loc.file, os.O_RDONLY))
-            raw = full.raw(name)
-            for start in range(0, loc.nbytes, piece):
-                n = min(piece, loc.nbytes - start)
-                got = os.preadv(fd, [view[:n]], loc.start + start)
-                if got != n or not torch.equal(window[:n], raw[start : start + n]):
-                    bad.append(name)
-                    break
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            bad += [name for name, d in zip(names, pool.map(differs, names), strict=True) if d]
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -87,6 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-full", action="store_true", help="skip the full-version host copy (to time its cost)"
     )
+    ap.add_argument(
+        "--trail-full",
+        action="store_true",
+        help="fill the full-version buffers in a trailing pass after the workers' done",
+    )
+    ap.add_argument(
+        "--no-warm-up", action="store_true", help="skip the NCCL warm-up when the group is formed"
+    )
+    ap.add_argument(
+        "--stage-again",
+        action="store_true",
+        help="after the first stage, release it to a buffer pool and stage again (reused pinned buffer)",
+    )
+    ap.add_argument("--timeline", action="store_true", help="record the per-bucket timeline of every update")
     ap.add_argument("--pause-after-bytes", type=int, default=-1)
     ap.add_argument("--verify", choices=["all", "last", "none"], default="all", help="which updates to check")
     ap.add_argument("--out", type=Path, required=True)
@@ -102,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     part = PartSpec(index=args.rank, count=world)
     member_parts: dict[int, tuple[int, int] | None] = {r: (r, world) for r in range(world)}
     cache = GroupCache()
+    pool = HostBufferPool(pinned=device.type == "cuda")
     transport = BroadcastTransport(device, args.shm_dir)
     sender = HandoffSender(args.endpoint, args.workers, timeout=args.op_timeout)
     results: list[dict[str, object]] = []
@@ -116,10 +138,17 @@ def main(argv: list[str] | None = None) -> int:
                 if staged is not None:
                     staged.release()
                 t0 = time.perf_counter()
-                staged = stage(checkpoint, part, [checkpoint.parent], expected)
+                staged = stage(checkpoint, part, [checkpoint.parent], expected, pool=pool)
                 staged_from = checkpoint
                 record["stage_seconds"] = time.perf_counter() - t0
                 record["stage_timings"] = staged.timings
+                if args.stage_again and n == 0:  # the next version's staging: a reused pinned buffer
+                    staged.release()
+                    t0 = time.perf_counter()
+                    staged = stage(checkpoint, part, [checkpoint.parent], expected, pool=pool)
+                    record["restage_seconds"] = time.perf_counter() - t0
+                    record["restage_timings"] = staged.timings
+                    record["restage_reused"] = pool.reused
             record["staged_bytes"] = staged.nbytes
             t1 = time.perf_counter()
             group = cache.get(
@@ -128,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             record["connect_seconds"] = time.perf_counter() - t1
             fixed = (args.bucket_bytes, args.slots) if args.bucket_bytes else None
             plan, layout = make_plan(staged, args.memory_budget, fixed=fixed)
+            if not args.no_warm_up:  # where the agent forms its group: NCCL's set-up paid here
+                record["warm_up_seconds"] = transport.warm_up(group, layout.bucket_bytes, slots=layout.slots)
             if args.no_full:
                 full_out = {}
             elif {p: b.nbytes for p, b in full_out.items()} != {
@@ -164,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                     progress=progress,
                     op_timeout=args.op_timeout,
                     begin=False,
+                    trail_full=args.trail_full,
                 )
-                record["update_seconds"] = time.perf_counter() - t2
+                elapsed = time.perf_counter() - t2
+                record["update_seconds"] = elapsed
+                record["start_wall"] = time.time() - elapsed
             except Exception as e:
                 record["failed_at"] = time.time()  # wall clock, for tests measuring detection time
                 sender.abort(f"{type(e).__name__}: {e}")
@@ -175,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
                 break
             record["stats"] = stats.as_dict()
+            # Until the workers' done (with --trail-full the full version completes later).
+            record["handoff_seconds"] = stats.handoff_seconds
+            if args.timeline or n == len(args.checkpoint) - 1:
+                record["timeline"] = stats.timeline
+                record["trail_timeline"] = stats.trail_timeline
             if device.type == "cuda":  # slots and staging scratch (NCCL's own buffers not included)
                 record["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             full = complete_version(staged, full_out)

@@ -11,6 +11,17 @@ Slots rotate; a slot is refilled only after the workers acknowledged it (`wait_s
 device→host copy finished (a CUDA event the next writer's stream waits on). The host never
 synchronises the device per bucket: it polls events, and keeps up to `slots` buckets in flight.
 
+`trail_full=True` moves step 3's device→host copy off the update's critical path: the hand-off pass
+runs without it (the owners' host→GPU copies then have the host link to themselves), the workers
+apply and report `done`, and only then a second, trailing pass broadcasts every bucket again and
+copies it into the full-version buffers. That pass needs no acks and no host synchronisation per
+bucket (stream-ordered only), and reuses the same slots, so it takes no extra GPU memory. Every
+member of a group must use the same setting (it adds collectives).
+
+The first update on a new group would pay NCCL's lazy connection set-up for large messages inside
+its first buckets; `warm_up` (called by `run` once per group, or by the caller right after the group
+was formed) broadcasts one slot from every rank first.
+
 On CPU (gloo) the same loop runs with shared-memory slots: copies are plain memcpy and the
 broadcast runs on gloo's threads.
 
@@ -21,12 +32,15 @@ aborts the hand-off session and the group, and raises `BroadcastError` within th
 from __future__ import annotations
 
 import collections
+import functools
+import gc
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,6 +56,28 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 50e-6  # host wait between event polls: well under a bucket's copy time
 ABORT_CHECK_SECONDS = 0.2  # how often a waiting member asks the store whether another one gave up
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _gc_paused(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run `fn` with Python's cyclic garbage collector off: a full collection (hundreds of
+    thousands of objects once torch is loaded) in the middle of an update stalls the bucket loop
+    by up to ~0.2 s, measured on the first 32B-shaped update. Collection resumes afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return wrapper
 
 
 class BroadcastError(RuntimeError):
@@ -62,9 +98,22 @@ class BroadcastStats:
     wait_free_seconds: float = 0.0  # host time spent waiting for workers' acks
     bucket_bytes: int = 0
     slots: int = 0
+    handoff_seconds: float = 0.0  # from `run`'s start until the workers' `done` (the update proper)
+    send_seconds: float = 0.0  # host time in `send_bucket` (ZeroMQ announcements)
+    warmup_seconds: float = 0.0  # `warm_up` inside this run (0 when the group was warm already)
+    drain_seconds: float = 0.0  # after the last announcement, waiting for the workers' last acks
+    gpu_span_seconds: float = 0.0  # device time from the first host→slot copy to the last arrival
+    trail_seconds: float = 0.0  # wall time of the trailing full-version pass (trail_full)
+    trail_host_to_slot_seconds: float = 0.0
+    trail_slot_to_host_seconds: float = 0.0
+    trail_gpu_span_seconds: float = 0.0
+    # Per bucket (CUDA only), ms from the pass's first event: [index, root, MiB, h2d_start, h2d_end,
+    # bcast_start, arrived, d2h_end, host_announced]; -1 where a step did not happen on this member.
+    timeline: list[list[float]] = field(default_factory=list)
+    trail_timeline: list[list[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.__dict__.items()}
+        return {k: float(v) for k, v in self.__dict__.items() if not isinstance(v, list)}
 
 
 @dataclass(frozen=True)
@@ -182,10 +231,13 @@ class BroadcastTransport:
         self.shm_dir = shm_dir  # CPU slots' directory (a tmpfs shared with the workers)
         self.cuda = device.type == "cuda"
         self._slots: list[Slot] = []
+        self._warm: tuple[weakref.ReferenceType[Group], int] | None = None  # (group, bytes) warmed
         if self.cuda:
-            self.copy_stream = torch.cuda.Stream(device)
-            self.comm_stream = torch.cuda.Stream(device)
-            self.d2h_stream = torch.cuda.Stream(device)
+            # The update's own work on high-priority streams; the full-version copies on a
+            # low-priority one (priority 0 is the lowest torch offers).
+            self.copy_stream = torch.cuda.Stream(device, priority=-1)
+            self.comm_stream = torch.cuda.Stream(device, priority=-1)
+            self.d2h_stream = torch.cuda.Stream(device, priority=0)
 
     def slots(self, count: int, nbytes: int) -> list[Slot]:
         if len(self._slots) != count or any(s.nbytes != nbytes for s in self._slots):
@@ -198,6 +250,32 @@ class BroadcastTransport:
             s.close()
         self._slots = []
 
+    def warm_up(self, group: Group, nbytes: int, *, slots: int = 1) -> float:
+        """Broadcast `nbytes` from every rank twice, so NCCL sets up its connections for large
+        messages (it does so lazily, per protocol) before the first update, not inside it. Uses
+        this transport's slots (allocating `slots` of `nbytes` if there are none yet, so it takes no
+        memory beyond them). Idempotent per (group, size); returns the seconds it took."""
+        if not self.cuda or group.spec.world_size < 2 or nbytes <= 0:
+            return 0.0
+        if self._warm is not None and self._warm[0]() is group and self._warm[1] >= nbytes:
+            return 0.0
+        t = time.perf_counter()
+        if not self._slots or self._slots[0].nbytes < nbytes:
+            self.slots(max(slots, 1), nbytes)
+        view = self._slots[0].tensor[:nbytes]
+        try:
+            with torch.cuda.stream(self.comm_stream):
+                for _ in range(2):
+                    for root in range(group.spec.world_size):
+                        group.broadcast(view, root).wait()
+            done = _record(self.comm_stream)
+            _Deadline(group.timeout, group).wait(done.query, "the warm-up broadcasts")
+        except GroupError as e:
+            raise BroadcastError(f"warm-up failed: {e}") from e
+        self._warm = (weakref.ref(group), nbytes)
+        return time.perf_counter() - t
+
+    @_gc_paused
     def run(
         self,
         group: Group,
@@ -213,13 +291,18 @@ class BroadcastTransport:
         op_timeout: float = 60.0,
         end: bool = True,
         begin: bool = True,
+        trail_full: bool = False,
     ) -> BroadcastStats:
         """Move every bucket of `plan` into this member's workers (and `full_out`).
 
         `owners` maps part → the rank that broadcasts it; buckets whose owner is this rank are read
         from `staged`. `full_out` maps each part this member does not hold to a host buffer of the
-        part's size. With `end`, waits for the workers' `done` after the last bucket.
+        part's size. With `end`, waits for the workers' `done` after the last bucket. With
+        `trail_full` (the same on every member), `full_out` is filled by a second pass after the
+        workers' `done` (see the module docstring); without `end` that pass runs right after the
+        hand-off pass, before the caller ends the session.
         """
+        t_entry = time.perf_counter()
         stats = BroadcastStats(bucket_bytes=plan.bucket_bytes, slots=slots)
         jobs = [
             _BucketJob(b, owners[b.owner], e)
@@ -238,19 +321,29 @@ class BroadcastTransport:
                 raise BroadcastError(f"full-version buffer for part {p.part} is smaller than the part")
         slot_list = self.slots(slots, plan.bucket_bytes)
         deadline = _Deadline(op_timeout, group)
+        inline_full = {} if trail_full else full_out
         t0 = time.perf_counter()
         try:
             if begin:  # else the caller began the session with `self.slots(...)` already
                 sender.begin(version, slot_list, timeout=op_timeout)
             if self.cuda:
-                self._run_cuda(group, staged, jobs, slot_list, sender, full_out, progress, deadline, stats)
+                stats.warmup_seconds = self.warm_up(group, plan.bucket_bytes)
+                self._run_cuda(group, staged, jobs, slot_list, sender, inline_full, progress, deadline, stats)
             else:
-                self._run_cpu(group, staged, jobs, slot_list, sender, full_out, progress, deadline, stats)
+                self._run_cpu(group, staged, jobs, slot_list, sender, inline_full, progress, deadline, stats)
             stats.seconds = time.perf_counter() - t0
             if end:
                 t1 = time.perf_counter()
                 sender.end(timeout=op_timeout)
                 stats.end_seconds = time.perf_counter() - t1
+            stats.handoff_seconds = time.perf_counter() - t_entry
+            if trail_full:
+                t2 = time.perf_counter()
+                if self.cuda:
+                    self._fill_cuda(group, staged, jobs, slot_list, full_out, deadline, stats)
+                else:
+                    self._fill_cpu(group, staged, jobs, slot_list, full_out, deadline, stats)
+                stats.trail_seconds = time.perf_counter() - t2
         except BaseException as e:
             reason = f"rank {group.rank}: {type(e).__name__}: {e}"
             log.warning("broadcast failed, aborting: %s", reason)
@@ -323,6 +416,32 @@ class BroadcastTransport:
         for slot in range(len(slot_list)):
             sender.wait_slot_free(slot, timeout=deadline.seconds)
 
+    def _fill_cpu(
+        self,
+        group: Group,
+        staged: StagedCheckpoint,
+        jobs: Sequence[_BucketJob],
+        slot_list: Sequence[Slot],
+        full_out: Mapping[int, HostBuffer],
+        deadline: _Deadline,
+        stats: BroadcastStats,
+    ) -> None:
+        """The trailing full-version pass on CPU: broadcast every bucket again, keep what is missing."""
+        for index, job in enumerate(jobs):
+            b = job.bucket
+            if not b.nbytes:
+                continue
+            view = slot_list[index % len(slot_list)].tensor[: b.nbytes]
+            if job.root == group.rank:
+                view.copy_(staged.segments[b.owner].tensor[b.host_offset : b.host_offset + b.nbytes])
+            if group.spec.world_size > 1:
+                work = group.broadcast(view, job.root)
+                deadline.wait(work.is_completed, f"bucket {index}'s trailing broadcast")
+                work.wait()
+            dst = full_out.get(b.owner)
+            if dst is not None and job.root != group.rank:
+                dst.tensor[b.host_offset : b.host_offset + b.nbytes].copy_(view)
+
     # ---- GPU: NCCL, CUDA IPC slots, three streams ---------------------------------------------
 
     def _run_cuda(
@@ -343,14 +462,22 @@ class BroadcastTransport:
         free = [torch.cuda.Event() for _ in range(nslots)]
         for ev in free:
             ev.record(self.comm_stream)
+        self.copy_stream.wait_stream(self.comm_stream)
+        origin = _record(self.copy_stream)  # the timeline's zero
+        host_origin = time.perf_counter()
         timing: list[_CudaTimes] = []
         pending: collections.deque[tuple[int, _BucketJob, _CudaTimes]] = collections.deque()
+        multi = group.spec.world_size > 1
 
         def finish(index: int, job: _BucketJob, times: _CudaTimes) -> None:
             # A collective that failed is aborted by our deadline (or NCCL's watchdog at the same
             # timeout), which raises here before the bucket is announced.
-            stats.wait_ready_seconds += deadline.wait(times.arrived.query, f"bucket {index}'s broadcast")
+            if not times.arrived.query():
+                stats.wait_ready_seconds += deadline.wait(times.arrived.query, f"bucket {index}'s broadcast")
+            t = time.perf_counter()
             sender.send_bucket(index % nslots, job.entries)
+            times.announced = t - host_origin
+            stats.send_seconds += time.perf_counter() - t
             stats.buckets += 1
             stats.bytes += job.bucket.nbytes
             if progress is not None:
@@ -360,13 +487,13 @@ class BroadcastTransport:
             slot = index % nslots
             while pending and pending[0][0] <= index - nslots:
                 finish(*pending.popleft())
-            if index >= nslots:
+            if index >= nslots and not sender.slot_free(slot):
                 t = time.perf_counter()
                 sender.wait_slot_free(slot, timeout=deadline.seconds)
                 stats.wait_free_seconds += time.perf_counter() - t
             b = job.bucket
             view = slot_list[slot].tensor[: b.nbytes]
-            times = _CudaTimes()
+            times = _CudaTimes(index=index, root=job.root, nbytes=b.nbytes)
             if job.root == group.rank and b.nbytes:
                 src = staged.segments[b.owner].tensor[b.host_offset : b.host_offset + b.nbytes]
                 self.copy_stream.wait_event(free[slot])
@@ -379,10 +506,9 @@ class BroadcastTransport:
             else:
                 self.comm_stream.wait_event(free[slot])
             times.bcast_start = _record(self.comm_stream)
-            if b.nbytes and group.spec.world_size > 1:
+            if b.nbytes and multi:
                 with torch.cuda.stream(self.comm_stream):
-                    times.work = group.broadcast(view, job.root)
-                    times.work.wait()  # the comm stream waits for the collective; the host does not
+                    group.broadcast(view, job.root).wait()  # the comm stream waits; the host does not
             # Arrival is marked on the comm stream, so a bucket's hand-off never waits behind the
             # device→host copy of an earlier one.
             times.arrived = _record(self.comm_stream)
@@ -401,35 +527,134 @@ class BroadcastTransport:
                 finish(*pending.popleft())
         while pending:
             finish(*pending.popleft())
+        t = time.perf_counter()
         for slot in range(nslots):
             sender.wait_slot_free(slot, timeout=deadline.seconds)
+        stats.drain_seconds = time.perf_counter() - t
         # The full-version copies must have landed before the caller uses the buffers.
         done = _record(self.d2h_stream)
         deadline.wait(done.query, "the last device→host copies")
         self.comm_stream.synchronize()
-        for tm in timing:
-            if tm.h2d_start is not None and tm.h2d_end is not None:
-                stats.host_to_slot_seconds += tm.h2d_start.elapsed_time(tm.h2d_end) / 1e3
-            if tm.bcast_start is not None:
-                stats.broadcast_seconds += tm.bcast_start.elapsed_time(tm.arrived) / 1e3
-            if tm.d2h_end is not None:
-                stats.slot_to_host_seconds += tm.arrived.elapsed_time(tm.d2h_end) / 1e3
+        _summarize(origin, timing, stats, trail=False)
+
+    def _fill_cuda(
+        self,
+        group: Group,
+        staged: StagedCheckpoint,
+        jobs: Sequence[_BucketJob],
+        slot_list: Sequence[Slot],
+        full_out: Mapping[int, HostBuffer],
+        deadline: _Deadline,
+        stats: BroadcastStats,
+    ) -> None:
+        """The trailing full-version pass: every bucket broadcast again and copied into `full_out`,
+        ordered by CUDA events alone (no acks, no host waits until the end)."""
+        nslots = len(slot_list)
+        free = [torch.cuda.Event() for _ in range(nslots)]
+        for ev in free:
+            ev.record(self.comm_stream)
+        self.copy_stream.wait_stream(self.comm_stream)
+        origin = _record(self.copy_stream)
+        timing: list[_CudaTimes] = []
+        multi = group.spec.world_size > 1
+        for index, job in enumerate(jobs):
+            b = job.bucket
+            if not b.nbytes:
+                continue
+            slot = index % nslots
+            view = slot_list[slot].tensor[: b.nbytes]
+            times = _CudaTimes(index=index, root=job.root, nbytes=b.nbytes)
+            if job.root == group.rank:
+                src = staged.segments[b.owner].tensor[b.host_offset : b.host_offset + b.nbytes]
+                self.copy_stream.wait_event(free[slot])
+                times.h2d_start = _record(self.copy_stream)
+                with torch.cuda.stream(self.copy_stream):
+                    view.copy_(src, non_blocking=True)
+                times.h2d_end = _record(self.copy_stream)
+                self.comm_stream.wait_event(times.h2d_end)
+            else:
+                self.comm_stream.wait_event(free[slot])
+            times.bcast_start = _record(self.comm_stream)
+            if multi:
+                with torch.cuda.stream(self.comm_stream):
+                    group.broadcast(view, job.root).wait()
+            times.arrived = _record(self.comm_stream)
+            dst = full_out.get(b.owner)
+            if dst is not None and job.root != group.rank:
+                self.d2h_stream.wait_event(times.arrived)
+                with torch.cuda.stream(self.d2h_stream):
+                    dst.tensor[b.host_offset : b.host_offset + b.nbytes].copy_(view, non_blocking=True)
+                times.d2h_end = _record(self.d2h_stream)
+                free[slot].record(self.d2h_stream)
+            else:
+                free[slot].record(self.comm_stream)
+            timing.append(times)
+        self.d2h_stream.wait_stream(self.comm_stream)
+        done = _record(self.d2h_stream)
+        deadline.wait(done.query, "the trailing full-version pass")
+        _summarize(origin, timing, stats, trail=True)
 
 
 @dataclass
 class _CudaTimes:
+    index: int = 0
+    root: int = 0
+    nbytes: int = 0
     h2d_start: torch.cuda.Event | None = None
     h2d_end: torch.cuda.Event | None = None
     bcast_start: torch.cuda.Event | None = None
     arrived: torch.cuda.Event = field(default_factory=torch.cuda.Event)
     d2h_end: torch.cuda.Event | None = None
-    work: Any = None
+    announced: float = -1.0  # host seconds from the pass's start when the workers were told
 
 
 def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
     ev = torch.cuda.Event(enable_timing=True)
     ev.record(stream)
     return ev
+
+
+def _summarize(
+    origin: torch.cuda.Event, timing: Sequence[_CudaTimes], stats: BroadcastStats, *, trail: bool
+) -> None:
+    """Stage totals and the per-bucket timeline from the (completed) events of one pass."""
+
+    def at(ev: torch.cuda.Event | None) -> float:
+        return round(origin.elapsed_time(ev), 3) if ev is not None else -1.0
+
+    h2d = d2h = bcast = 0.0
+    rows: list[list[float]] = []
+    for tm in timing:
+        row = [
+            float(tm.index),
+            float(tm.root),
+            round(tm.nbytes / (1 << 20), 3),
+            at(tm.h2d_start),
+            at(tm.h2d_end),
+            at(tm.bcast_start),
+            at(tm.arrived),
+            at(tm.d2h_end),
+            round(tm.announced * 1e3, 3) if tm.announced >= 0 else -1.0,
+        ]
+        rows.append(row)
+        if row[3] >= 0:
+            h2d += (row[4] - row[3]) / 1e3
+        if row[5] >= 0:
+            bcast += (row[6] - row[5]) / 1e3
+        if row[7] >= 0:
+            d2h += (row[7] - row[6]) / 1e3
+    span = max((r[6] for r in rows), default=0.0) / 1e3
+    if trail:
+        stats.trail_host_to_slot_seconds = h2d
+        stats.trail_slot_to_host_seconds = d2h
+        stats.trail_gpu_span_seconds = max(span, max((r[7] for r in rows), default=0.0) / 1e3)
+        stats.trail_timeline = rows
+    else:
+        stats.host_to_slot_seconds = h2d
+        stats.broadcast_seconds = bcast
+        stats.slot_to_host_seconds = d2h
+        stats.gpu_span_seconds = span
+        stats.timeline = rows
 
 
 def run_broadcast(
@@ -447,6 +672,7 @@ def run_broadcast(
     op_timeout: float = 60.0,
     end: bool = True,
     begin: bool = True,
+    trail_full: bool = False,
 ) -> BroadcastStats:
     """One broadcast update on this rank. `member_parts` maps every rank to the part it holds
     ((index, count), or None for a complete copy); see `buckets.owners_by_part`."""
@@ -468,6 +694,7 @@ def run_broadcast(
             op_timeout=op_timeout,
             end=end,
             begin=begin,
+            trail_full=trail_full,
         )
     except GroupError as e:
         raise BroadcastError(str(e)) from e

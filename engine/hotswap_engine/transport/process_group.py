@@ -245,6 +245,18 @@ class GroupCache:
     def current(self) -> Group | None:
         return self._group
 
+    def would_abandon(self, spec: GroupSpec, rank: int, *, bind_host: str, device: torch.device) -> bool:
+        """True when `get` for this membership would have to drop a healthy NCCL group: the process
+        should rather be replaced (a fresh one has no communicator to abandon, and NCCL's teardown
+        is not safe to run in-process, see `Group.abort`)."""
+        group = self._group
+        return (
+            group is not None
+            and not group.broken
+            and group.spec.backend == "nccl"
+            and self._key != (spec, rank, bind_host, device)
+        )
+
     def discard(self) -> None:
         if self._group is not None:
             self._group.abort()

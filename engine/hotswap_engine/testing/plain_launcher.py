@@ -1,0 +1,166 @@
+"""A stand-in for the inference container without vLLM: the launcher's control socket in front of
+one plain receiver per tensor-parallel rank, each owning preallocated parameters on its device.
+
+    python -m hotswap_engine.testing.plain_launcher --control-socket S --base CKPT --tp 2 --device cuda
+
+Same protocol as `vllm_launcher` (its `ControlServer`: `POST /apply`, `GET /healthz`, paused after a
+failed apply until a successful one), so the real agent drives it unchanged: on /apply every rank r
+connects a `HandoffReceiver` to the endpoint with `{rank}` → r (device cuda:r, or cpu), fills its
+parameters (poisoned first, so a chunk that never arrives cannot pass a check) and says done.
+One more route for tests: `GET /verify?checkpoint=PATH` compares every rank's parameters byte for
+byte with a checkpoint: `{"ok": bool, "mismatched": {rank: [names]}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from hotswap_engine.handoff import HandoffReceiver
+from hotswap_engine.testing.plain_receiver import POISON, allocate, flat_bytes, load_expected, receive, verify
+from hotswap_engine.vllm_launcher import ControlServer
+
+log = logging.getLogger("hotswap_engine.testing.plain_launcher")
+
+
+class PlainEngine:
+    """The part of vLLM's engine client the control server uses, over plain receivers."""
+
+    def __init__(self, base: Path, tp: int, device: str) -> None:
+        self.devices = [
+            torch.device(f"cuda:{r}") if device == "cuda" else torch.device("cpu") for r in range(tp)
+        ]
+        self.params = [allocate(base, d) for d in self.devices]
+        self.paused = False
+        self.applies = 0
+
+    async def check_health(self) -> None:
+        return None
+
+    async def is_paused(self) -> bool:
+        return self.paused
+
+    async def pause_generation(self, mode: str = "keep", clear_cache: bool = True) -> None:
+        self.paused = True
+
+    async def resume_generation(self) -> None:
+        self.paused = False
+
+    async def collective_rpc(
+        self, method: str, timeout: float | None = None, args: tuple[Any, ...] = ()
+    ) -> list[dict[str, Any]]:
+        assert method == "hotswap_apply", method
+        endpoint, version, wait = args
+        return await asyncio.to_thread(self._apply_all, str(endpoint), str(version), float(wait))
+
+    def _apply_all(self, endpoint: str, version: str, timeout: float) -> list[dict[str, Any]]:
+        results: list[dict[str, Any] | BaseException] = [RuntimeError("no result")] * len(self.devices)
+
+        def one(rank: int) -> None:
+            try:
+                results[rank] = self._apply(rank, endpoint.replace("{rank}", str(rank)), version, timeout)
+            except BaseException as e:  # reported below
+                results[rank] = e
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(len(self.devices))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        errors = [
+            f"rank {r}: {type(e).__name__}: {e}"
+            for r, e in enumerate(results)
+            if isinstance(e, BaseException)
+        ]
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        self.applies += 1
+        return [r for r in results if isinstance(r, dict)]
+
+    def _apply(self, rank: int, endpoint: str, version: str, timeout: float) -> dict[str, Any]:
+        device = self.devices[rank]
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        params = self.params[rank]
+        for t in params.values():
+            flat_bytes(t).fill_(POISON)
+        t0 = time.perf_counter()
+        with HandoffReceiver(endpoint, rank, device, timeout=timeout) as rx:
+            try:
+                got, nbytes, touched = receive(rx, params)
+                if got != version:
+                    raise ValueError(f"the sender offers {got}, asked for {version}")
+                missing = sorted(set(params) - touched)
+                if missing:
+                    raise ValueError(f"no bytes arrived for {missing[:10]}")
+            except Exception as e:
+                rx.fail(f"{type(e).__name__}: {e}")
+                raise
+            rx.done()
+        return {
+            "rank": rank,
+            "version": version,
+            "tensors": len(touched),
+            "bytes": nbytes,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def verify(self, checkpoint: Path) -> dict[str, Any]:
+        mismatched: dict[str, list[str]] = {}
+        for rank, (device, params) in enumerate(zip(self.devices, self.params, strict=True)):
+            bad = verify(params, load_expected(checkpoint, device))
+            if bad:
+                mismatched[str(rank)] = bad[:20]
+        return {"ok": not mismatched, "mismatched": mismatched, "applies": self.applies}
+
+
+class PlainControlServer(ControlServer):
+    engine: PlainEngine
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.router.add_get("/verify", self.handle_verify)
+        return app
+
+    async def handle_verify(self, request: web.Request) -> web.Response:
+        checkpoint = Path(request.query["checkpoint"])
+        if self._lock.locked():
+            return web.json_response({"ok": False, "error": "an apply is running"}, status=409)
+        return web.json_response(await asyncio.to_thread(self.engine.verify, checkpoint))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    engine = PlainEngine(args.base, args.tp, args.device)
+    server = PlainControlServer(engine, str(args.control_socket))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("plain launcher: %d ranks on %s, control socket %s", args.tp, args.device, args.control_socket)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--control-socket", type=Path, required=True)
+    ap.add_argument("--base", type=Path, required=True, help="checkpoint whose headers shape the parameters")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s plain-launcher: %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

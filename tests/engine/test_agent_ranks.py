@@ -1,0 +1,163 @@
+"""Agents with several rank workers (`--gpus 2` on CPU: two gloo processes per agent).
+
+1. Two pods, each an agent with two rank workers: pod A in front of a vLLM TP=2 engine (each
+   TP rank's worker connects to its own rank worker's hand-off), pod B in front of the plain
+   launcher (one plain receiver per rank, checked byte for byte). The group has 4 ranks; each pod
+   broadcasts half of the checkpoint, dealt to its two rank workers. TP=2 answers may differ from
+   TP=1 ones (reduction order), so engine A starts on v1 and serves as its own reference: after
+   v2 and then v1 again through the agents, its greedy output equals this fresh engine's on v1.
+2. The GPU check script on CPU (`bench/agent_gpu_check.py --device cpu --pods 2 --gpus 2 --kill`):
+   broadcast between two such agents, then a rank worker SIGKILLed mid-update: the update fails in
+   bounded time, the agents stay up and serve the old weights, the worker is replaced and the next
+   update succeeds (all byte-exact).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pods import AGENT_PORT, REPO, VLLM_PORT, Pod, _get, loopback_ips, pod_env
+
+pytestmark = pytest.mark.vllm
+
+
+class RankPod(Pod):
+    """A pod whose agent runs two rank workers; `plain` puts the plain launcher in place of vLLM."""
+
+    plain: bool = False
+
+    def start(self, *, collective_timeout: float = 20.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "shm").mkdir(exist_ok=True)
+        env = pod_env()
+        if self.plain:
+            launcher = ["-m", "hotswap_engine.testing.plain_launcher", "--tp", "2", "--base", str(self.model)]
+        else:
+            launcher = ["-m", "hotswap_engine.vllm_launcher", str(self.model), "--host", self.ip]
+            launcher += [
+                "--port",
+                str(VLLM_PORT),
+                "--enforce-eager",
+                "--kv-cache-memory-bytes",
+                str(32 << 20),
+            ]
+            launcher += ["--max-model-len", "256", "--seed", "0", "--tensor-parallel-size", "2"]
+        self._spawn(
+            "launcher", [sys.executable, *launcher, "--control-socket", str(self.control_socket)], env
+        )
+        agent = [sys.executable, "-m", "hotswap_engine.agent", "--pod-name", self.name, "--host", self.ip]
+        agent += [
+            "--port",
+            str(AGENT_PORT),
+            "--base-checkpoint",
+            str(self.model),
+            "--allowed-root",
+            str(self.root),
+        ]
+        agent += ["--control-socket", str(self.control_socket), "--gpus", "2"]
+        agent += ["--handoff-endpoint", f"ipc://{self.workdir / 'handoff.sock'}"]  # → handoff-{rank}.sock
+        agent += ["--shm-dir", str(self.workdir / "shm"), "--collective-timeout", str(collective_timeout)]
+        self._spawn("agent", agent, {**env, "HOTSWAP_AGENT_TOKEN": self.token})
+
+    def wait_up(self, timeout: float = 600.0) -> None:
+        if not self.plain:
+            self.wait_ready(timeout)
+            return
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for what, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{self.name}: {what} exited with {p.returncode}\n{self.logs()}")
+            if self.control_socket.exists() and _get(f"{self.agent_url}/healthz") is not None:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not up\n{self.logs()}")
+
+    def verify(self, checkpoint: Path) -> dict[str, object]:
+        sys.path.insert(0, str(REPO / "bench"))
+        from agent_gpu_check import control_get
+
+        return control_get(self.control_socket, f"/verify?checkpoint={checkpoint}")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from hotswap_engine.testing.tiny_model import build_tiny_model, make_variant
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    base = build_tiny_model(root / "v0", seed=0, shards=2)
+    return {"root": root, "v1": make_variant(base, root / "v1", 1), "v2": make_variant(base, root / "v2", 2)}
+
+
+@pytest.fixture(scope="module")
+def pair(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RankPod]]:
+    ip_a, ip_b = loopback_ips(2, first=31)
+    a = RankPod("pod-a", ip_a, models["v1"], models["root"], tmp_path_factory.mktemp("poda"))
+    b = RankPod("pod-b", ip_b, models["v1"], models["root"], tmp_path_factory.mktemp("podb"))
+    b.plain = True
+    try:
+        for p in (a, b):
+            p.start(collective_timeout=20)
+        b.wait_up()
+        a.wait_up()
+        yield [a, b]
+    finally:
+        for p in (a, b):
+            p.stop()
+
+
+def _update(pods: list[RankPod], version: str, path: Path, port: int) -> None:
+    from pods import group
+
+    for i, p in enumerate(pods):
+        body = {"version": version, "source": {"path": str(path)}, "part": {"index": i, "count": 2}}
+        code, answer = p.api("POST", "/v1/stage", body)
+        assert code == 201, answer
+    ids = []
+    for i, p in enumerate(pods):
+        code, answer = p.api(
+            "POST", "/v1/updates", {"version": version, "rank": i, "group": group(pods, port)}
+        )
+        assert code == 202, answer
+        ids.append(answer["id"])
+    for p, i in zip(pods, ids, strict=True):
+        r = p.wait_update(i, timeout=300)
+        assert r["stage"] == "Complete", (r, p.logs(60))
+        assert r["bytes_done"] == r["bytes_total"] > 0
+
+
+def test_tp2_engine_behind_an_agent_with_two_rank_workers(
+    pair: list[RankPod], models: dict[str, Path]
+) -> None:
+    a, b = pair
+    fresh_v1 = a.generate()  # engine A was started on v1: the fresh engine's answers
+    _update(pair, "v2", models["v2"], 29611)
+    v2_texts = a.generate()
+    assert v2_texts != fresh_v1
+    assert b.verify(models["v2"])["ok"]
+    _update(pair, "v1b", models["v1"], 29612)
+    assert a.generate() == fresh_v1  # both TP ranks got every byte of v1 (a wrong slice would show)
+    assert b.verify(models["v1"])["ok"]
+    for p in pair:
+        st = p.status()
+        assert st["serving_version"] == "v1b" and st["ready"], st
+
+
+def test_rank_worker_killed_mid_update_cpu(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(REPO / "bench" / "agent_gpu_check.py"), "--device", "cpu", "--gpus", "2"]
+    cmd += ["--pods", "2", "--shape", "mixed", "--updates", "1", "--kill", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=pod_env(), capture_output=True, text=True, timeout=1200, cwd=REPO)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("AGENT_GPU_CHECK ")]
+    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(lines[-1].removeprefix("AGENT_GPU_CHECK "))
+    failed = [c for c in summary["checks"] if not c["ok"]]
+    assert summary["ok"] and not failed, (failed, done.stderr[-3000:])
+    names = [c["check"] for c in summary["checks"]]
+    assert any("replaced" in n for n in names) and any("next update" in n for n in names), names
