@@ -58,6 +58,10 @@ sed "s|@CHECKPOINTS@|$CKPT|" demo/pool.yaml.in | kubectl -n "$NS" apply -f -
 t=$(date +%s.%N)
 kubectl -n "$NS" wait --for=condition=Available "inferencepools.hotswap.dev/$POOL" --timeout=900s
 echo "  Available after $(elapsed "$t")"
+# Both replicas in the broadcast: a version published while one engine still starts reaches that
+# pod later, peer-to-peer (correct, but not what this step shows).
+kubectl -n "$NS" wait --for=jsonpath='{.status.readyReplicas}'=2 "inferencepools.hotswap.dev/$POOL" --timeout=900s
+echo "  2/2 ready after $(elapsed "$t")"
 kubectl -n "$NS" get hspool "$POOL"
 "$PY" demo/ask.py "$NS" "$POOL"
 
