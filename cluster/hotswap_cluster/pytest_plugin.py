@@ -62,11 +62,8 @@ def kube_api(hotswap_cluster: ClusterHandle) -> Iterator[client.ApiClient]:
     api.close()
 
 
-@pytest.fixture
-def namespace(request: pytest.FixtureRequest, kube_api: client.ApiClient) -> Iterator[str]:
-    core = client.CoreV1Api(kube_api)
-    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"t-{slug}-{uuid.uuid4().hex[:5]}"
+def create_test_namespace(core: client.CoreV1Api, name: str) -> None:
+    """Create a namespace labelled as a test's and wait until pods can be admitted in it."""
     core.create_namespace(
         client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"hotswap.dev/test": "1"}))
     )
@@ -80,6 +77,14 @@ def namespace(request: pytest.FixtureRequest, kube_api: client.ApiClient) -> Ite
         30,
         f"default ServiceAccount in {name}",
     )
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest, kube_api: client.ApiClient) -> Iterator[str]:
+    core = client.CoreV1Api(kube_api)
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{slug}-{uuid.uuid4().hex[:5]}"
+    create_test_namespace(core, name)
     yield name
     if request.node.stash.get(_failed_key, False):
         print(f"\n===== diagnostics for namespace {name}\n{describe_namespace(kube_api, name)}")

@@ -17,11 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from e2e_fleet import (
     CRDS,
-    GROUP,
-    VERSION,
     Checkpoints,
     Cluster,
     OperatorProcess,
@@ -29,8 +26,10 @@ from e2e_fleet import (
     log,
     write_mismatched,
 )
+from hotswap_cluster.crds import apply_crds
 from hotswap_cluster.diagnostics import describe_namespace
 from hotswap_cluster.processes import pod_processes
+from hotswap_cluster.pytest_plugin import create_test_namespace
 from hotswap_cluster.waiting import wait_for
 from kubernetes import client
 
@@ -38,25 +37,7 @@ from kubernetes import client
 @pytest.fixture(scope="session")
 def e2e_crds(kube_api: client.ApiClient) -> None:
     """The CRDs from crds/, applied (created or replaced) and served."""
-    ext = client.ApiextensionsV1Api(kube_api)
-    custom = client.CustomObjectsApi(kube_api)
-    for path in sorted(CRDS.glob("*.yaml")):
-        body = yaml.safe_load(path.read_text())
-        name = body["metadata"]["name"]
-        try:
-            current: Any = ext.read_custom_resource_definition(name)
-            body["metadata"]["resourceVersion"] = current.metadata.resource_version
-            ext.replace_custom_resource_definition(name, body)
-        except client.ApiException as e:
-            if e.status != 404:
-                raise
-            ext.create_custom_resource_definition(body)
-        plural: str = body["spec"]["names"]["plural"]
-
-        def served(plural: str = plural) -> bool:
-            return custom.list_cluster_custom_object(GROUP, VERSION, plural) is not None
-
-        wait_for(served, 30, f"{name} served")
+    apply_crds(kube_api, CRDS)
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +45,7 @@ def e2e_namespace(request: pytest.FixtureRequest, kube_api: client.ApiClient) ->
     """A namespace for the whole module; diagnostics are printed when any of its tests failed."""
     core = client.CoreV1Api(kube_api)
     name = f"t-e2e-{uuid.uuid4().hex[:6]}"
-    core.create_namespace(
-        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"hotswap.dev/test": "1"}))
-    )
-    wait_for(
-        lambda: (
-            core.read_namespaced_service_account("default", name)
-            and core.read_namespaced_config_map("kube-root-ca.crt", name)
-        ),
-        30,
-        f"default ServiceAccount in {name}",
-    )
+    create_test_namespace(core, name)
     yield name
     if request.session.testsfailed:
         print(f"\n===== diagnostics for namespace {name}\n{describe_namespace(kube_api, name)}")

@@ -33,6 +33,7 @@ from hotswap_engine import protocol
 from hotswap_engine.agent import ranks
 from hotswap_engine.handoff import HandoffSender
 from hotswap_engine.hostmem import HostBuffer
+from hotswap_engine.pacing import Pacer
 from hotswap_engine.staging import StagedCheckpoint
 from hotswap_engine.transport.broadcast import BroadcastError, BroadcastTransport, make_plan
 from hotswap_engine.transport.process_group import GroupCache, GroupError, GroupSpec
@@ -141,7 +142,7 @@ class RankWorker:
             for v in split.parts_of(self.local_rank)
             if (real := split.real_part[v]) in full_out
         }
-        pace = _Pacer(msg.get("max_rate"))
+        pace = Pacer(msg.get("max_rate"))
         last = [0.0]
 
         def progress(done: int) -> None:
@@ -199,24 +200,6 @@ class RankWorker:
         for b in self.buffers.values():
             b.close()
         self.buffers.clear()
-
-
-class _Pacer:
-    """Sleeps so that `done` bytes take at least done / rate seconds since the first call."""
-
-    def __init__(self, rate: int | None) -> None:
-        self.rate = rate
-        self.t0: float | None = None
-
-    def wait(self, done: int) -> None:
-        if not self.rate:
-            return
-        now = time.perf_counter()
-        if self.t0 is None:
-            self.t0 = now
-        ahead = done / self.rate - (now - self.t0)
-        if ahead > 0:
-            time.sleep(ahead)
 
 
 def serve(sock: socket.socket, worker: RankWorker) -> int:

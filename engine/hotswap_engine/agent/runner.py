@@ -24,6 +24,7 @@ from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.agent.rank_pool import RankPool, failures
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
 from hotswap_engine.p2p_plan import plan_reads
+from hotswap_engine.pacing import Pacer
 from hotswap_engine.transport.broadcast import allocate_full_version, complete_version, make_plan
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ class UpdateRunner:
             rec.durations["connect"] = round(time.perf_counter() - t0, 4)
             rec.stage = protocol.UpdateStage.TRANSFERRING
             rec.bytes_total = dest.nbytes
-            pace = _Pacer(req.max_bytes_per_second)
+            pace = Pacer(req.max_bytes_per_second)
 
             def progress(done: int, total: int) -> None:
                 rec.bytes_done = done
@@ -422,24 +423,6 @@ async def _settle(task: asyncio.Task[launcher_client.ApplyResult], timeout: floa
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None if result.ok else result.error
-
-
-class _Pacer:
-    """Sleeps so that `done` bytes take at least done / rate seconds since the first call."""
-
-    def __init__(self, rate: int | None) -> None:
-        self.rate = rate
-        self.t0: float | None = None
-
-    def wait(self, done: int) -> None:
-        if self.rate is None:
-            return
-        now = time.perf_counter()
-        if self.t0 is None:
-            self.t0 = now
-        ahead = done / self.rate - (now - self.t0)
-        if ahead > 0:
-            time.sleep(ahead)
 
 
 def _free_port(host: str) -> int:
