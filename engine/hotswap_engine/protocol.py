@@ -22,6 +22,10 @@ VersionName = Annotated[
     Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"),
 ]
 
+# A file path as the API takes it: no C0 control characters and no DEL (an embedded NUL byte is a
+# path no file can have). The CRDs use the same pattern (`hotswap_operator.resources.PATH_PATTERN`).
+PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,9 +60,9 @@ class Source(_Model):
     """Where a checkpoint lives: a directory (sharded with model.safetensors.index.json, or holding
     *.safetensors files) or a single .safetensors file, inside one of the agent's allowed roots."""
 
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, pattern=PATH_PATTERN)
     # Optional JSON manifest {"files": {"<file name>": "<hex sha256>"}} checked before use.
-    sha256_manifest: str | None = None
+    sha256_manifest: str | None = Field(default=None, pattern=PATH_PATTERN)
 
 
 class StageRequest(_Model):

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -84,6 +85,10 @@ class StagingError(ValueError):
 
 class ForbiddenPath(StagingError):
     pass
+
+
+class InvalidPath(StagingError):
+    """A path no file can have (control characters such as an embedded NUL byte)."""
 
 
 class CheckpointNotFound(StagingError):
@@ -250,9 +255,14 @@ def _names(names: Sequence[str], limit: int = 10) -> str:
 
 # ---- validation --------------------------------------------------------------------------------
 
+# C0 control characters and DEL (`protocol.PATH_PATTERN` refuses them at the API already).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def check_path(path: Path, allowed_roots: Iterable[str | Path]) -> Path:
     """Resolve symlinks and require the result to lie inside one of the allowed roots."""
+    if _CONTROL.search(str(path)):
+        raise InvalidPath(f"{str(path)!r}: a path must not contain control characters")
     roots = [Path(r).resolve() for r in allowed_roots]
     try:
         resolved = path.resolve(strict=True)
@@ -263,6 +273,8 @@ def check_path(path: Path, allowed_roots: Iterable[str | Path]) -> Path:
         raise ForbiddenPath(f"{path}: outside the allowed roots {[str(r) for r in roots]}") from e
     except (OSError, RuntimeError) as e:
         raise ForbiddenPath(f"{path}: cannot be resolved ({e})") from e
+    except ValueError as e:  # what the OS refuses outright, e.g. an embedded NUL byte
+        raise InvalidPath(f"{str(path)!r}: {e}") from e
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise ForbiddenPath(
             f"{path} resolves to {resolved}, outside the allowed roots {[str(r) for r in roots]}"

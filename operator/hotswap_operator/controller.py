@@ -6,9 +6,11 @@ re-derives the same actions from the same status and the agents' own state (stag
 requests are idempotent or answer 409 when already running).
 
 Staging can take minutes, so Stage calls run as background tasks (at most one per pod and version);
-the loop keeps polling meanwhile. Errors from actions come back into the next plan as
-`ActionFailure`s: permanent ones (a missing or mismatching checkpoint, a forbidden path) fail the
-WeightVersion, transient ones are simply retried by the next plan.
+the loop keeps polling meanwhile. Errors from actions come back into every plan as `ActionFailure`s,
+kept per (pod, version) until that action succeeds: permanent ones (a missing or mismatching
+checkpoint, a forbidden or invalid path) fail the WeightVersion, any other (an agent's 500, a
+timeout, an unreachable agent) is retried with exponential backoff (`planner.backoff_s`) and shows
+in the WeightVersion's status message meanwhile.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class PoolController:
         self.namespace = namespace
         self.name = name
         self.wake = asyncio.Event()
-        self._failures: list[ActionFailure] = []
+        self._failures: dict[tuple[str, str], ActionFailure] = {}  # by (pod, version)
         self._staging: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._client: AgentClient | None = None
         self._token: str | None = None
@@ -119,8 +121,9 @@ class PoolController:
         versions = await kube.list_weight_versions(self.namespace)
         agents = await self._poll(client, pods, parsed.spec.engine.port)
         fleet = snapshot.fleet(pool, pods, agents, versions, datetime.now(UTC))
-        failures, self._failures = self._failures, []
-        plan = planner.plan(fleet, failures, self.rt.config)
+        live = {p.name for p in fleet.pods}
+        self._failures = {k: f for k, f in self._failures.items() if k[0] in live}
+        plan = planner.plan(fleet, tuple(self._failures.values()), self.rt.config)
 
         # The pool first: if the operator dies between the two writes, a version that completed is
         # already current, and the next plan completes its WeightVersion again (idempotent). The
@@ -228,14 +231,33 @@ class PoolController:
             try:
                 await client.stage(action.endpoint, action.request)
                 self.rt.metrics.actions.labels("stage", "ok").inc()
+                self._failures.pop(key, None)
             except AgentClientError as e:
                 permanent = e.permanent or isinstance(e, AgentNotFound)
                 self.rt.metrics.actions.labels("stage", "permanent" if permanent else "error").inc()
-                self._failures.append(ActionFailure(action.pod, action.request.version, str(e), permanent))
+                self._record_failure(key, str(e), permanent, action.request.source)
             finally:
                 self.wake.set()
 
         self._staging[key] = asyncio.create_task(stage(), name=f"stage {action.pod} {action.request.version}")
+
+    def _record_failure(
+        self, key: tuple[str, str], message: str, permanent: bool, source: protocol.Source | None
+    ) -> None:
+        prev = self._failures.get(key)
+        attempts = prev.attempts + 1 if prev is not None and prev.source == source else 1
+        self._failures[key] = ActionFailure(
+            key[0], key[1], message, permanent, at=datetime.now(UTC), attempts=attempts, source=source
+        )
+        log.warning(
+            "pool %s/%s: %s on pod %s failed (attempt %d): %s",
+            self.namespace,
+            self.name,
+            "stage" if source is not None else "update",
+            key[0],
+            attempts,
+            message,
+        )
 
     async def _run_action(
         self, client: AgentClient, action: planner.Action, pool: Obj, versions: Mapping[str, Obj]
@@ -270,7 +292,7 @@ class PoolController:
         except AgentClientError as e:
             self.rt.metrics.actions.labels(kind, "error").inc()
             if isinstance(action, planner.StartUpdate) and e.permanent:
-                self._failures.append(ActionFailure(action.pod, action.request.version, str(e), True))
+                self._record_failure((action.pod, action.request.version), str(e), True, None)
             raise
         except Exception as e:
             self.rt.metrics.actions.labels(kind, f"http{api_status(e) or ''}").inc()

@@ -127,18 +127,27 @@ class Fleet:
 
 @dataclass(frozen=True)
 class ActionFailure:
-    """An action of the previous round that the agent refused (fed back into the next plan)."""
+    """A Stage or update an agent refused or that failed. The controller keeps it, fed into every plan,
+    until the same action succeeds: a permanent one fails the rollout (or holds a catch-up), any other
+    is retried after `backoff_s(attempts)`, and its message shows in the WeightVersion's status."""
 
     pod: str
     version: str
     message: str
     permanent: bool  # the checkpoint is missing/invalid/forbidden: retrying cannot help
+    at: datetime  # when the latest attempt failed
+    attempts: int = 1  # consecutive failed attempts
+    source: protocol.Source | None = None  # what the Stage asked for (None: an update)
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
     p2p_catch_up: bool = True  # new pods read the current version from peers; False: from storage
     retry_backoff_s: float = 10.0  # a failed catch-up on a pod is retried after this long
+    # A failed Stage (an agent's 5xx, a timeout, an unreachable agent) is retried after
+    # base * 2^(attempts-1) seconds, at most max.
+    action_backoff_base_s: float = 1.0
+    action_backoff_max_s: float = 120.0
     active_requeue_s: float = 2.0
     idle_requeue_s: float = 30.0
 
@@ -241,6 +250,11 @@ def condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
     return next((c for c in conditions if c.type == type_), None)
 
 
+def backoff_s(attempts: int, config: PlannerConfig) -> float:
+    """Seconds to wait after the `attempts`-th consecutive failure of an action: exponential, capped."""
+    return min(config.action_backoff_max_s, config.action_backoff_base_s * 2 ** max(0, attempts - 1))
+
+
 def _order(v: VersionView) -> tuple[datetime, str]:
     return (v.created, v.name)
 
@@ -269,6 +283,18 @@ class _Round:
 
     def pod(self, name: str) -> PodView | None:
         return next((p for p in self.fleet.pods if p.name == name), None)
+
+    def failure(self, pod: str, version: str, source: protocol.Source | None) -> ActionFailure | None:
+        """The pod's failed action at `version` (with `source`: a Stage of that source, or an update)."""
+        for f in self.failures:
+            if f.pod == pod and f.version == version and (f.source is None or f.source == source):
+                return f
+        return None
+
+    def retry_in(self, f: ActionFailure) -> float:
+        """Seconds until the failed action may be sent again (0: now)."""
+        due = f.at + timedelta(seconds=backoff_s(f.attempts, self.config))
+        return max(0.0, (due - self.now).total_seconds())
 
     def endpoint(self, pod: PodView) -> str:
         return f"http://{pod.ip}:{self.spec.engine.port}"
@@ -466,8 +492,10 @@ def _do_staging(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
     rollout = st.rollout
     assert rollout is not None
     version = wv.spec.version
-    for f in r.failures:
-        if f.version == version and f.permanent and any(m.pod == f.pod for m in rollout.members):
+    source = r.abs_source(wv.spec.source)
+    for m in rollout.members:
+        f = r.failure(m.pod, version, source)
+        if f is not None and f.permanent:
             _fail(r, wv, st, "CheckpointInvalid", f"pod {f.pod} could not stage {version}: {f.message}")
             return
     lost = [why for m in rollout.members if (why := _lost(r, m))]
@@ -476,6 +504,7 @@ def _do_staging(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         return
     group = _group(r, rollout)
     staged: list[protocol.StagedVersion] = []
+    errors: list[str] = []
     for member in group.members:
         pod = r.pod(member.pod)
         assert pod is not None
@@ -483,12 +512,18 @@ def _do_staging(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         if have is not None:
             staged.append(have)
         elif pod.agent is not None:
-            req = protocol.StageRequest(
-                version=version, source=r.abs_source(wv.spec.source), part=member.part
-            )
+            f = r.failure(pod.name, version, source)
+            wait = r.retry_in(f) if f is not None else 0.0
+            if f is not None:
+                when = f"retrying in {wait:.0f}s" if wait > 0 else "retrying"
+                errors.append(f"pod {pod.name}: {f.message} ({f.attempts} failed attempt(s), {when})")
+            if wait > 0:
+                continue
+            req = protocol.StageRequest(version=version, source=source, part=member.part)
             r.actions.append(Stage(pod.name, r.endpoint(pod), req))
     if len(staged) < len(group.members):
         st.message = _attempt(rollout) + f"staged on {len(staged)}/{len(group.members)} pod(s)"
+        st.message += "".join(f"; {e}" for e in errors)
         return
     seconds = [s.stage_seconds for s in staged if s.stage_seconds is not None]
     staging = max(seconds) if seconds else (r.now - (st.start_time or r.now)).total_seconds()
@@ -618,7 +653,8 @@ def _drive(r: _Round, wv: VersionView) -> WeightVersionStatus:
     if st.phase is not Phase.PENDING and st.rollout is None:
         st.phase = Phase.PENDING  # a status written by hand or by an older operator: start over
     if r.now > _deadline(wv, st):
-        _fail(r, wv, st, "Timeout", f"timed out after {wv.spec.timeout} in phase {st.phase.value}")
+        last = f" ({st.message})" if st.message else ""
+        _fail(r, wv, st, "Timeout", f"timed out after {wv.spec.timeout} in phase {st.phase.value}{last}")
         return st
     if st.phase is Phase.PENDING:
         _do_pending(r, wv, st)
@@ -664,10 +700,10 @@ def _catch_up(
         if not p2p_failed and (r.now - finished).total_seconds() < r.config.retry_backoff_s:
             r.degraded.append(f"pod {pod.name} failed to catch up to {label}: {u.error}")
             return
-    for f in r.failures:
-        if f.pod == pod.name and f.version == label and f.permanent:
-            r.degraded.append(f"pod {pod.name} cannot stage {label}: {f.message}")
-            return
+    f = r.failure(pod.name, label, r.abs_source(source))
+    if f is not None and r.retry_in(f) > 0:
+        r.degraded.append(f"pod {pod.name} cannot stage {label}: {f.message}")
+        return
     r.active = True
     holders = tuple(
         protocol.PeerPart(pod=p.name, source=held.p2p)

@@ -46,6 +46,9 @@ BASE_VERSION = "base"
 VERSION_PATTERN = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"
 # Go-style durations such as "90s", "10m", "1h30m" (parsed by `parse_duration`).
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+# Paths (checkpoints, manifests): no C0 control characters and no DEL, so a NUL byte or a newline is
+# refused by the apiserver rather than reaching a pod (the agent's `protocol.PATH_PATTERN`, the same).
+PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 # Kubernetes binary/decimal quantities without fractions: "2Gi", "512Mi", "1073741824", "2G".
 QUANTITY_PATTERN = r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 
@@ -149,6 +152,7 @@ class ModelSpec(_Api):
     path: str = Field(
         min_length=1,
         max_length=1024,
+        pattern=PATH_PATTERN,
         json_schema_extra=validations(
             _cel("!self.startsWith('/')", "model.path must be relative to checkpointVolume.mountPath"),
             _cel("!self.matches('(^|/)[.][.](/|$)')", "model.path must not contain '..'"),
@@ -171,7 +175,7 @@ class CheckpointVolume(_Api):
         ),
     )
     """A Kubernetes VolumeSource, e.g. {persistentVolumeClaim: {claimName: checkpoints, readOnly: true}}."""
-    mount_path: str = Field(default="/checkpoints", pattern=r"^/[^:]*$")
+    mount_path: str = Field(default="/checkpoints", pattern=r"^/[^:\x00-\x1f\x7f]*$")
     """Where the volume appears in the pods; WeightVersion paths are relative to it."""
 
 
@@ -256,6 +260,7 @@ class SourceRef(_Api):
     path: str = Field(
         min_length=1,
         max_length=1024,
+        pattern=PATH_PATTERN,
         json_schema_extra=validations(
             _cel(
                 "!self.startsWith('/')",
@@ -268,6 +273,7 @@ class SourceRef(_Api):
     sha256_manifest: str | None = Field(
         default=None,
         max_length=1024,
+        pattern=PATH_PATTERN,
         json_schema_extra=validations(
             _cel("!self.startsWith('/')", "source.sha256Manifest must be relative to the checkpoint volume"),
             _cel("!self.matches('(^|/)[.][.](/|$)')", "source.sha256Manifest must not contain '..'"),

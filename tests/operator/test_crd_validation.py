@@ -89,6 +89,12 @@ def test_valid_objects_are_accepted_with_defaults(custom: client.CustomObjectsAp
             "source.sha256Manifest must not contain '..'",
         ),
         ({"timeout": "soon"}, "spec.timeout in body should match"),
+        ({"source": {"path": "ckpts/v1\x00"}}, "spec.source.path in body should match"),
+        ({"source": {"path": "ckpts/v1\nx"}}, "spec.source.path in body should match"),
+        (
+            {"source": {"path": "v1", "sha256Manifest": "m\x7f.json"}},
+            "spec.source.sha256Manifest in body should match",
+        ),
     ],
 )
 def test_invalid_weight_versions_are_refused(

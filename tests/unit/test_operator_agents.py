@@ -19,7 +19,8 @@ from aiohttp import web
 from hotswap_engine import protocol, staging
 from hotswap_engine.agent.api import build_app
 from hotswap_engine.agent.config import AgentConfig
-from hotswap_engine.agent.service import AgentService
+from hotswap_engine.agent.errors import BadRequest
+from hotswap_engine.agent.service import AgentService, as_api_error
 from hotswap_engine.testing.checkpoints import random_filler, save_file
 from hotswap_operator.agents import (
     AgentClient,
@@ -216,3 +217,42 @@ async def test_unreachable_and_silent_agents() -> None:
                 await c.status(f"http://127.0.0.1:{port}")
         finally:
             server.close()
+
+
+# ---- error classification: bad input is a 4xx with its own code, anything else a 500 ---------------
+
+
+async def test_control_characters_in_a_path_are_bad_requests(
+    agent: tuple[str, StorageOnlyRunner], root: Path
+) -> None:
+    url, _ = agent
+    for path in (f"{root}/v2\x00.safetensors", f"{root}/v2\n.safetensors"):
+        unchecked = protocol.Source.model_construct(path=path, sha256_manifest=None)
+        req = protocol.StageRequest.model_construct(version="v2", source=unchecked, part=None)
+        async with AgentClient(TOKEN) as c:
+            with pytest.raises(AgentError, match=r"source\.path") as e:
+                await c.stage(url, req)
+        assert (e.value.status, e.value.code, e.value.permanent) == (422, "bad_request", True)
+
+
+def test_a_path_the_os_refuses_is_an_invalid_path(root: Path) -> None:
+    with pytest.raises(staging.InvalidPath, match="control characters"):
+        staging.check_path(root / "v2\x00.safetensors", [root])
+    err = as_api_error(staging.InvalidPath("x"))
+    assert isinstance(err, BadRequest) and (err.status, err.code) == (400, "bad_request")
+
+
+async def test_unexpected_stage_error_is_internal_and_transient(
+    agent: tuple[str, StorageOnlyRunner], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, runner = agent
+
+    def broken(source: protocol.Source, part: protocol.PartSpec | None, full: bool = False) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(runner, "stage", broken)
+    req = protocol.StageRequest(version="v2", source=src(root, "v2.safetensors"))
+    async with AgentClient(TOKEN) as c:
+        with pytest.raises(AgentError, match="Input/output error") as e:
+            await c.stage(url, req)
+    assert (e.value.status, e.value.code, e.value.permanent) == (500, "internal", False)

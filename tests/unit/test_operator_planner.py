@@ -21,6 +21,7 @@ from hotswap_operator.planner import (
     StartUpdate,
     SyncPod,
     VersionView,
+    backoff_s,
     condition,
     plan,
     set_condition,
@@ -500,7 +501,7 @@ def test_attempts_exhausted_fails_and_leaves_pods_on_the_old_version() -> None:
 
 
 def test_bad_checkpoint_fails_at_once() -> None:
-    fails = [ActionFailure("llm-b", "v1", "missing tensor lm_head.weight", permanent=True)]
+    fails = [ActionFailure("llm-b", "v1", "missing tensor lm_head.weight", permanent=True, at=T0)]
     pods = two_pods()
     p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS))]), failures=fails)
     st = p.version_statuses["llm-v1"]
@@ -515,10 +516,56 @@ def test_bad_checkpoint_fails_at_once() -> None:
 
 
 def test_transient_failure_is_retried_not_fatal() -> None:
-    fails = [ActionFailure("llm-b", "v1", "connection refused", permanent=False)]
+    fails = [ActionFailure("llm-b", "v1", "connection refused", permanent=False, at=T0)]
+    later = T0 + timedelta(seconds=5)  # past the first backoff (1 s)
+    p = plan(fleet(two_pods(), [wv("v1", status=staging_status(MEMBERS))], now=later), failures=fails)
+    assert p.version_statuses["llm-v1"].phase is Phase.STAGING
+    assert [s.pod for s in of(p, Stage)] == ["llm-a", "llm-b"]
+
+
+SOURCE_V1 = protocol.Source(path="/ckpt/ckpts/v1")
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    cfg = PlannerConfig(action_backoff_base_s=1.0, action_backoff_max_s=60.0)
+    assert [backoff_s(n, cfg) for n in (1, 2, 3, 4, 7, 8, 30)] == [1, 2, 4, 8, 60, 60, 60]
+
+
+@pytest.mark.parametrize(
+    ("attempts", "elapsed", "restaged"), [(1, 0.5, False), (1, 1.5, True), (5, 15, False), (5, 17, True)]
+)
+def test_failed_stage_waits_out_its_backoff_and_shows_the_error(
+    attempts: int, elapsed: float, restaged: bool
+) -> None:
+    err = "http://127.0.0.12:8600: internal (500): OSError: disk on fire"
+    fails = [ActionFailure("llm-b", "v1", err, permanent=False, at=T0, attempts=attempts, source=SOURCE_V1)]
+    now = T0 + timedelta(seconds=elapsed)
+    p = plan(fleet(two_pods(), [wv("v1", status=staging_status(MEMBERS))], now=now), failures=fails)
+    assert [s.pod for s in of(p, Stage)] == (["llm-a", "llm-b"] if restaged else ["llm-a"])
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.STAGING
+    assert st.message.startswith("staged on 0/2 pod(s); pod llm-b: " + err), st.message
+    assert f"{attempts} failed attempt(s)" in st.message
+    assert ("retrying in" in st.message) is not restaged
+
+
+def test_failure_of_another_source_does_not_hold_the_stage() -> None:
+    other = protocol.Source(path="/ckpt/elsewhere")
+    fails = [ActionFailure("llm-b", "v1", "boom", permanent=True, at=T0, source=other)]
     p = plan(fleet(two_pods(), [wv("v1", status=staging_status(MEMBERS))]), failures=fails)
     assert p.version_statuses["llm-v1"].phase is Phase.STAGING
     assert [s.pod for s in of(p, Stage)] == ["llm-a", "llm-b"]
+
+
+def test_timeout_message_keeps_the_last_error() -> None:
+    fails = [ActionFailure("llm-b", "v1", "internal (500): boom", permanent=False, at=T0, source=SOURCE_V1)]
+    first = plan(fleet(two_pods(), [wv("v1", status=staging_status(MEMBERS))]), failures=fails)
+    st = first.version_statuses["llm-v1"]
+    late = T0 + timedelta(minutes=11)
+    p = plan(fleet(two_pods(), [wv("v1", status=st)], now=late), failures=fails)
+    out = p.version_statuses["llm-v1"]
+    assert out.phase is Phase.FAILED
+    assert "timed out after 10m in phase Staging" in out.message and "internal (500): boom" in out.message
 
 
 def test_timeout_fails_the_version() -> None:

@@ -6,12 +6,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hotswap_engine import protocol
 from hotswap_operator.resources import (
+    PATH_PATTERN,
     InferencePool,
     InferencePoolStatus,
     P2PProtocol,
     Phase,
     RequestPolicy,
+    SourceRef,
     Strategy,
     WeightVersion,
     WeightVersionStatus,
@@ -131,3 +134,18 @@ def test_parse_quantity(text: str, n: int) -> None:
 def test_parse_quantity_rejects_fractions() -> None:
     with pytest.raises(ValueError, match="not a quantity"):
         parse_quantity("1.5Gi")
+
+
+@pytest.mark.parametrize("path", ["ckpts/v1\x00", "ckpts/\nv1", "ckpts/v1\t", "ckpts/\x7fv1"])
+def test_paths_with_control_characters_are_refused(path: str) -> None:
+    with pytest.raises(ValidationError, match="should match pattern"):
+        SourceRef(path=path)
+    with pytest.raises(ValidationError, match="should match pattern"):
+        SourceRef(path="ckpts/v1", sha256_manifest=path)
+    with pytest.raises(ValidationError, match="should match pattern"):
+        protocol.Source(path=path)
+    assert SourceRef(path="ckpts/step 1/ü").path == "ckpts/step 1/ü"
+
+
+def test_the_crds_and_the_agent_share_one_path_pattern() -> None:
+    assert PATH_PATTERN == protocol.PATH_PATTERN

@@ -1,4 +1,10 @@
-"""Errors the agent's API turns into 4xx answers, each with the `ErrorBody.error` code it maps to."""
+"""Errors the agent's API turns into 4xx answers, each with the `ErrorBody.error` code it maps to.
+
+Every error is classified: input that can never succeed as sent is a 4xx with its own code
+(`bad_request` for a malformed request or a path no file can have, `forbidden_path`, `not_found`,
+`checkpoint_mismatch`, `conflict`); anything else is a 500 `internal`, which the operator treats as
+transient and retries with exponential backoff.
+"""
 
 from __future__ import annotations
 

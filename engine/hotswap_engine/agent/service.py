@@ -168,7 +168,7 @@ class AgentService:
         except Exception as e:
             fut.set_exception(e)
             fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-            raise _as_api_error(e) from e
+            raise as_api_error(e) from e
         finally:
             self._staging.pop(req.version, None)
 
@@ -347,9 +347,11 @@ def _covers(meta: protocol.StagedVersion, part: protocol.PartSpec | None) -> boo
     return meta.complete or meta.part == part
 
 
-def _as_api_error(e: Exception) -> Exception:
+def as_api_error(e: Exception) -> Exception:
     from hotswap_engine import staging
 
+    if isinstance(e, staging.InvalidPath):
+        return BadRequest(str(e))
     if isinstance(e, staging.ForbiddenPath):
         return ForbiddenPathError(str(e))
     if isinstance(e, staging.CheckpointNotFound):
