@@ -342,11 +342,15 @@ _POLICY = {
 }
 
 
-def _staged(pod: PodView, version: str, part: protocol.PartSpec | None) -> protocol.StagedVersion | None:
+def _staged(
+    pod: PodView, version: str, part: protocol.PartSpec | None, source: protocol.Source | None = None
+) -> protocol.StagedVersion | None:
+    """The pod's staged copy of `version` that holds `part`; with `source`, only one staged from it (a
+    version deleted and created again from another checkpoint must not match the old bytes)."""
     if pod.agent is None:
         return None
     for s in pod.agent.staged:
-        if s.version == version and (s.complete or s.part == part):
+        if s.version == version and (s.complete or s.part == part) and (source is None or s.source == source):
             return s
     return None
 
@@ -468,7 +472,37 @@ def _deadline(wv: VersionView, st: WeightVersionStatus) -> datetime:
     return (st.start_time or wv.created) + timedelta(seconds=parse_duration(wv.spec.timeout))
 
 
+def _reused(r: _Round, wv: VersionView) -> str | None:
+    """Why `wv` reuses a version that already names other bytes (None: it does not).
+
+    A version names one checkpoint. A WeightVersion deleted and created again with the same version
+    but another source would otherwise look done at once: the pods serve (and hold staged) that
+    version already, from the old checkpoint."""
+    version, src = wv.spec.version, wv.spec.source
+    advice = "a version names one checkpoint: publish it as a new version"
+    if version == r.current:
+        cur = r.current_source
+        if cur is not None and (cur.path, cur.sha256_manifest) != (src.path, src.sha256_manifest):
+            return (
+                f"version {version} is what pool {r.fleet.pool} serves, from source {cur.path!r}; this "
+                f"WeightVersion names {src.path!r}: {advice}"
+            )
+        return None
+    want = r.abs_source(src)
+    for pod in r.fleet.pods:
+        if pod.live and pod.agent is not None and pod.serving == version:
+            held = _staged(pod, version, None)
+            if held is None or held.source != want:
+                was = f" from {held.source.path!r}" if held is not None else ""
+                return f"pod {pod.name} serves version {version}{was}, not from {want.path!r}: {advice}"
+    return None
+
+
 def _do_pending(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
+    reused = _reused(r, wv)
+    if reused is not None:
+        _fail(r, wv, st, "VersionReused", reused)
+        return
     if any(p.busy for p in r.fleet.pods if p.live):
         st.message = "waiting for the update in progress on the pods to finish"
         return
@@ -508,7 +542,7 @@ def _do_staging(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
     for member in group.members:
         pod = r.pod(member.pod)
         assert pod is not None
-        have = _staged(pod, version, member.part)
+        have = _staged(pod, version, member.part, source)
         if have is not None:
             staged.append(have)
         elif pod.agent is not None:
@@ -576,7 +610,8 @@ def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         u = _update_for(pod, version, rollout.stale_updates)
         if u is None:
             part = group.members[m.rank].part
-            if pod.agent is not None and not pod.busy and _staged(pod, version, part) is None:
+            source = r.abs_source(wv.spec.source)
+            if pod.agent is not None and not pod.busy and _staged(pod, version, part, source) is None:
                 # Its agent restarted since staging: the update can never start there.
                 problems.append(f"pod {pod.name} no longer holds its staged part of {version}")
             continue  # not received yet (or the operator restarted before sending): sent below
@@ -717,7 +752,7 @@ def _catch_up(
         req = r.update_request(label, deadline=deadline, peers=holders)
         r.actions.append(StartUpdate(pod.name, r.endpoint(pod), req))
         return
-    if _staged(pod, label, None) is None:
+    if _staged(pod, label, None, r.abs_source(source)) is None:
         stage = protocol.StageRequest(version=label, source=r.abs_source(source), part=None)
         r.actions.append(Stage(pod.name, r.endpoint(pod), stage))
         return

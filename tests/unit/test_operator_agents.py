@@ -256,3 +256,16 @@ async def test_unexpected_stage_error_is_internal_and_transient(
         with pytest.raises(AgentError, match="Input/output error") as e:
             await c.stage(url, req)
     assert (e.value.status, e.value.code, e.value.permanent) == (500, "internal", False)
+
+
+async def test_staging_a_version_again_from_another_source_replaces_it(
+    agent: tuple[str, StorageOnlyRunner], root: Path
+) -> None:
+    url, _ = agent
+    save_file(root / "v2b.safetensors", DEFS, random_filler(4))
+    async with AgentClient(TOKEN) as c:
+        await c.stage(url, protocol.StageRequest(version="v2", source=src(root, "v2.safetensors")))
+        again = protocol.StageRequest(version="v2", source=src(root, "v2b.safetensors"))
+        got = await c.stage(url, again)
+        assert got.source == src(root, "v2b.safetensors")
+        assert [s.source for s in (await c.status(url)).staged] == [src(root, "v2b.safetensors")]

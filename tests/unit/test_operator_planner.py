@@ -70,7 +70,7 @@ def staged(
     return protocol.StagedVersion(
         p2p=p2p_source(version, p2p) if p2p else None,
         version=version,
-        source=protocol.Source(path=f"/ckpt/{version}"),
+        source=protocol.Source(path=f"/ckpt/ckpts/{version}"),  # the mount path + wv()'s source
         part=p,
         complete=p is None or p.count == 1,
         bytes=100,
@@ -904,3 +904,45 @@ def test_rollout_runs_to_completion_and_survives_a_restart_at_every_step() -> No
     pods = _apply(pods, p, now)
     assert [(x.label_version, x.gate) for x in pods] == [("v1", True), ("v1", True)]
     assert plan(replace(f, pods=tuple(pods))).actions == ()
+
+
+# ---- a version names one checkpoint ----------------------------------------------------------------
+
+
+def test_recreated_current_version_with_another_source_is_refused() -> None:
+    pods = two_pods("v1", staged_=[staged("v1")])
+    again = wv("v1", path="ckpts/v1-retrained", created=T0 + timedelta(minutes=5))
+    p = plan(fleet(pods, [again], current="v1", now=T0 + timedelta(minutes=5, seconds=1)))
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.FAILED
+    assert condition(st.conditions, "Applied").reason == "VersionReused"  # type: ignore[union-attr]
+    assert "from source 'ckpts/v1'" in st.message and "'ckpts/v1-retrained'" in st.message
+    assert "publish it as a new version" in st.message
+    assert of(p, Stage) == [] and of(p, StartUpdate) == []
+    assert p.pool_status.current_version == "v1"
+    assert cond(p.pool_status, "Degraded") is ConditionStatus.TRUE
+
+
+def test_leftover_serving_pod_of_another_source_refuses_the_version() -> None:
+    # v2's first WeightVersion was deleted mid-rollout after llm-b applied it; pool current is v1.
+    old = staged("v2").model_copy(update={"source": protocol.Source(path="/ckpt/old/v2")})
+    pods = [pod("llm-a", "127.0.0.11", "v1"), pod("llm-b", "127.0.0.12", "v2", staged_=[old])]
+    p = plan(fleet(pods, [wv("v2")], current="v1"))
+    st = p.version_statuses["llm-v2"]
+    assert st.phase is Phase.FAILED and "pod llm-b serves version v2 from '/ckpt/old/v2'" in st.message
+
+
+def test_a_staged_copy_from_another_source_is_staged_again() -> None:
+    def old(part: tuple[int, int]) -> protocol.StagedVersion:
+        return staged("v1", part).model_copy(update={"source": protocol.Source(path="/ckpt/old/v1")})
+
+    pods = [
+        pod("llm-a", "127.0.0.11", staged_=[old((0, 2))]),
+        pod("llm-b", "127.0.0.12", staged_=[old((1, 2))]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS))]))
+    assert [(s.pod, s.request.source.path) for s in of(p, Stage)] == [
+        ("llm-a", "/ckpt/ckpts/v1"),
+        ("llm-b", "/ckpt/ckpts/v1"),
+    ]
+    assert p.version_statuses["llm-v1"].message == "staged on 0/2 pod(s)"

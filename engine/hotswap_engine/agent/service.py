@@ -135,6 +135,11 @@ class AgentService:
         have = self._staged.get(req.version)
         if have is not None and have.meta.source == req.source and _covers(have.meta, req.part):
             return have.meta  # idempotent: the operator may repeat a request after a restart
+        if have is not None and have.meta.source != req.source and req.version == self._serving:
+            raise Conflict(
+                f"version {req.version} is served here from {have.meta.source.path}; another checkpoint "
+                f"({req.source.path}) needs a new version"
+            )
         pending = self._staging.get(req.version)
         if pending is not None:
             return (await asyncio.shield(pending)).meta
@@ -157,7 +162,9 @@ class AgentService:
             )
             entry = StagedEntry(meta, data)
             old = self._staged.pop(req.version, None)
-            if old is not None:
+            if old is not None:  # staged before from another source: the new bytes replace it
+                if old.meta.p2p is not None:
+                    self.runner.withdraw(req.version)
                 old.data.release()
             self._staged[req.version] = entry
             self.metrics.stage_seconds.labels("staging").observe(seconds)
