@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from hotswap_operator.resources import (
@@ -14,9 +15,11 @@ from hotswap_operator.resources import (
     Phase,
     StageDurations,
     WeightVersion,
+    version_order,
 )
 
 Obj = dict[str, Any]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def seconds(value: float | None) -> str:
@@ -119,10 +122,15 @@ def pods_table(rows: Sequence[PodRow]) -> str:
 
 
 def _latest(versions: Sequence[WeightVersion]) -> WeightVersion | None:
-    def created(wv: WeightVersion) -> str:
-        return str(wv.metadata.get("creationTimestamp") or "")
+    """The newest version: the one the operator makes the pool's target (`version_order`)."""
 
-    return max(versions, key=created, default=None)
+    def order(wv: WeightVersion) -> tuple[object, ...]:
+        raw = str(wv.metadata.get("creationTimestamp") or "")
+        created = datetime.fromisoformat(raw.replace("Z", "+00:00")) if raw else _EPOCH
+        rv = str(wv.metadata.get("resourceVersion") or "")
+        return version_order(wv.status.sequence, created, rv, wv.spec.version)
+
+    return max(versions, key=order, default=None)
 
 
 def status_text(pool: InferencePool, pods: Sequence[Obj], versions: Sequence[WeightVersion]) -> str:

@@ -10,8 +10,9 @@ attempt, group, port; the pool's `status.currentVersion`/`currentSource`) or in 
 status, so a restarted operator plans exactly what the previous one would have: the rollout resumes.
 
 The rules, in the order `plan` applies them:
-1. The newest WeightVersion of the pool (creation time, then name) is the target; older ones still in
-   progress become Superseded.
+1. The newest WeightVersion of the pool is the target; older ones still in progress become
+   Superseded. Newest means created last: each version is numbered (`status.sequence`) when first
+   seen, versions seen together in the order they were created (`resources.version_order`).
 2. The target's rollout: Pending → Staging (the broadcast group is every healthy pod, whatever it
    serves: a broadcast replaces all weights, and a failure rolls each member back to what it served;
    member i stages part i of n) → Updating (every member gets the group, the master
@@ -38,7 +39,7 @@ The rules, in the order `plan` applies them:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from hotswap_engine import protocol
@@ -61,6 +62,7 @@ from hotswap_operator.resources import (
     WeightVersionStatus,
     parse_duration,
     parse_quantity,
+    version_order,
 )
 
 # ---- the snapshot --------------------------------------------------------------------------------------
@@ -112,6 +114,7 @@ class VersionView:
     generation: int
     spec: WeightVersionSpec
     status: WeightVersionStatus
+    resource_version: str = ""  # metadata.resourceVersion (orders versions first seen together)
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,23 @@ def backoff_s(attempts: int, config: PlannerConfig) -> float:
     return min(config.action_backoff_max_s, config.action_backoff_base_s * 2 ** max(0, attempts - 1))
 
 
-def _order(v: VersionView) -> tuple[datetime, str]:
-    return (v.created, v.name)
+def _order(v: VersionView) -> tuple[object, ...]:
+    return version_order(v.status.sequence, v.created, v.resource_version, v.spec.version)
+
+
+def _numbered(r: _Round, versions: Iterable[VersionView]) -> list[VersionView]:
+    """The pool's versions oldest first, each with its `status.sequence` (rule 1): a version seen for
+    the first time gets the next number, recorded with the statuses this plan writes."""
+    ordered = sorted(versions, key=_order)
+    top = max((v.status.sequence or 0 for v in ordered), default=0)
+    out: list[VersionView] = []
+    for v in ordered:
+        if v.status.sequence is None:
+            top += 1
+            v = replace(v, status=v.status.model_copy(update={"sequence": top}, deep=True))
+            r.statuses[v.name] = v.status
+        out.append(v)
+    return out
 
 
 @dataclass
@@ -870,7 +888,7 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
     r = _Round(fleet=fleet, config=config or PlannerConfig(), failures=failures)
     r.current = _norm(fleet.status.current_version)
     r.current_source = fleet.status.current_source
-    ordered = sorted(fleet.versions, key=_order)
+    ordered = _numbered(r, fleet.versions)
     target = ordered[-1] if ordered else None
     for wv in ordered[:-1]:
         if not wv.status.phase.terminal and target is not None:
@@ -896,7 +914,13 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
     pool_status = _pool_status(r, target, target_status)
     if not r.active and any(p.live and not p.ready for p in fleet.pods):
         r.active = True
-    changed = {name: st for name, st in r.statuses.items() if st != _status_of(fleet, name)}
+    # Written oldest first: an operator that stops midway has numbered a prefix of the new versions,
+    # so the ones left unnumbered still come after them.
+    changed = {
+        name: st
+        for name, st in sorted(r.statuses.items(), key=lambda kv: kv[1].sequence or 0)
+        if st != _status_of(fleet, name)
+    }
     requeue = r.config.active_requeue_s if r.active else r.config.idle_requeue_s
     return Plan(tuple(r.actions), changed, pool_status, requeue)
 

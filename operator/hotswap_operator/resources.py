@@ -441,6 +441,9 @@ class RolloutState(_Api):
 
 class WeightVersionStatus(_Api):
     observed_generation: int | None = None
+    sequence: int | None = Field(default=None, ge=1)
+    """Order of creation among the pool's WeightVersions (1, 2, ...), assigned by the operator when it
+    first sees the version; the highest is the pool's target. See `version_order`."""
     phase: Phase = Phase.PENDING
     conditions: ConditionList = Field(default_factory=list)
     """Accepted, Staged, Applied (kubectl wait --for=condition=Applied wv/NAME)."""
@@ -500,6 +503,31 @@ class WeightVersion(_Api):
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: WeightVersionSpec
     status: WeightVersionStatus = Field(default_factory=WeightVersionStatus)
+
+
+def version_order(
+    sequence: int | None, created: datetime, resource_version: str, version: str
+) -> tuple[int, int, datetime, int, tuple[tuple[int, int, str], ...]]:
+    """Sort key of a pool's WeightVersions, oldest first: the newest is the pool's target.
+
+    Creation order, not creationTimestamp alone (one-second resolution: a trainer that publishes
+    step 9 and step 10 within a second must end on step 10). The operator numbers each version in
+    `status.sequence` when it first sees it, so the order survives later writes. Versions not yet
+    numbered come after every numbered one, ordered among themselves by creationTimestamp, then by
+    the order the apiserver stored them (metadata.resourceVersion, compared as a number only for
+    objects nobody wrote since their creation: the operator writes the sequence first), then by
+    version with digit runs compared as numbers (r9 before r10).
+    """
+    if sequence is not None:
+        return (0, sequence, created, 0, ())
+    rv = int(resource_version) if resource_version.isdigit() else -1
+    return (1, 0, created, rv, _natural(version))
+
+
+def _natural(text: str) -> tuple[tuple[int, int, str], ...]:
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"([0-9]+)", text) if part
+    )
 
 
 def weight_version_name(pool: str, version: str) -> str:

@@ -73,6 +73,7 @@ def version_view(obj: Obj) -> VersionView:
         generation=int(meta.get("generation") or 1),
         spec=wv.spec,
         status=wv.status,
+        resource_version=str(meta.get("resourceVersion") or ""),
     )
 
 

@@ -141,3 +141,30 @@ async def test_only_one_replica_holds_the_lease(kube_api: client.ApiClient, name
     assert lease.spec.holder_identity == "replica-b" and lease.spec.lease_transitions == 1
     with pytest.raises(LeadershipLost, match="lost lease"):
         await asyncio.wait_for(a.hold(), 10)  # a wakes up: it must stop acting
+
+
+async def test_versions_created_within_a_second_end_on_the_last_created(
+    kube_api: client.ApiClient, namespace: str, crds: None
+) -> None:
+    custom = client.CustomObjectsApi(kube_api)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", pool_body(0))
+    ctl = PoolController(Runtime(kube=Kube(kube_api), metrics=OperatorMetrics()), namespace, "chat")
+    # A trainer publishing quickly: r1..r12 (r10 < r9 as strings), most within the same second.
+    names = [f"r{i}" for i in range(1, 13)]
+    for version in names:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "WeightVersion",
+            "metadata": {"name": f"chat-{version}"},
+            "spec": {"poolRef": {"name": "chat"}, "version": version, "source": {"path": f"ckpts/{version}"}},
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "weightversions", body)
+    try:
+        await ctl.reconcile()
+        got = {v: get(custom, namespace, "weightversions", f"chat-{v}")["status"] for v in names}
+        assert [got[v]["sequence"] for v in names] == list(range(1, 13))
+        assert got["r12"]["phase"] == "Complete"  # an empty pool takes the target at once
+        assert {got[v]["phase"] for v in names[:-1]} == {"Superseded"}
+        assert get(custom, namespace, "inferencepools", "chat")["status"]["currentVersion"] == "r12"
+    finally:
+        await ctl.close()

@@ -151,6 +151,7 @@ def wv(
     version: str,
     *,
     created: datetime = T0,
+    rv: str = "",
     status: WeightVersionStatus | None = None,
     strategy: str = "auto",
     timeout: str = "10m",
@@ -171,6 +172,7 @@ def wv(
         generation=1,
         spec=spec,
         status=status or WeightVersionStatus(),
+        resource_version=rv,
     )
 
 
@@ -616,9 +618,16 @@ def test_target_is_newest_by_creation_then_name() -> None:
 
 
 def test_terminal_versions_are_left_alone() -> None:
-    v1 = wv("v1", status=WeightVersionStatus(phase=Phase.COMPLETE))
+    v1 = wv("v1", status=WeightVersionStatus(phase=Phase.COMPLETE, sequence=1))
     p = plan(fleet(two_pods("v1"), [v1], current="v1"))
     assert p.version_statuses == {}
+    assert p.actions == ()
+
+
+def test_a_terminal_version_seen_first_is_only_numbered() -> None:
+    v1 = wv("v1", status=WeightVersionStatus(phase=Phase.COMPLETE))
+    p = plan(fleet(two_pods("v1"), [v1], current="v1"))
+    assert p.version_statuses == {"llm-v1": WeightVersionStatus(phase=Phase.COMPLETE, sequence=1)}
     assert p.actions == ()
 
 
@@ -946,3 +955,44 @@ def test_a_staged_copy_from_another_source_is_staged_again() -> None:
         ("llm-b", "/ckpt/ckpts/v1"),
     ]
     assert p.version_statuses["llm-v1"].message == "staged on 0/2 pod(s)"
+
+
+# ---- which version is the newest ---------------------------------------------------------------------
+
+
+def test_versions_created_in_the_same_second_end_on_the_last_created() -> None:
+    # A trainer publishes r1..r12 within one second; the list comes back in name order, and names
+    # sort r10 < r9 as strings. The apiserver stored them in creation order (resourceVersion).
+    created = [wv(f"r{i}", rv=str(1000 + 7 * i)) for i in range(1, 13)]
+    listed = sorted(created, key=lambda v: v.name)
+    p = plan(fleet(two_pods(), listed))
+    statuses = p.version_statuses
+    assert [statuses[f"llm-r{i}"].sequence for i in range(1, 13)] == list(range(1, 13))
+    assert list(statuses) == [f"llm-r{i}" for i in range(1, 13)]  # written oldest first
+    assert p.pool_status.target_version == "r12"
+    assert statuses["llm-r12"].phase is Phase.STAGING
+    assert {statuses[f"llm-r{i}"].phase for i in range(1, 12)} == {Phase.SUPERSEDED}
+
+
+def test_numbered_versions_keep_their_order_when_later_writes_reorder_resource_versions() -> None:
+    # r9 got its status written after r10 was created: its resourceVersion is now the larger one.
+    r9 = wv("r9", rv="2000", status=WeightVersionStatus(phase=Phase.SUPERSEDED, sequence=1))
+    r10 = wv("r10", rv="1500", status=WeightVersionStatus(sequence=2))
+    p = plan(fleet(two_pods(), [r10, r9]))
+    assert p.pool_status.target_version == "r10"
+    assert p.version_statuses["llm-r10"].phase is Phase.STAGING
+
+
+def test_a_version_seen_for_the_first_time_is_newer_than_every_numbered_one() -> None:
+    old = wv("b", rv="900", created=T0, status=WeightVersionStatus(phase=Phase.COMPLETE, sequence=7))
+    new = wv("a", rv="10", created=T0)  # smaller resourceVersion and name: still created after "b"
+    p = plan(fleet(two_pods("b"), [new, old], current="b"))
+    assert p.version_statuses["llm-a"].sequence == 8
+    assert p.pool_status.target_version == "a"
+
+
+def test_without_resource_versions_digit_runs_compare_as_numbers() -> None:
+    p = plan(fleet(two_pods(), [wv("step-10"), wv("step-9"), wv("step-100")]))
+    seq = {n: st.sequence for n, st in p.version_statuses.items()}
+    assert seq == {"llm-step-9": 1, "llm-step-10": 2, "llm-step-100": 3}
+    assert p.pool_status.target_version == "step-100"
