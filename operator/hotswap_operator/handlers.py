@@ -3,7 +3,11 @@
 - Every InferencePool event makes sure the pool's `PoolController` loop runs (kopf lists every
   existing pool when it starts: that is the resume) and wakes it; a DELETED event stops it.
 - WeightVersion and pod events only wake the pool's loop, so it reacts at once instead of at its
-  next requeue; a WeightVersion whose pool does not exist is marked Accepted=False (PoolNotFound).
+  next requeue.
+- A WeightVersion whose pool does not exist (never created, or deleted — a pool's DELETED event
+  looks at its versions at once) gets `planner.orphan_status`: a started rollout fails with reason
+  PoolNotFound; one that never started is Accepted=False until its pool appears, and a check at its
+  deadline fails it then, so none stays unfinished past its timeout.
 - A liveness probe reports how many pools are being reconciled.
 
 Why event handlers and not `kopf.daemon`: kopf puts a finalizer on every object that has a daemon,
@@ -23,9 +27,10 @@ from typing import Any
 
 import kopf
 
-from hotswap_operator.controller import PoolController, Runtime
-from hotswap_operator.planner import set_condition
-from hotswap_operator.resources import GROUP, POOL_LABEL, VERSION, WeightVersionStatus
+from hotswap_operator import snapshot
+from hotswap_operator.controller import COMPONENT, PoolController, Runtime
+from hotswap_operator.planner import deadline, orphan_status
+from hotswap_operator.resources import GROUP, POOL_LABEL, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ class Registry:
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
         self.pools: dict[tuple[str, str], tuple[PoolController, asyncio.Task[None]]] = {}
+        self.rechecks: dict[tuple[str, str], asyncio.Task[None]] = {}  # orphaned versions, by deadline
 
     def ensure(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -69,6 +75,26 @@ class Registry:
     async def stop_all(self) -> None:
         for namespace, name in list(self.pools):
             await self.stop(namespace, name)
+        for task in self.rechecks.values():
+            task.cancel()
+        self.rechecks.clear()
+
+    def recheck_at(self, namespace: str, name: str, when: datetime) -> None:
+        """Look at an orphaned WeightVersion again at `when` (its deadline)."""
+        key = (namespace, name)
+        old = self.rechecks.pop(key, None)
+        if old is not None and old is not asyncio.current_task():
+            old.cancel()
+
+        async def later() -> None:
+            await asyncio.sleep(max(0.0, (when - datetime.now(UTC)).total_seconds()) + 1.0)
+            self.rechecks.pop(key, None)
+            try:
+                await orphan_check(namespace, name)
+            except Exception:
+                log.exception("checking weightversion %s/%s", namespace, name)
+
+        self.rechecks[key] = asyncio.create_task(later(), name=f"recheck {namespace}/{name}")
 
 
 REGISTRY = Registry()
@@ -114,39 +140,71 @@ async def _stop_loops(**_: Any) -> None:
     await REGISTRY.stop_all()
 
 
+async def orphan(obj: Mapping[str, Any]) -> None:
+    """Write `orphan_status` for a WeightVersion whose pool does not exist (see the module docstring)."""
+    runtime = REGISTRY.runtime
+    if runtime is None:
+        return
+    meta = obj["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    view = snapshot.version_view(obj)
+    status = orphan_status(view, namespace, datetime.now(UTC))
+    if status is not None:
+        await runtime.kube.patch_status(
+            namespace, "weightversions", name, status.model_dump(mode="json", by_alias=True)
+        )
+        if status.phase.terminal:
+            await runtime.kube.event(dict(obj), "Failed", status.message, True, COMPONENT)
+    if status is None or not status.phase.terminal:
+        REGISTRY.recheck_at(namespace, name, deadline(view))
+
+
+async def orphan_check(namespace: str, name: str) -> None:
+    """Re-read a WeightVersion and its pool; act if the pool is (still) missing."""
+    runtime = REGISTRY.runtime
+    if runtime is None:
+        return
+    obj = await runtime.kube.get_weight_version(namespace, name)
+    if obj is None:
+        return
+    pool = obj["spec"]["poolRef"]["name"]
+    if REGISTRY.wake(namespace, pool) or await runtime.kube.get_pool(namespace, pool) is not None:
+        return  # the pool's loop owns it (and enforces its timeout)
+    await orphan(obj)
+
+
 @kopf.on.event(GROUP, VERSION, "inferencepools")
 async def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
     if namespace is None:
         return
-    if type == "DELETED":
-        await REGISTRY.stop(namespace, name)
-    else:
+    if type != "DELETED":
         REGISTRY.ensure(namespace, name)
+        return
+    await REGISTRY.stop(namespace, name)
+    runtime = REGISTRY.runtime
+    if runtime is None or await runtime.kube.get_pool(namespace, name) is not None:
+        return  # created again meanwhile: its new loop takes the versions over
+    for obj in await runtime.kube.list_weight_versions(namespace):
+        if ((obj.get("spec") or {}).get("poolRef") or {}).get("name") == name:
+            await orphan(obj)
 
 
 @kopf.on.event(GROUP, VERSION, "weightversions")
 async def weight_version_event(
-    type: str, namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+    type: str, namespace: str | None, name: str, spec: kopf.Spec, body: kopf.Body, **_: Any
 ) -> None:
     pool = (spec.get("poolRef") or {}).get("name")
     if namespace is None or pool is None or REGISTRY.wake(namespace, pool):
         return
     runtime = REGISTRY.runtime
     if type == "DELETED" or runtime is None:
+        task = REGISTRY.rechecks.pop((namespace, name), None)
+        if task is not None:
+            task.cancel()
         return
     if await runtime.kube.get_pool(namespace, pool) is not None:
         return  # the pool's loop is starting; it will pick this version up
-    st = WeightVersionStatus.model_validate(dict(status))
-    accepted = next((c for c in st.conditions if c.type == "Accepted"), None)
-    if accepted is not None and accepted.reason == "PoolNotFound":
-        return
-    message = f"InferencePool {pool} does not exist in namespace {namespace}"
-    now = datetime.now(UTC)
-    st.conditions = set_condition(st.conditions, "Accepted", False, "PoolNotFound", message, now)
-    st.message = message
-    await runtime.kube.patch_status(
-        namespace, "weightversions", name, st.model_dump(mode="json", by_alias=True)
-    )
+    await orphan(dict(body))
 
 
 @kopf.on.event("", "v1", "pods", labels={POOL_LABEL: kopf.PRESENT})

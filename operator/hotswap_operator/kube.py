@@ -58,6 +58,11 @@ class Kube:
             self.custom.get_namespaced_custom_object, GROUP, VERSION, ns, "inferencepools", name
         )
 
+    async def get_weight_version(self, ns: str, name: str) -> Obj | None:
+        return await self._maybe(
+            self.custom.get_namespaced_custom_object, GROUP, VERSION, ns, "weightversions", name
+        )
+
     async def list_weight_versions(self, ns: str) -> list[Obj]:
         out = await self._json(
             self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, "weightversions"

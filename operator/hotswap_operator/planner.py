@@ -731,6 +731,42 @@ def _supersede(r: _Round, wv: VersionView, by: VersionView) -> WeightVersionStat
     return st
 
 
+def orphan_status(wv: VersionView, namespace: str, now: datetime) -> WeightVersionStatus | None:
+    """The status of a WeightVersion whose InferencePool does not exist (None: leave it as it is).
+
+    A rollout that started (its pool was deleted meanwhile) fails at once; a version that never
+    started waits for its pool (created in the same `kubectl apply`, say) as Accepted=False, and fails
+    once its timeout has passed. Either way no WeightVersion stays unfinished past its timeout."""
+    st = wv.status.model_copy(deep=True)
+    if st.phase.terminal:
+        return None
+    pool = wv.spec.pool_ref.name
+    missing = f"InferencePool {pool} does not exist in namespace {namespace}"
+    # Accepted=True: a pool had taken it as its target, so that pool was deleted.
+    started = st.phase is not Phase.PENDING or st.rollout is not None or _is_true(st.conditions, "Accepted")
+    gen = wv.generation
+    if started or now > _deadline(wv, st):
+        why = f"{missing}: it was deleted during the rollout" if started else missing
+        why += "" if started else f" (waited {wv.spec.timeout})"
+        st.phase, st.message, st.completion_time = Phase.FAILED, why, now
+        st.conditions = set_condition(st.conditions, "Accepted", False, "PoolNotFound", why, now, gen)
+        st.conditions = set_condition(st.conditions, "Applied", False, "PoolNotFound", why, now, gen)
+        if not _is_true(st.conditions, "Staged"):
+            st.conditions = set_condition(st.conditions, "Staged", False, "PoolNotFound", why, now, gen)
+        return st
+    accepted = condition(st.conditions, "Accepted")
+    if accepted is not None and accepted.reason == "PoolNotFound" and st.message == missing:
+        return None
+    st.conditions = set_condition(st.conditions, "Accepted", False, "PoolNotFound", missing, now, gen)
+    st.message = missing
+    return st
+
+
+def deadline(wv: VersionView) -> datetime:
+    """When `wv` times out (its timeout from the start of its rollout, or from its creation)."""
+    return _deadline(wv, wv.status)
+
+
 # ---- catch-up and pods ---------------------------------------------------------------------------------
 
 

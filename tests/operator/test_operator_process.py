@@ -232,3 +232,15 @@ def test_operator_process_acts_alone_and_hands_over(
     assert get("inferencepools", "chat")["status"]["currentVersion"] == "v1"
     metrics = http_get(f"http://{b.metrics}/metrics")
     assert 'hotswap_operator_rollouts_total{phase="Complete"} 1.0' in metrics
+
+    # A pool deleted while its version is in progress: the version fails within seconds.
+    gone = pool_body()
+    gone["metadata"]["name"] = "gone"
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", gone)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "weightversions", wv_body("v1", "gone"))
+    wait(lambda: condition(get("weightversions", "gone-v1"), "Accepted") == ("True", "Valid"), 30, "gone-v1")
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", "gone")
+    wait(lambda: get("weightversions", "gone-v1")["status"]["phase"] == "Failed", 15, "gone-v1 failed")
+    failed = get("weightversions", "gone-v1")
+    assert condition(failed, "Applied") == ("False", "PoolNotFound")
+    assert "deleted during the rollout" in failed["status"]["message"]

@@ -23,6 +23,8 @@ from hotswap_operator.planner import (
     VersionView,
     backoff_s,
     condition,
+    deadline,
+    orphan_status,
     plan,
     set_condition,
 )
@@ -996,3 +998,39 @@ def test_without_resource_versions_digit_runs_compare_as_numbers() -> None:
     seq = {n: st.sequence for n, st in p.version_statuses.items()}
     assert seq == {"llm-step-9": 1, "llm-step-10": 2, "llm-step-100": 3}
     assert p.pool_status.target_version == "step-100"
+
+
+# ---- a WeightVersion whose pool does not exist -------------------------------------------------------
+
+
+def test_a_rollout_whose_pool_was_deleted_fails_at_once() -> None:
+    for phase in ("Staging", "Updating"):
+        v = wv("v1", status=staging_status(MEMBERS, phase=phase))
+        st = orphan_status(v, "ml", T0 + timedelta(seconds=3))
+        assert st is not None and st.phase is Phase.FAILED
+        assert (
+            st.message
+            == "InferencePool llm does not exist in namespace ml: it was deleted during the rollout"
+        )
+        assert condition(st.conditions, "Applied").reason == "PoolNotFound"  # type: ignore[union-attr]
+        assert st.completion_time == T0 + timedelta(seconds=3)
+        assert orphan_status(replace(v, status=st), "ml", T0 + timedelta(seconds=4)) is None  # terminal
+
+
+def test_a_version_waiting_for_its_pool_fails_at_its_timeout() -> None:
+    v = wv("v1", timeout="2m")
+    waiting = orphan_status(v, "ml", T0 + timedelta(seconds=1))
+    assert waiting is not None and waiting.phase is Phase.PENDING
+    assert condition(waiting.conditions, "Accepted").reason == "PoolNotFound"  # type: ignore[union-attr]
+    v = replace(v, status=waiting)
+    assert orphan_status(v, "ml", T0 + timedelta(seconds=30)) is None  # nothing new to write
+    assert deadline(v) == T0 + timedelta(minutes=2)
+    late = orphan_status(v, "ml", T0 + timedelta(minutes=2, seconds=1))
+    assert late is not None and late.phase is Phase.FAILED and "(waited 2m)" in late.message
+
+
+def test_an_accepted_version_whose_pool_was_deleted_fails_at_once() -> None:
+    accepted = plan(fleet([pod("llm-a", "127.0.0.11", agent_=None)], [wv("v1")])).version_statuses["llm-v1"]
+    assert accepted.phase is Phase.PENDING and cond(accepted, "Accepted") is ConditionStatus.TRUE
+    st = orphan_status(wv("v1", status=accepted), "ml", T0 + timedelta(seconds=9))
+    assert st is not None and st.phase is Phase.FAILED and "deleted" in st.message
