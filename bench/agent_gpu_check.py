@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pods", type=int, default=1, help="agents (each with --gpus workers); cuda: 1")
     ap.add_argument("--shape", choices=["mixed", "small-qwen", "qwen3-8b"], default="small-qwen")
     ap.add_argument("--updates", type=int, default=2)
+    ap.add_argument(
+        "--versions", type=int, default=0, help="checkpoints to use (default: one per update); updates cycle"
+    )
     ap.add_argument("--kill", action="store_true", help="SIGKILL a rank worker mid-update, then update again")
     ap.add_argument("--collective-timeout", type=float, default=20.0)
     ap.add_argument("--out", type=Path, required=True)
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     made_root = args.checkpoints is None  # not under --out: the device tool copies --out back
     root = Path(tempfile.mkdtemp(prefix="agent-gpu-check-")) if made_root else args.checkpoints.resolve()
-    versions = make_checkpoints(root, args.shape, 2 + args.updates + (2 if args.kill else 0))
+    versions = make_checkpoints(root, args.shape, args.versions or 2 + args.updates + (2 if args.kill else 0))
     base = versions[0]
     # Several pods: loopback addresses of their own, outside the dev cluster's pod range
     # (127.0.0.16-254), in a block picked by the pid so that two runs at once do not collide.
@@ -287,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         check("rank workers started", all(len(w) == args.gpus for w in workers.values()), pids=workers)
         n = 1
         for n in range(1, 1 + args.updates):
-            version, path = f"v{n}", versions[n]
+            # with --versions, updates cycle through the checkpoints (each under a version name of its own)
+            version, path = f"v{n}", versions[1 + (n - 1) % (len(versions) - 1)]
             staged_s = stage(pods, version, path)
             ids = update(pods, version, port + n)
             results = [wait(p, i, 600) for p, i in zip(pods, ids, strict=True)]

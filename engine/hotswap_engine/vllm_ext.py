@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from . import graph_safety
+from .digest import fingerprint
 from .handoff import HandoffError, HandoffReceiver
 
 # Under "vllm." so vLLM's logging setup (handler, format, VLLM_LOGGING_LEVEL) covers these lines.
@@ -52,11 +54,23 @@ class HotswapWorkerExtension:
                 raise HandoffError(f"the agent is sending version {sent!r}, /apply asked for {version!r}")
             counted = _Counter(rx.weights())
             model = worker.model_runner.get_model()
+            slots = graph_safety.snapshot(model)
             try:
                 worker.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
             except BaseException:
                 _abandon_layerwise_reload(model)
+                graph_safety.restore(slots)
                 raise
+            kept = graph_safety.restore(slots)
+            if kept.changed or kept.removed:
+                # Not fatal: such a tensor may be one no graph reads; the names say where to look.
+                log.warning(
+                    "hotswap: rank %d: reload replaced tensors that cannot be put back in place: "
+                    "changed %s, removed %s",
+                    rank,
+                    kept.changed[:20],
+                    kept.removed[:20],
+                )
             rx.done()
         except Exception as e:
             message = f"rank {rank}: {type(e).__name__}: {e}"
@@ -67,14 +81,33 @@ class HotswapWorkerExtension:
         finally:
             rx.close()
         seconds = time.perf_counter() - start
-        log.info("hotswap: rank %d applied %s (%d tensors) in %.3fs", rank, version, counted.tensors, seconds)
+        log.info(
+            "hotswap: rank %d applied %s (%d tensors) in %.3fs; %d replaced tensors put back in place",
+            rank,
+            version,
+            counted.tensors,
+            seconds,
+            len(kept.restored),
+        )
         return {
             "rank": rank,
             "version": version,
             "tensors": counted.tensors,
             "bytes": counted.nbytes,
             "seconds": seconds,
+            "restored": kept.restored[:50],
+            "moved": (kept.changed + kept.removed)[:50],
         }
+
+    def hotswap_digests(self) -> dict[str, str]:
+        """Fingerprints (hotswap_engine.digest) of every parameter and buffer of this worker's model,
+        in the format vLLM keeps them (after loading and processing): comparable across pods of one
+        configuration, and with a checkpoint wherever vLLM keeps checkpoint bytes."""
+        worker: Any = self
+        model = worker.model_runner.get_model()
+        out = {f"param:{n}": fingerprint(p) for n, p in model.named_parameters()}
+        out.update({f"buffer:{n}": fingerprint(b) for n, b in model.named_buffers()})
+        return out
 
 
 class _Counter:

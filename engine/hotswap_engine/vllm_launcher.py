@@ -17,6 +17,9 @@ unix socket (never TCP) offers:
                promise that no request runs on half-applied weights. The next successful /apply
                (normally the agent re-sending the previous version) resumes it.
   GET  /healthz {"ok", "engine_alive", "paused", "applying", "version", "last_error"}
+  GET  /digests  {"version", "workers": [{"param:<name>": fingerprint, "buffer:<name>": ...}, ...]}
+               fingerprints (hotswap_engine.digest) of every parameter and buffer of each worker's
+               model; 409 while an apply runs.
 
 The socket lives in a volume shared only with the engine container; its file mode (0660) is the
 access control. vLLM's development routes (`VLLM_SERVER_DEV_MODE`: /collective_rpc, /pause, ...)
@@ -94,6 +97,7 @@ class ControlServer:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/apply", self.handle_apply)
         app.router.add_get("/healthz", self.handle_healthz)
+        app.router.add_get("/digests", self.handle_digests)
         return app
 
     async def start(self) -> None:
@@ -133,6 +137,14 @@ class ControlServer:
         }
         return web.json_response(body, status=200 if alive else 503)
 
+    async def handle_digests(self, request: web.Request) -> web.Response:
+        if self._lock.locked():
+            return web.json_response({"ok": False, "error": "an apply is running"}, status=409)
+        async with self._lock:
+            result = await self.engine.collective_rpc("hotswap_digests", timeout=RPC_MARGIN_S * 4)
+        workers = list(result) if isinstance(result, list | tuple) else [result]
+        return web.json_response({"ok": True, "version": self.version, "workers": workers})
+
     async def handle_apply(self, request: web.Request) -> web.Response:
         try:
             req = ApplyRequest.parse(await request.json())
@@ -168,9 +180,44 @@ class ControlServer:
         return list(result) if isinstance(result, list | tuple) else [result]
 
 
+def _serve_api() -> Any:
+    """vLLM's OpenAI-server entry points. They moved from `vllm.entrypoints.openai.*` (0.26, the
+    release built for the GPU images' torch 2.11) to `vllm.entrypoints.launchers.*` (0.32); the
+    functions and their signatures are the same in both."""
+    import types
+
+    try:
+        from vllm.entrypoints.launchers import cli_args
+        from vllm.entrypoints.launchers.api_server import entry
+        from vllm.entrypoints.launchers.launcher import setup_server
+
+        return types.SimpleNamespace(
+            make_arg_parser=cli_args.make_arg_parser,
+            validate_parsed_serve_args=cli_args.validate_parsed_serve_args,
+            build_and_serve=entry.build_and_serve,
+            build_async_engine_client=entry.build_async_engine_client,
+            setup_server=setup_server,
+        )
+    except ImportError:
+        import importlib
+
+        api_server = importlib.import_module("vllm.entrypoints.openai.api_server")
+        openai_cli_args = importlib.import_module("vllm.entrypoints.openai.cli_args")
+
+        return types.SimpleNamespace(
+            make_arg_parser=openai_cli_args.make_arg_parser,
+            validate_parsed_serve_args=openai_cli_args.validate_parsed_serve_args,
+            build_and_serve=api_server.build_and_serve,
+            build_async_engine_client=api_server.build_async_engine_client,
+            setup_server=api_server.setup_server,
+        )
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    api = _serve_api()
+    make_arg_parser, validate_parsed_serve_args = api.make_arg_parser, api.validate_parsed_serve_args
 
     parser = make_arg_parser(FlexibleArgumentParser(description="vLLM OpenAI server with hotswap control"))
     parser.add_argument("--control-socket", default=DEFAULT_CONTROL_SOCKET, help="unix socket path")
@@ -189,9 +236,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     """`vllm serve`'s single-API-server path (run_server + run_server_worker) with the control
     server started once the engine client exists and stopped before the engine shuts down."""
-    from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
-    from vllm.entrypoints.launchers.launcher import setup_server
     from vllm.utils.system_utils import decorate_logs
+
+    api = _serve_api()
+    build_and_serve, build_async_engine_client, setup_server = (
+        api.build_and_serve,
+        api.build_async_engine_client,
+        api.setup_server,
+    )
 
     decorate_logs("APIServer", skip_if_decorated=True)
 
@@ -219,11 +271,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("refusing to start: VLLM_SERVER_DEV_MODE exposes weight/pause routes on the public port")
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
 
     cli_env_setup()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging_from_args(args)
+    try:  # new in vLLM 0.32; 0.26 configures logging from the environment only
+        from vllm.logger import configure_logging_from_args
+    except ImportError:
+        pass
+    else:
+        configure_logging_from_args(args)
     uvloop.run(serve(args))
 
 
