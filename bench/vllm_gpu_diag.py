@@ -471,9 +471,17 @@ def main() -> int:
         for m in (base, new):
             runs[(c, "fresh", m.name)] = Run(args, c, "fresh", m, [{"name": "start"}])
         runs[(c, "serve", base.name)] = Run(args, c, "serve", base, serve_steps(c, base, new))
+    # a second fresh engine on the same checkpoint: do two processes agree at all?
+    runs[(configs[0], "fresh2", new.name)] = Run(args, configs[0], "fresh2", new, [{"name": "start"}])
     results = {k: r.result() for k, r in runs.items()}
+    report_fresh: list[dict[str, Any]] = []
+    f1, f2 = results[(configs[0], "fresh", new.name)], results[(configs[0], "fresh2", new.name)]
+    if f1 is not None and f2 is not None:
+        c = compare_outputs(f1["steps"][0]["outputs"], f2["steps"][0]["outputs"])
+        report_fresh.append({"config": configs[0], "fresh_vs_fresh2": new.name, "outputs": c})
+        print(f"DIAG {configs[0]:10s} fresh vs fresh2 on {new.name}: equal={c['equal']} {c}", flush=True)
 
-    report: dict[str, Any] = {"shape": args.shape, "results": [], "info": {}}
+    report: dict[str, Any] = {"shape": args.shape, "results": [], "info": {}, "fresh_vs_fresh": report_fresh}
     for c in configs:
         served = results[(c, "serve", base.name)]
         refs = {m.name: results[(c, "fresh", m.name)] for m in (base, new)}

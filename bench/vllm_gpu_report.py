@@ -110,6 +110,13 @@ def section() -> str:
     if diag.exists():
         d = json.loads(diag.read_text())
         out += [f"## Diagnosis ({d['shape']} shape; bench/vllm_gpu_diag.py)", "", *diag_table(d), ""]
+        for f in d.get("fresh_vs_fresh", []):
+            o = f["outputs"]
+            out += [
+                f"Two fresh engines ({f['config']}) on {f['fresh_vs_fresh']}, each compiled from scratch: "
+                f"outputs equal: {'yes' if o['equal'] else 'no'} (max logprob diff {o['max_logprob_diff']:.3g}).",
+                "",
+            ]
     for f in sorted(RESULTS.glob("vllm_gpu_check-*.json")):
         out += [f"## {f.name}", "", *check_section(json.loads(f.read_text())), ""]
     checks = {
