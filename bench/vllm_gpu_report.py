@@ -114,7 +114,8 @@ def section() -> str:
             o = f["outputs"]
             out += [
                 f"Two fresh engines ({f['config']}) on {f['fresh_vs_fresh']}, each compiled from scratch: "
-                f"outputs equal: {'yes' if o['equal'] else 'no'} (max logprob diff {o['max_logprob_diff']:.3g}).",
+                f"outputs equal: {'yes' if o['equal'] else 'no'} "
+                f"(max logprob diff {o['max_logprob_diff']:.3g}).",
                 "",
             ]
     for f in sorted(RESULTS.glob("vllm_gpu_check-*.json")):
