@@ -145,7 +145,7 @@ def test_a_member_that_never_comes_is_reported_as_such(
 def test_a_member_whose_master_never_comes_is_reported_as_such(caches: dict[str, GroupCache]) -> None:
     port = free_port()
     spec = GroupSpec(("pod-a", "pod-b"), HOST, port, "gloo")
-    with pytest.raises(GroupError, match=f"no store of this group answered on {HOST}:{port}|did not answer"):
+    with pytest.raises(GroupError, match=f"no store of this group answered on {HOST}:{port} within 2s"):
         caches["pod-b"].get(spec, 1, bind_host=HOST, device=CPU, timeout=2.0)
 
 

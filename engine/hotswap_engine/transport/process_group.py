@@ -256,11 +256,13 @@ class Group:
         spec = self.spec
         where = f"{spec.master_addr}:{spec.master_port}"
         seen: str | None = None
+        failed: Exception | None = None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 found = f"only a store of another membership ({seen})" if seen else "no store of this group"
-                raise GroupError(f"{found} answered on {where} within {self.timeout:.0f}s")
+                last = f" (last: {failed})" if failed is not None else ""
+                raise GroupError(f"{found} answered on {where} within {self.timeout:.0f}s{last}")
             try:
                 store = dist.TCPStore(
                     spec.master_addr,
@@ -270,8 +272,12 @@ class Group:
                     timeout=timedelta(seconds=remaining),
                     wait_for_workers=False,
                 )
-            except (RuntimeError, ValueError) as e:  # nothing listened there in time
-                raise GroupError(f"the master's store on {where} did not answer: {e}") from e
+            except (RuntimeError, ValueError) as e:
+                # Nothing listened there in time, or the store it reached closed under it (the
+                # master dropping its previous group): again, until the deadline.
+                failed = e
+                time.sleep(_POLL_S)
+                continue
             named = _membership(store, min(PROBE_S, max(remaining, _POLL_S)))
             if named == spec.token:
                 store.set_timeout(delta)
