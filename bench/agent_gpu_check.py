@@ -15,8 +15,12 @@ worker is SIGKILLed mid-update; the update must fail within the collective timeo
 up and roll back (verified byte for byte), a new worker be started, and the next update succeed.
 
 `--device cpu` runs the same on CPU (gloo, shared-memory slots): the engine tests do, with
-`--pods 2` (two agents on 127.1.B.2x, world = pods × gpus). Prints one JSON summary line
-(`AGENT_GPU_CHECK {...}`); exit status 0 only if every check passed.
+`--pods 2` (two agents on 127.1.B.2x, world = pods × gpus). With `--membership-change` (and
+`--pods 2` or more): every pod first applies a version alone at its own address and a port M (the
+operator's catch-up group), then all of them get the next version in one group whose master is
+pod-0 at the same port M (the operator's first attempt of a rollout), pod-0 asked last, once the
+others are forming the group: it must complete on this first attempt in a few seconds.
+Prints one JSON summary line (`AGENT_GPU_CHECK {...}`); exit status 0 only if every check passed.
 """
 
 from __future__ import annotations
@@ -193,9 +197,9 @@ def make_checkpoints(root: Path, shape: str, versions: int) -> list[Path]:
     return out
 
 
-def update(pods: list[PodProcs], version: str, port: int, **extra: Any) -> list[str]:
+def group_of(pods: list[PodProcs], port: int) -> dict[str, Any]:
     n = len(pods)
-    group = {
+    return {
         "members": [
             {"rank": i, "pod": p.name, "address": p.ip, "part": {"index": i, "count": n} if n > 1 else None}
             for i, p in enumerate(pods)
@@ -203,13 +207,29 @@ def update(pods: list[PodProcs], version: str, port: int, **extra: Any) -> list[
         "master_addr": pods[0].ip,
         "master_port": port,
     }
-    ids = []
-    for i, p in enumerate(pods):
-        code, body = p.api("POST", "/v1/updates", {"version": version, "rank": i, "group": group, **extra})
-        if code != 202:
-            raise RuntimeError(f"{p.name}: update refused ({code}): {body}")
-        ids.append(body["id"])
-    return ids
+
+
+def start_update(p: PodProcs, rank: int, version: str, group: dict[str, Any], **extra: Any) -> str:
+    code, body = p.api("POST", "/v1/updates", {"version": version, "rank": rank, "group": group, **extra})
+    if code != 202:
+        raise RuntimeError(f"{p.name}: update refused ({code}): {body}")
+    return str(body["id"])
+
+
+def update(pods: list[PodProcs], version: str, port: int, **extra: Any) -> list[str]:
+    group = group_of(pods, port)
+    return [start_update(p, i, version, group, **extra) for i, p in enumerate(pods)]
+
+
+def wait_stage(p: PodProcs, update_id: str, stages: tuple[str, ...], timeout: float) -> str:
+    """Wait until the update is in one of `stages` (or finished); returns its stage."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code, body = p.api("GET", f"/v1/updates/{update_id}")
+        if code == 200 and body["stage"] in (*stages, "Complete", "Failed"):
+            return str(body["stage"])
+        time.sleep(0.01)
+    raise TimeoutError(f"{p.name}: update {update_id} not in {stages} after {timeout}s\n{p.logs()}")
 
 
 def stage(pods: list[PodProcs], version: str, path: Path) -> float:
@@ -235,6 +255,85 @@ def wait(p: PodProcs, update_id: str, timeout: float) -> dict[str, Any]:
     raise TimeoutError(f"{p.name}: update {update_id} not finished in {timeout}s\n{p.logs()}")
 
 
+def membership_change(
+    pods: list[PodProcs], versions: list[Path], first: int, port: int, args: argparse.Namespace, check: Any
+) -> None:
+    """Each pod alone at (its address, `port`), then all pods at (pod-0's address, `port`), the
+    master asked last: the others reach its port while it still holds its group of one there."""
+    version, path = f"v{first}", versions[first]
+    for p in pods:
+        code, body = p.api("POST", "/v1/stage", {"version": version, "source": {"path": str(path)}})
+        if code != 201:
+            raise RuntimeError(f"{p.name}: stage refused ({code}): {body}")
+        alone = {
+            "members": [{"rank": 0, "pod": p.name, "address": p.ip, "part": None}],
+            "master_addr": p.ip,
+            "master_port": port,
+        }
+        r = wait(p, start_update(p, 0, version, alone), 600)
+        check(f"membership change: {p.name} alone {version}", r["stage"] == "Complete", error=r.get("error"))
+    version, path = f"v{first + 1}", versions[first + 1]
+    stage(pods, version, path)
+    group = group_of(pods, port)
+    t0 = time.monotonic()
+    ids = {i: start_update(pods[i], i, version, group) for i in range(1, len(pods))}
+    for i, update_id in ids.items():
+        wait_stage(pods[i], update_id, ("Connecting", "Transferring"), 60)
+    # The master's request comes once another member's rank worker reached its port (where its
+    # group of one still listens). A fixed worker leaves that store at once and may be missed: the
+    # look is bounded well inside the collective timeout.
+    early = wait_connected(pods[1].rank_workers(), pods[0].ip, port, min(5.0, args.collective_timeout / 4))
+    ids[0] = start_update(pods[0], 0, version, group)
+    results = {i: wait(pods[i], ids[i], 600) for i in range(len(pods))}
+    seconds = time.monotonic() - t0
+    for i, r in sorted(results.items()):
+        v = pods[i].verify(path)
+        check(
+            f"membership change: {pods[i].name} {version} on the first attempt, well within the timeout",
+            r["stage"] == "Complete" and v["ok"] and seconds < args.collective_timeout / 2,
+            seconds=round(seconds, 2),
+            member_at_old_store_first=early,
+            error=r.get("error"),
+            durations=r["durations"],
+            mismatched=v.get("mismatched"),
+        )
+
+
+def tcp_peers(pid: int) -> set[tuple[str, int]]:
+    """The (address, port) pairs process `pid`'s established TCP sockets are connected to (IPv4,
+    and IPv4-mapped IPv6: torch's store clients are AF_INET6 sockets)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    out = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] != "01" or f[9] not in inodes:  # ESTABLISHED, one of this process's sockets
+                    continue
+                addr, port = f[2].split(":")
+                if len(addr) == 32 and addr.startswith("0000000000000000FFFF0000"):
+                    addr = addr[24:]  # IPv4-mapped
+                if len(addr) == 8:
+                    out.add((socket.inet_ntoa(int(addr, 16).to_bytes(4, "little")), int(port, 16)))
+    return out
+
+
+def wait_connected(pids: list[int], addr: str, port: int, timeout: float) -> bool:
+    """Whether one of `pids` was seen connected to `addr:port` within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any((addr, port) in tcp_peers(pid) for pid in pids):
+            return True
+        time.sleep(0.001)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -246,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         "--versions", type=int, default=0, help="checkpoints to use (default: one per update); updates cycle"
     )
     ap.add_argument("--kill", action="store_true", help="SIGKILL a rank worker mid-update, then update again")
+    ap.add_argument(
+        "--membership-change",
+        action="store_true",
+        help="each pod alone at its own address and port M, then all at pod-0's address and port M",
+    )
     ap.add_argument("--collective-timeout", type=float, default=20.0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument(
@@ -254,11 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.device == "cuda" and args.pods != 1:
         ap.error("on cuda one agent owns the machine's GPUs: --pods 1")
+    if args.membership_change and args.pods < 2:
+        ap.error("--membership-change needs --pods 2 or more")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     made_root = args.checkpoints is None  # not under --out: the device tool copies --out back
     root = Path(tempfile.mkdtemp(prefix="agent-gpu-check-")) if made_root else args.checkpoints.resolve()
-    versions = make_checkpoints(root, args.shape, args.versions or 2 + args.updates + (2 if args.kill else 0))
+    extra = (2 if args.kill else 0) + (2 if args.membership_change else 0)
+    if args.versions and extra:
+        ap.error("--versions cycles plain updates only (not with --kill / --membership-change)")
+    versions = make_checkpoints(root, args.shape, args.versions or 2 + args.updates + extra)
     base = versions[0]
     # Several pods: loopback addresses of their own, outside the dev cluster's pod range
     # (127.0.0.16-254), in a block picked by the pid so that two runs at once do not collide.
@@ -320,11 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             rate = max(total // 8, 1)
             ids = update(pods, version, port + 100, max_bytes_per_second=rate, bucket_bytes=bucket)
             deadline = time.monotonic() + 120
-            r: dict[str, Any] = {}
+            when: dict[str, Any] = {}
             while time.monotonic() < deadline:
-                _, r = pods[0].api("GET", f"/v1/updates/{ids[0]}")
-                if r["stage"] in ("Transferring", "Complete", "Failed") and (
-                    r["bytes_done"] > 0 or r["stage"] != "Transferring"
+                _, when = pods[0].api("GET", f"/v1/updates/{ids[0]}")
+                if when["stage"] in ("Transferring", "Complete", "Failed") and (
+                    when["bytes_done"] > 0 or when["stage"] != "Transferring"
                 ):
                     break
                 time.sleep(0.02)
@@ -337,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kill: every member's update failed, rolled back, within the collective timeout",
                 all(o["stage"] == "Failed" and "rollback" in o["durations"] for o in outcomes)
                 and fail_s < 3 * args.collective_timeout + 30,
-                stage_when_killed=r.get("stage"),
+                stage_when_killed=when.get("stage"),
                 seconds_after_kill=round(fail_s, 2),
                 errors=[o.get("error") for o in outcomes],
             )
@@ -381,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                     durations=res["durations"],
                     mismatched=v.get("mismatched"),
                 )
+        if args.membership_change:
+            membership_change(pods, versions, len(versions) - 2, port + 200, args, check)
     except Exception as e:
         check("no exception", False, error=f"{type(e).__name__}: {e}")
         for p in pods:

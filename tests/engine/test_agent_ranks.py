@@ -10,6 +10,9 @@
    broadcast between two such agents, then a rank worker SIGKILLed mid-update: the update fails in
    bounded time, the agents stay up and serve the old weights, the worker is replaced and the next
    update succeeds (all byte-exact).
+3. The same script with `--membership-change` (two agents, one rank worker each): each pod applies
+   a version alone at its own address and a port M, then both get the next one in a group whose
+   master is pod-0 at port M, pod-0 asked last: it completes on the first attempt, in seconds.
 """
 
 from __future__ import annotations
@@ -161,3 +164,17 @@ def test_rank_worker_killed_mid_update_cpu(tmp_path: Path) -> None:
     assert summary["ok"] and not failed, (failed, done.stderr[-3000:])
     names = [c["check"] for c in summary["checks"]]
     assert any("replaced" in n for n in names) and any("next update" in n for n in names), names
+
+
+def test_membership_change_on_the_same_master_port_cpu(tmp_path: Path) -> None:
+    """The first broadcast after a membership change, on the master port the pods' previous groups
+    used (issue #15 item 5: it failed its first attempt after the collective timeout)."""
+    cmd = [sys.executable, str(REPO / "bench" / "agent_gpu_check.py"), "--device", "cpu", "--gpus", "1"]
+    cmd += ["--pods", "2", "--updates", "1", "--membership-change", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=pod_env(), capture_output=True, text=True, timeout=1200, cwd=REPO)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("AGENT_GPU_CHECK ")]
+    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(lines[-1].removeprefix("AGENT_GPU_CHECK "))
+    failed = [c for c in summary["checks"] if not c["ok"]]
+    assert summary["ok"] and not failed, (failed, done.stderr[-3000:])
+    assert sum("membership change" in c["check"] for c in summary["checks"]) == 4, summary["checks"]

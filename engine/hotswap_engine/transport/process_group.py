@@ -11,15 +11,29 @@ connection closes; on NCCL the pipeline polls CUDA events with its own deadline 
 raises, and the rank worker process exits (see `Group.abort`), so a dead peer never leaves a
 process hanging in a kernel. TORCH_NCCL_ASYNC_ERROR_HANDLING=2 keeps NCCL's watchdog from killing
 the process on its own before the error is reported.
+
+Rendezvous: the master's address and port outlive a membership (the operator reuses its base port
+for the first attempt of every rollout, and a pod's catch-up group sits on the same port at its own
+address), so a member can reach the master's port while the master still holds its *previous*
+group's store: the master drops it only when its own `group` call arrives. A plain TCPStore client
+would register there and wait in a dead rendezvous while the new store waits for it until the
+timeout. So the master names its membership in its store (`MEMBERSHIP_KEY`, a digest of the
+spec), a member reconnects until the store it reached names *its* membership, every key of the
+group lives under that digest, and the master waits for each member's arrival key itself, so a
+member that does not come is reported as such (which rank, which pod, after how long).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import socket
 import threading
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,6 +44,12 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 ABORT_KEY = "hotswap/abort"
+# Set by the master in its store: the digest of the membership the store serves (see the module doc).
+MEMBERSHIP_KEY = "hotswap/membership"
+# How long a member waits for a store it reached to name its membership before it reconnects
+# (the master names it right after binding, so only a store of no group of ours stays silent).
+PROBE_S = 2.0
+_POLL_S = 0.02
 # Failed NCCL backends (and their stores), kept alive until the process exits; see Group.abort.
 _ABANDONED: list[Any] = []
 
@@ -59,6 +79,16 @@ class GroupSpec:
     def world_size(self) -> int:
         return len(self.members)
 
+    @property
+    def token(self) -> str:
+        """A digest of the membership: equal on every member of this group, different for any other
+        (other pods, order, master, port or backend)."""
+        raw = json.dumps([list(self.members), self.master_addr, self.master_port, self.backend])
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def joined_key(self, rank: int) -> str:
+        return f"hotswap/{self.token}/joined/{rank}"
+
 
 def _listen_socket(host: str, port: int) -> socket.socket:
     """Bind the store's port on exactly the master's address (TCPStore alone binds every interface)."""
@@ -72,6 +102,29 @@ def _listen_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _membership(store: dist.TCPStore, wait: float) -> str | None:
+    """The membership a store names, waiting up to `wait` seconds for it; None: it names none (or
+    went away)."""
+    deadline = time.monotonic() + wait
+    try:
+        while not store.check([MEMBERSHIP_KEY]):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(_POLL_S)
+        return bytes(store.get(MEMBERSHIP_KEY)).decode(errors="replace")
+    except (RuntimeError, ValueError):  # the store's server closed (its group was dropped)
+        return None
+
+
+def _close_if_same_socket(fd: int, sock: socket.socket) -> None:
+    """Close `fd` if it is still our duplicate of `sock` (a store that refused it before adopting
+    it); if torch closed it, the number may belong to something else by now and is left alone."""
+    with contextlib.suppress(OSError):
+        mine, theirs = os.fstat(sock.fileno()), os.fstat(fd)
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            os.close(fd)
 
 
 class Group:
@@ -99,10 +152,11 @@ class Group:
         self._lock = threading.Lock()
         self._listen: socket.socket | None = None
         delta = timedelta(seconds=timeout)
+        self.store: dist.TCPStore | None = None
         try:
-            self.store = self._make_store(delta)
-            # A fresh prefix per group generation would only matter if a store were reused; ours is not.
-            prefixed = dist.PrefixStore(f"hotswap/{spec.backend}", self.store)
+            self.store = self._rendezvous(delta)
+            # Under the membership's digest: nothing of another group's rendezvous can be read here.
+            prefixed = dist.PrefixStore(f"hotswap/{spec.token}/{spec.backend}", self.store)
             # The backends' Python stubs are incomplete (no _Options, no eager connect): typed loosely.
             self.backend: Any
             if spec.backend == "gloo":
@@ -120,35 +174,119 @@ class Group:
             self._warm_up()
         except Exception as e:
             self.abort()
+            # The error's frames would keep the store (and its listening port) alive as long as
+            # the error is kept: drop their locals, so the next attempt can bind the port.
+            traceback.clear_frames(e.__traceback__)
             raise GroupError(f"could not form the {spec.backend} group as rank {rank}: {e}") from e
 
-    def _make_store(self, delta: timedelta) -> dist.TCPStore:
+    def _rendezvous(self, delta: timedelta) -> dist.TCPStore:
+        """Reach this membership's store (also `self.store` at once, for `abort`); the master
+        returns once every member came."""
         spec = self.spec
+        deadline = time.monotonic() + delta.total_seconds()
         if self.rank == 0:
-            self._listen = _listen_socket(spec.master_addr, spec.master_port)
+            store = self.store = self._master_store(delta)
+            store.set(MEMBERSHIP_KEY, spec.token)
+            self._await_members(store, deadline)
+        else:
+            store = self.store = self._member_store(delta, deadline)
+            store.set(spec.joined_key(self.rank), "1")
+        return store
+
+    def _master_store(self, delta: timedelta) -> dist.TCPStore:
+        """The store on exactly `master_addr:master_port`, on a socket bound here when torch adopts
+        one. Built without waiting for workers, so any error here is the store's own, never a
+        member that is late: only such an error falls back to letting torch bind the port."""
+        spec = self.spec
+        sock = self._listen = _listen_socket(spec.master_addr, spec.master_port)
+        # torch owns (and closes) the descriptor it adopts, also when the store fails: it gets a
+        # duplicate, the socket object here keeps its own (closed by `abort`).
+        fd = os.dup(sock.fileno())
+        try:
+            return dist.TCPStore(
+                spec.master_addr,
+                spec.master_port,
+                spec.world_size,
+                is_master=True,
+                timeout=delta,
+                wait_for_workers=False,
+                master_listen_fd=fd,
+            )
+        except (TypeError, RuntimeError, ValueError) as e:
+            refused = e
+        _close_if_same_socket(fd, sock)
+        log.warning(
+            "TCPStore could not adopt the socket bound on %s:%d (%s); binding by port",
+            spec.master_addr,
+            spec.master_port,
+            refused,
+        )
+        sock.close()
+        self._listen = None
+        try:
+            return dist.TCPStore(
+                spec.master_addr,
+                spec.master_port,
+                spec.world_size,
+                is_master=True,
+                timeout=delta,
+                wait_for_workers=False,
+            )
+        except (RuntimeError, ValueError) as e:
+            raise GroupError(
+                f"cannot host the store on {spec.master_addr}:{spec.master_port}: {e} "
+                f"(adopting a bound socket failed first: {refused})"
+            ) from e
+
+    def _await_members(self, store: dist.TCPStore, deadline: float) -> None:
+        spec = self.spec
+        keys = [spec.joined_key(r) for r in range(1, spec.world_size)]
+        while keys and not store.check(keys):
+            if time.monotonic() >= deadline:
+                missing = [r for r in range(1, spec.world_size) if not store.check([spec.joined_key(r)])]
+                raise GroupError(
+                    f"rank(s) {missing} ({', '.join(spec.members[r] for r in missing)}) did not reach "
+                    f"the store on {spec.master_addr}:{spec.master_port} within {self.timeout:.0f}s"
+                )
+            time.sleep(_POLL_S)
+
+    def _member_store(self, delta: timedelta, deadline: float) -> dist.TCPStore:
+        """A client of the store that names this membership; a store of another one (the master's
+        previous group, still up until the master's own `group` call drops it) is left at once."""
+        spec = self.spec
+        where = f"{spec.master_addr}:{spec.master_port}"
+        seen: str | None = None
+        failed: Exception | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                found = f"only a store of another membership ({seen})" if seen else "no store of this group"
+                last = f" (last: {failed})" if failed is not None else ""
+                raise GroupError(f"{found} answered on {where} within {self.timeout:.0f}s{last}")
             try:
-                return dist.TCPStore(
+                store = dist.TCPStore(
                     spec.master_addr,
                     spec.master_port,
                     spec.world_size,
-                    is_master=True,
-                    timeout=delta,
-                    wait_for_workers=True,
-                    master_listen_fd=self._listen.fileno(),
+                    is_master=False,
+                    timeout=timedelta(seconds=remaining),
+                    wait_for_workers=False,
                 )
             except (RuntimeError, ValueError) as e:
-                # A torch whose store cannot adopt a listening socket: let it bind the port itself.
-                log.warning("TCPStore refused the bound socket (%s); binding by port", e)
-                self._listen.close()
-                self._listen = None
-        return dist.TCPStore(
-            spec.master_addr,
-            spec.master_port,
-            spec.world_size,
-            is_master=self.rank == 0,
-            timeout=delta,
-            wait_for_workers=True,
-        )
+                # Nothing listened there in time, or the store it reached closed under it (the
+                # master dropping its previous group): again, until the deadline.
+                failed = e
+                time.sleep(_POLL_S)
+                continue
+            named = _membership(store, min(PROBE_S, max(remaining, _POLL_S)))
+            if named == spec.token:
+                store.set_timeout(delta)
+                return store
+            if named is not None and named != seen:
+                log.info("the store on %s serves another membership (%s); waiting for ours", where, named)
+            seen = named or seen
+            del store
+            time.sleep(_POLL_S)
 
     def _warm_up(self) -> None:
         """One tiny broadcast, so connection set-up is paid here and not by the first bucket."""
@@ -175,12 +313,16 @@ class Group:
         """Tell the other members (through the store) that this update is over; best effort."""
         # The store may be gone with its master: then there is nothing left to tell.
         with contextlib.suppress(Exception):
-            self.store.set(ABORT_KEY, reason[:1000])
+            if self.store is not None:
+                self.store.set(ABORT_KEY, reason[:1000])
 
     def abort_requested(self) -> str | None:
+        store = self.store
+        if store is None:
+            return "the group was torn down"
         try:
-            if self.store.check([ABORT_KEY]):
-                return bytes(self.store.get(ABORT_KEY)).decode(errors="replace")
+            if store.check([ABORT_KEY]):
+                return bytes(store.get(ABORT_KEY)).decode(errors="replace")
         except Exception as e:  # the store's master is gone: the group is dead
             return f"the group's store is unreachable ({e})"
         return None
@@ -209,10 +351,10 @@ class Group:
                     except Exception as e:  # depends on the backend's state
                         log.debug("backend abort failed: %s", e)
                 self.backend = None
-            if getattr(self, "store", None) is not None:
+            if self.store is not None:
                 if self.spec.backend == "nccl":
                     _ABANDONED.append(self.store)  # the NCCL backend still refers to it
-                self.store = None  # type: ignore[assignment]
+                self.store = None
             if self._listen is not None:
                 self._listen.close()
                 self._listen = None
