@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-export PYTHONPATH="$PWD/engine:$PWD/operator:$PWD/cli:$PWD/cluster${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/engine:$PWD/operator:$PWD/cli:$PWD/cluster:$PWD/testing${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 NS=hotswap-demo
 POOL=demo
@@ -36,8 +36,8 @@ trap cleanup EXIT
 say "a tiny Qwen3 checkpoint (base) and a new training step (step-100), built locally"
 if [ ! -f "$CKPT/runs/step-100/config.json" ]; then
   rm -rf "$CKPT" && mkdir -p "$CKPT/models" "$CKPT/runs"
-  "$PY" -m hotswap_engine.testing.tiny_model "$CKPT/models/base" --seed 0 >/dev/null
-  "$PY" -m hotswap_engine.testing.tiny_model "$CKPT/runs/step-100" --variant-of "$CKPT/models/base" --seed 1 >/dev/null
+  "$PY" -m hotswap_testing.tiny_model "$CKPT/models/base" --seed 0 >/dev/null
+  "$PY" -m hotswap_testing.tiny_model "$CKPT/runs/step-100" --variant-of "$CKPT/models/base" --seed 1 >/dev/null
 fi
 du -sh "$CKPT/models/base" "$CKPT/runs/step-100" | sed 's/^/  /'
 
