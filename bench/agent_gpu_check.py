@@ -3,9 +3,10 @@
 On a machine with 2 GPUs (the device tool's nvidia-h200-x2), from the repository root:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD/engine python3 bench/agent_gpu_check.py --device cuda --gpus 2 --kill --out $OUT
+    export PYTHONPATH=/tmp/site:$PWD/engine:$PWD/testing
+    python3 bench/agent_gpu_check.py --device cuda --gpus 2 --kill --out $OUT
 
-What it runs, per pod: `python -m hotswap_engine.testing.plain_launcher` (the launcher's control
+What it runs, per pod: `python -m hotswap_testing.plain_launcher` (the launcher's control
 socket in front of one plain receiver per GPU with preallocated parameters) and `python -m
 hotswap_engine.agent --device cuda --gpus 2` (HTTP API; one rank worker process per GPU: NCCL
 group, slots, CUDA IPC hand-off). Then, as the operator would: stage each synthetic version through
@@ -44,8 +45,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "engine"))
+sys.path.insert(0, str(REPO / "testing"))
 
-from hotswap_engine.testing.checkpoints import (  # noqa: E402
+from hotswap_testing.checkpoints import (  # noqa: E402
     QWEN3_8B,
     mixed_defs,
     qwen3_defs,
@@ -93,9 +95,13 @@ class PodProcs:
         self.port = free_port(ip)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         env = dict(os.environ)
-        env.update(PYTHONPATH=os.pathsep.join([str(REPO / "engine"), env.get("PYTHONPATH", "")]))
+        env.update(
+            PYTHONPATH=os.pathsep.join(
+                [str(REPO / "engine"), str(REPO / "testing"), env.get("PYTHONPATH", "")]
+            )
+        )
         env.update(PYTHONUNBUFFERED="1", HOTSWAP_AGENT_TOKEN=TOKEN)
-        launcher = ["-m", "hotswap_engine.testing.plain_launcher", "--control-socket", str(self.control)]
+        launcher = ["-m", "hotswap_testing.plain_launcher", "--control-socket", str(self.control)]
         launcher += ["--base", str(base), "--tp", str(args.gpus), "--device", args.device]
         self._spawn("launcher", launcher, env)
         agent = ["-m", "hotswap_engine.agent", "--pod-name", name, "--host", ip, "--port", str(self.port)]

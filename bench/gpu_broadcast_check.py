@@ -3,7 +3,7 @@ receiver process per GPU, byte-exact checks, timings against the host→GPU boun
 
 Run on a machine with 2 GPUs (the device tool's nvidia-h200-x2), from the repository root:
 
-    PYTHONPATH=engine python3 bench/gpu_broadcast_check.py --out $OUT
+    PYTHONPATH=engine:testing python3 bench/gpu_broadcast_check.py --out $OUT
 
 Phases: (1) pinned host→GPU bandwidth with both GPUs copying at once; (2) for each checkpoint
 shape (a small mixed one, and Qwen3-8B-shaped bf16), write a synthetic sharded safetensors
@@ -31,8 +31,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "engine"))
+sys.path.insert(0, str(REPO / "testing"))
 
-from hotswap_engine.testing.checkpoints import (  # noqa: E402
+from hotswap_testing.checkpoints import (  # noqa: E402
     QWEN3_8B,
     block_filler,
     mixed_defs,
@@ -102,14 +103,20 @@ def run_group(
     op_timeout: float = 60.0,
     pause_rank: int | None = None,
 ) -> tuple[list[list[dict[str, object]]], list[list[dict[str, object]]], dict[str, int | None]]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "engine"), str(REPO / "testing"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     port = free_port()
     members = ",".join(f"gpu-{r}" for r in range(world))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for r in range(world):
         endpoint = f"ipc:///tmp/hs-{name}-{r}.sock"
         mcmd = [
-            sys.executable, "-m", "hotswap_engine.testing.broadcast_member", "--rank", str(r),
+            sys.executable, "-m", "hotswap_testing.broadcast_member", "--rank", str(r),
             "--members", members, "--master-addr", "127.0.0.1", "--master-port", str(port),
             "--bind-host", "127.0.0.1", "--device", f"cuda:{r}", "--base", str(ckpt),
             "--endpoint", endpoint, "--verify", verify, "--op-timeout", str(op_timeout),
@@ -119,7 +126,7 @@ def run_group(
         if pause_rank == r:
             mcmd += ["--pause-after-bytes", "1"]
         rcmd = [
-            sys.executable, "-m", "hotswap_engine.testing.plain_receiver", "--endpoint", endpoint,
+            sys.executable, "-m", "hotswap_testing.plain_receiver", "--endpoint", endpoint,
             "--rank", "0", "--device", f"cuda:{r}", "--base", str(ckpt), "--updates", str(updates),
             "--timeout", str(op_timeout), "--out", str(out / f"{name}-receiver{r}.jsonl"),
         ]  # fmt: skip

@@ -4,7 +4,7 @@ memory into the other GPU, over Mooncake, timed and verified byte for byte.
 Run on the device tool's nvidia-h200-x2 from the repository root (wheels carried in `.whl/`,
 mooncake-transfer-engine-non-cuda among them):
 
-    PYTHONPATH=/tmp/site:$PWD/engine python3 bench/p2p_gpu_catchup.py --out $OUT/p2p
+    PYTHONPATH=/tmp/site:$PWD/engine:$PWD/testing python3 bench/p2p_gpu_catchup.py --out $OUT/p2p
 
 What runs, all through the project's own code:
   * process A ("holder", CUDA device 0): `staging.stage` of the whole checkpoint (page-cached
@@ -43,6 +43,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "engine"))
+sys.path.insert(0, str(REPO / "testing"))
 sys.path.insert(0, str(REPO / "bench"))
 
 GB = 1e9
@@ -97,9 +98,9 @@ def main() -> int:
 
     from hotswap_engine.hostmem import HostBuffer
     from hotswap_engine.p2p_plan import plan_reads
-    from hotswap_engine.testing.checkpoints import block_filler, nbytes_of, save_sharded
-    from hotswap_engine.testing.plain_receiver import FileReference
     from hotswap_engine.transport.p2p import P2PEndpoint, PeerSource
+    from hotswap_testing.checkpoints import block_filler, nbytes_of, save_sharded
+    from hotswap_testing.plain_receiver import FileReference
 
     shape_defs = importlib.import_module("update_speed").shape_defs
 
@@ -110,7 +111,7 @@ def main() -> int:
     if ckpt is None:
         defs = shape_defs(args.shape)
         if args.smoke:
-            from hotswap_engine.testing.checkpoints import qwen3_defs
+            from hotswap_testing.checkpoints import qwen3_defs
 
             defs = qwen3_defs(
                 layers=2, hidden=256, intermediate=512, heads=4, kv_heads=2, head_dim=64, vocab=1000

@@ -3,7 +3,7 @@
 Run on the device tool's nvidia-h200-x2 from the repository root (wheels carried in `.whl/`):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD/engine python3 bench/update_speed.py --out $OUT/raw \
+    PYTHONPATH=/tmp/site:$PWD/engine:$PWD/testing python3 bench/update_speed.py --out $OUT/raw \
         --shapes qwen3-8b --configs 64x16tf,128x8,64x16nf --updates 4 --ce
 
 Configs `BxS`: S slots of B MiB per GPU; suffix none = full-version device→host copy inline, `tf` =
@@ -48,6 +48,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "engine"))
+sys.path.insert(0, str(REPO / "testing"))
 sys.path.insert(0, str(REPO / "bench"))
 
 GB = 1e9
@@ -64,7 +65,7 @@ def log(msg: str) -> None:
 
 
 def shape_defs(shape: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    from hotswap_engine.testing.checkpoints import QWEN3_8B, qwen3_defs
+    from hotswap_testing.checkpoints import QWEN3_8B, qwen3_defs
 
     if shape == "qwen3-8b":
         return qwen3_defs(**QWEN3_8B)
@@ -283,7 +284,7 @@ def ce_receiver(args: argparse.Namespace) -> int:
     import zmq
 
     ce = import_checkpoint_engine()
-    from hotswap_engine.testing.plain_receiver import POISON, FileReference, allocate, flat_bytes
+    from hotswap_testing.plain_receiver import POISON, FileReference, allocate, flat_bytes
 
     device = torch.device("cuda", args.rank)
     torch.cuda.set_device(device)
@@ -424,7 +425,7 @@ def main() -> int:
         return ce_receiver(args)
 
     measure_h2d, run_group = gbc().measure_h2d, gbc().run_group
-    from hotswap_engine.testing.checkpoints import block_filler, nbytes_of, save_sharded
+    from hotswap_testing.checkpoints import block_filler, nbytes_of, save_sharded
 
     args.out.mkdir(parents=True, exist_ok=True)
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

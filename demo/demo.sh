@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-export PYTHONPATH="$PWD/engine:$PWD/operator:$PWD/cli:$PWD/cluster${PYTHONPATH:+:$PYTHONPATH}"
+HOTSWAP=.venv/bin/hotswap  # the command line, installed into the venv by `make venv`
+export PYTHONPATH="$PWD/engine:$PWD/operator:$PWD/cli:$PWD/cluster:$PWD/testing${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 NS=hotswap-demo
 POOL=demo
@@ -36,8 +37,8 @@ trap cleanup EXIT
 say "a tiny Qwen3 checkpoint (base) and a new training step (step-100), built locally"
 if [ ! -f "$CKPT/runs/step-100/config.json" ]; then
   rm -rf "$CKPT" && mkdir -p "$CKPT/models" "$CKPT/runs"
-  "$PY" -m hotswap_engine.testing.tiny_model "$CKPT/models/base" --seed 0 >/dev/null
-  "$PY" -m hotswap_engine.testing.tiny_model "$CKPT/runs/step-100" --variant-of "$CKPT/models/base" --seed 1 >/dev/null
+  "$PY" -m hotswap_testing.tiny_model "$CKPT/models/base" --seed 0 >/dev/null
+  "$PY" -m hotswap_testing.tiny_model "$CKPT/runs/step-100" --variant-of "$CKPT/models/base" --seed 1 >/dev/null
 fi
 du -sh "$CKPT/models/base" "$CKPT/runs/step-100" | sed 's/^/  /'
 
@@ -67,10 +68,10 @@ kubectl -n "$NS" get hspool "$POOL"
 
 say "publish step-100: the running engines swap weights, no restart"
 t=$(date +%s.%N)
-"$PY" -m hotswap_cli publish "$POOL" -n "$NS" --version step-100 --path runs/step-100 --wait --timeout-wait 600
+"$HOTSWAP" publish "$POOL" -n "$NS" --version step-100 --path runs/step-100 --wait --timeout-wait 600
 echo "  rollout took $(elapsed "$t") end to end"
 kubectl -n "$NS" get wv
-"$PY" -m hotswap_cli status "$POOL" -n "$NS"
+"$HOTSWAP" status "$POOL" -n "$NS"
 "$PY" demo/ask.py "$NS" "$POOL"
 
 if [ "${DEMO_SCALE:-1}" = 1 ]; then

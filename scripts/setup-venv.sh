@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (once) the project's virtual environment in a cache folder keyed by the requirement files'
-# hash, and links it as ./.venv. A fresh clone with a warm cache only makes the link.
+# hash, links it as ./.venv and installs this checkout into it (editable, no dependencies). A fresh
+# clone with a warm cache only makes the link and the editable install (a few seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${HOTSWAP_CACHE:-$HOME/.cache/hotswap}"
@@ -25,4 +26,18 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 ln -sfn "$venv" .venv
+# The project itself, editable and without dependencies (all of them are in the venv already, torch and
+# vLLM untouched): puts the `hotswap` command on the venv's PATH, importing this checkout. The venv is
+# shared by every checkout on the machine, so the last checkout to run this owns `hotswap`; make
+# targets and tests put their own checkout first on PYTHONPATH, which wins over the editable finder.
+# Skipped (no pip) while the venv already points at this checkout with this pyproject.toml.
+stamp="$(pwd -P) $(sha256sum pyproject.toml | cut -c1-12)"
+if [ ! -x "$venv/bin/hotswap" ] || [ "$(cat "$venv/.hotswap-project" 2>/dev/null)" != "$stamp" ]; then
+  # (setuptools warns about editable installs on every build: shown only when the install fails)
+  if ! out=$("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1); then
+    echo "$out" >&2
+    exit 1
+  fi
+  echo "$stamp" > "$venv/.hotswap-project"
+fi
 echo "$venv"

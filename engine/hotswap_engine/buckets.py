@@ -85,10 +85,6 @@ class BucketPlan:
         return sum(b.nbytes for b in self.buckets)
 
     @property
-    def part_sizes(self) -> tuple[int, ...]:
-        return tuple(p.nbytes for p in self.parts)
-
-    @property
     def largest_chunked_tensor(self) -> int:
         """Bytes of the largest tensor that arrives in several chunks (0 when none does)."""
         return max(

@@ -172,12 +172,6 @@ class VersionLayout:
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
-    def segment_size(self, segment: int) -> int:
-        for seg, size in self.segments:
-            if seg == segment:
-                return size
-        raise KeyError(segment)
-
     def get(self, name: str) -> TensorEntry | None:
         return self._by_name.get(name)
 
@@ -317,9 +311,6 @@ class Holder:
 
     def covered(self) -> tuple[ByteRange, ...]:
         return merge_ranges(ByteRange(s.start, s.end) for s in self.segments)
-
-    def covers(self, start: int, end: int) -> bool:
-        return self.locate(start, end - start) is not None
 
     def locate(self, start: int, length: int) -> tuple[ReadTask, ...] | None:
         """The reads that fetch destination bytes `[start, start + length)` from this holder (split

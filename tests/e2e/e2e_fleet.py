@@ -50,7 +50,7 @@ def log(msg: str) -> None:
 
 BUILD = """
 import sys
-from hotswap_engine.testing.tiny_model import build_tiny_model, make_variant
+from hotswap_testing.tiny_model import build_tiny_model, make_variant
 root = sys.argv[1]
 base = build_tiny_model(f"{root}/models/base", seed=0)
 for seed, name in ((2, "v2"), (3, "v3")):

@@ -29,7 +29,7 @@ MAX_TOKENS = 12
 def pod_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        PYTHONPATH=f"{REPO / 'engine'}",
+        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "testing")),
         HF_HUB_OFFLINE="1",
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_OMP_THREADS_BIND="nobind",
@@ -231,7 +231,7 @@ def generate(base_url: str, prompts: Iterable[str] = PROMPTS) -> list[str]:
 
 def reference_completions(model_dir: Path, prompts: Iterable[str] = PROMPTS) -> list[str]:
     """What a fresh engine started on `model_dir` answers: one small in-process vLLM in a child."""
-    cmd = [sys.executable, "-m", "hotswap_engine.testing.tiny_model", str(model_dir), "--complete"]
+    cmd = [sys.executable, "-m", "hotswap_testing.tiny_model", str(model_dir), "--complete"]
     cmd += ["--max-tokens", str(MAX_TOKENS)]
     for p in prompts:
         cmd += ["--prompt", p]

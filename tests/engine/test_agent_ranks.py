@@ -39,7 +39,7 @@ class RankPod(Pod):
         (self.workdir / "shm").mkdir(exist_ok=True)
         env = pod_env()
         if self.plain:
-            launcher = ["-m", "hotswap_engine.testing.plain_launcher", "--tp", "2", "--base", str(self.model)]
+            launcher = ["-m", "hotswap_testing.plain_launcher", "--tp", "2", "--base", str(self.model)]
         else:
             launcher = ["-m", "hotswap_engine.vllm_launcher", str(self.model), "--host", self.ip]
             launcher += [
@@ -92,7 +92,7 @@ class RankPod(Pod):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from hotswap_engine.testing.tiny_model import build_tiny_model, make_variant
+    from hotswap_testing.tiny_model import build_tiny_model, make_variant
 
     root = tmp_path_factory.mktemp("checkpoints")
     base = build_tiny_model(root / "v0", seed=0, shards=2)

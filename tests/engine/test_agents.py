@@ -36,7 +36,7 @@ def _rewrite_header(path: Path, edit: object) -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from hotswap_engine.testing.tiny_model import build_tiny_model, make_variant, weight_files
+    from hotswap_testing.tiny_model import build_tiny_model, make_variant, weight_files
 
     root = tmp_path_factory.mktemp("checkpoints")
     base = build_tiny_model(root / "base", seed=0, shards=2)

@@ -1,8 +1,8 @@
 """The pipelined broadcast on CPU: real gloo process groups on 127.0.0.1, each member with a plain
 receiver process behind a real hand-off (ZeroMQ + shared-memory slots).
 
-Every member is a separate process (`hotswap_engine.testing.broadcast_member`) staging its part of
-a synthetic checkpoint written here; its receiver (`hotswap_engine.testing.plain_receiver`) fills
+Every member is a separate process (`hotswap_testing.broadcast_member`) staging its part of
+a synthetic checkpoint written here; its receiver (`hotswap_testing.plain_receiver`) fills
 preallocated parameters from the hand-off and compares them byte for byte with the checkpoint.
 """
 
@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hotswap_engine.testing.checkpoints import mixed_defs, random_filler, save_file, save_sharded
+from hotswap_testing.checkpoints import mixed_defs, random_filler, save_file, save_sharded
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {
     **os.environ,
-    "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("engine", "operator", "cluster")),
+    "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("engine", "operator", "cluster", "testing")),
     "PYTHONUNBUFFERED": "1",
     "OMP_NUM_THREADS": "1",
     "GLOO_SOCKET_IFNAME": "lo",
@@ -102,7 +102,7 @@ def start_group(
         endpoint = f"ipc://{tmp}/handoff-{rank}.sock"
         mout, rout = tmp / f"member-{rank}.json", tmp / f"receiver-{rank}.jsonl"
         cmd = [
-            sys.executable, "-m", "hotswap_engine.testing.broadcast_member",
+            sys.executable, "-m", "hotswap_testing.broadcast_member",
             "--rank", str(rank), "--members", members, "--master-addr", "127.0.0.1",
             "--master-port", str(port), "--bind-host", "127.0.0.1", "--device", "cpu",
             "--base", str(base), "--endpoint", endpoint, "--shm-dir", str(shm),
@@ -114,7 +114,7 @@ def start_group(
         if pause and rank in pause:
             cmd += ["--pause-after-bytes", str(pause[rank])]
         rcmd = [
-            sys.executable, "-m", "hotswap_engine.testing.plain_receiver", "--endpoint", endpoint,
+            sys.executable, "-m", "hotswap_testing.plain_receiver", "--endpoint", endpoint,
             "--rank", "0", "--device", "cpu", "--base", str(base), "--updates", str(len(versions)),
             "--timeout", str(op_timeout), "--out", str(rout),
         ]  # fmt: skip

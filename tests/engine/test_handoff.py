@@ -25,8 +25,8 @@ from hotswap_engine.handoff import (
     SharedMemorySlot,
     create_slots,
 )
-from hotswap_engine.handoff.push import pack_naive, push_tensors, send_bucket, tensor_bytes
-from hotswap_engine.handoff.selftest import digests, make_tensors, receiver_main, sender_die_main
+from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket, tensor_bytes
+from hotswap_testing.handoff_selftest import digests, make_tensors, receiver_main, sender_die_main
 
 CPU = torch.device("cpu")
 SPAWN = mp.get_context("spawn")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hotswap_engine.testing.tiny_model import build_tiny_model, make_variant
+from hotswap_testing.tiny_model import build_tiny_model, make_variant
 from vllm_harness import START_TIMEOUT_S, engine_env
 
 pytestmark = pytest.mark.vllm

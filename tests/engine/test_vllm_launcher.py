@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from hotswap_engine import launcher_client
-from hotswap_engine.testing.tiny_model import build_tiny_model, make_variant
+from hotswap_testing.tiny_model import build_tiny_model, make_variant
 from vllm_harness import (
     MAX_TOKENS,
     PROMPTS,

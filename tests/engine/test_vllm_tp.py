@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hotswap_engine.testing.tiny_model import build_tiny_model, make_variant
+from hotswap_testing.tiny_model import build_tiny_model, make_variant
 from vllm_harness import Launcher, Pusher, apply, start_launcher, stop, texts, wait_ready
 
 pytestmark = pytest.mark.vllm

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 from hotswap_engine.handoff import HandoffSender, create_slots
-from hotswap_engine.handoff.push import pack_naive, push_tensors, send_bucket
-from hotswap_engine.testing.tiny_model import ENGINE_KWARGS, weight_files
+from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket
+from hotswap_testing.tiny_model import ENGINE_KWARGS, weight_files
 from safetensors.torch import load_file
 
 PROMPT = "The quick brown fox"

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from hotswap_engine import launcher_client
 from hotswap_engine.handoff import HandoffSender, create_slots
-from hotswap_engine.handoff.push import pack_naive, push_tensors, send_bucket
-from hotswap_engine.testing.tiny_model import weight_files
+from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket
+from hotswap_testing.tiny_model import weight_files
 from safetensors.torch import load_file
 
 PROMPTS = ["The quick brown fox", "Weights move from", "Once upon a time"]
@@ -48,7 +48,7 @@ Tensors = Sequence[tuple[str, torch.Tensor]]
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "operator", "cluster")),
+        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "operator", "cluster", "testing")),
         HF_HUB_OFFLINE="1",
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_OMP_THREADS_BIND="nobind",  # do not pin the shared machine's cores
@@ -119,7 +119,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def reference_completions(model_dir: Path, prompts: Sequence[str], max_tokens: int) -> list[str]:
     """Greedy completions of a fresh (offline, single-process) engine on `model_dir`."""
     out = subprocess.run(
-        [sys.executable, "-m", "hotswap_engine.testing.tiny_model", str(model_dir), "--complete"]
+        [sys.executable, "-m", "hotswap_testing.tiny_model", str(model_dir), "--complete"]
         + [a for p in prompts for a in ("--prompt", p)]
         + ["--max-tokens", str(max_tokens)],
         env=engine_env(),

@@ -212,6 +212,42 @@ def test_instruction_parsing_joins_continuations(tmp_path: Path) -> None:
     assert env_pairs(instructions(df)[1][1]) == {"A": "1", "B": "two"}
 
 
+def copied_files(dockerfile: Path) -> list[Path]:
+    """Every repository file the Dockerfile's COPY lines put into the image."""
+    files: list[Path] = []
+    for word, args in instructions(dockerfile):
+        if word != "COPY":
+            continue
+        for src in shlex.split(args)[:-1]:
+            origin = REPO / src
+            files += sorted(p for p in origin.rglob("*") if p.is_file()) if origin.is_dir() else [origin]
+    return files
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_no_image_ships_the_test_harnesses(dockerfile: Path) -> None:
+    """The harnesses live in testing/hotswap_testing (tests, bench, demo): no image copies them, nor
+    any module of theirs left inside a shipped package (a `testing` folder, the hand-off self-check)."""
+    files = copied_files(dockerfile)
+    assert files, f"{dockerfile}: no COPY"
+    for f in files:
+        rel = f.relative_to(REPO)
+        assert rel.parts[0] not in ("testing", "tests", "bench", "demo"), (
+            f"{dockerfile.parent.name} copies {rel}"
+        )
+        assert "testing" not in rel.parts and "hotswap_testing" not in rel.parts, rel
+        assert f.name not in ("selftest.py", "push.py"), f"{rel}: a test harness in a shipped package"
+        if f.suffix == ".py":
+            assert "hotswap_testing" not in f.read_text(), f"{rel} refers to the test harnesses"
+
+
+def test_harness_check_sees_a_copied_testing_folder(tmp_path: Path) -> None:
+    """The check above really looks into copied folders."""
+    df = tmp_path / "Dockerfile"
+    df.write_text("FROM x\nCOPY testing/hotswap_testing /opt/hotswap/hotswap_testing\n")
+    assert any(f.name == "tiny_model.py" for f in copied_files(df))
+
+
 @pytest.mark.timeout(900)
 def test_operator_image_python_layer(tmp_path: Path) -> None:
     r = replay(IMAGES / "operator" / "Dockerfile", tmp_path)
@@ -260,3 +296,11 @@ def test_engine_image_python_layer(tmp_path: Path) -> None:
     assert "--control-socket" in out.stdout
     out = r.python("-c", "import hotswap_engine; print(hotswap_engine.__path__[0])")
     assert Path(out.stdout.strip()).is_relative_to(r.root)
+    # The test harnesses are not in the image (nor left inside the engine package).
+    probe = (
+        "import importlib.util as u\n"
+        "for m in ('hotswap_testing', 'hotswap_engine.testing', 'hotswap_engine.handoff.selftest'):\n"
+        "    assert u.find_spec(m) is None, m + ' is in the engine image'\n"
+    )
+    out = r.python("-c", probe)
+    assert out.returncode == 0, out.stderr

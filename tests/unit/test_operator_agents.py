@@ -21,7 +21,6 @@ from hotswap_engine.agent.api import build_app
 from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.agent.errors import BadRequest
 from hotswap_engine.agent.service import AgentService, as_api_error
-from hotswap_engine.testing.checkpoints import random_filler, save_file
 from hotswap_operator.agents import (
     AgentClient,
     AgentConflict,
@@ -29,6 +28,7 @@ from hotswap_operator.agents import (
     AgentNotFound,
     AgentUnreachable,
 )
+from hotswap_testing.checkpoints import random_filler, save_file
 
 TOKEN = "t0ken-for-tests"
 DEFS = [("a.weight", "F32", (16, 8)), ("b.weight", "F32", (8,)), ("c.weight", "BF16", (4, 4))]

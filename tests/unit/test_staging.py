@@ -25,7 +25,7 @@ from hotswap_engine.staging import (
     read_index,
     stage,
 )
-from hotswap_engine.testing.checkpoints import mixed_defs, random_filler, save_file, save_sharded
+from hotswap_testing.checkpoints import mixed_defs, random_filler, save_file, save_sharded
 
 DEFS = mixed_defs(big_elements=5000)
 

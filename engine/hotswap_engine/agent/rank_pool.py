@@ -182,7 +182,6 @@ class RankPool:
         self._shared: dict[int, weakref.ref[HostBuffer]] = {}
         self._next_id = 1
         self._lock = threading.Lock()
-        self.restarts = 0
         self.start()
 
     def _device_of(self, local_rank: int) -> str:
@@ -195,7 +194,6 @@ class RankPool:
                 if w is not None and w.alive():
                     continue
                 if w is not None:
-                    self.restarts += 1
                     log.warning(
                         "starting a new rank worker %d (the last one exited: %s)", lr, w.proc.returncode
                     )
@@ -228,10 +226,6 @@ class RankPool:
             return self.endpoint_template
         (w,) = self._all()
         return str(w.wait_hello(START_TIMEOUT_S)["endpoint"])
-
-    @property
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in self._all()]
 
     # ---- host buffers ------------------------------------------------------------------------
 

@@ -33,7 +33,6 @@ from hotswap_engine import buckets
 
 FRAME_HEADER = struct.Struct("<I")  # message length; the fds of a message ride on its header
 MAX_FRAME_BYTES = 256 << 20
-PROTOCOL_VERSION = 1
 
 
 class ProtocolError(ValueError):

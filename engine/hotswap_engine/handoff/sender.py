@@ -97,12 +97,6 @@ class HandoffSender:
     def version(self) -> str | None:
         return self._session.version if self._session else None
 
-    @property
-    def connected_workers(self) -> list[WorkerInfo]:
-        if self._session:
-            return list(self._session.workers.values())
-        return [WorkerInfo(rank, uuid) for rank, (_, uuid) in sorted(self._hellos.items())]
-
     def begin(self, version: str, slots: Sequence[Slot], *, timeout: float | None = None) -> None:
         """Wait until `workers` receivers said hello, then hand them the slots."""
         if self._session is not None:

@@ -193,10 +193,6 @@ class PullResult:
     stolen_reads: int
     abandoned_reads: int  # reads given up while still pending: the destination stays quarantined
 
-    @property
-    def gib_per_s(self) -> float:
-        return self.bytes / self.seconds / (1 << 30) if self.seconds > 0 else 0.0
-
 
 @dataclass
 class _Flight:
@@ -356,11 +352,6 @@ class P2PEndpoint:
         with self._lock:
             self._published[version] = _Published(source, regions, [blob_buffer])
         return source
-
-    def published(self, version: str) -> PeerSource | None:
-        with self._lock:
-            entry = self._published.get(version)
-        return entry.source if entry else None
 
     def withdraw(self, version: str, grace_s: float = DEFAULT_GRACE_S) -> None:
         """Stop serving a version (call before releasing its buffers)."""

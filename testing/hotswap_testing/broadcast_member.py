@@ -3,7 +3,7 @@
 Used by the CPU tests (gloo, shared-memory slots) and the GPU check (NCCL, CUDA IPC slots), each
 member beside its own `plain_receiver` process(es):
 
-    python -m hotswap_engine.testing.broadcast_member --rank 0 --members a,b \
+    python -m hotswap_testing.broadcast_member --rank 0 --members a,b \
         --master-addr 127.0.0.1 --master-port 29500 --bind-host 127.0.0.1 --device cpu \
         --base CKPT --checkpoint CKPT_V1 --checkpoint CKPT_V2 --endpoint tcp://127.0.0.1:5555 \
         --out member0.json
@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
 from hotswap_engine.handoff import HandoffSender
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
 from hotswap_engine.protocol import PartSpec

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-
 from hotswap_engine.staging import DTYPE_SIZES, INDEX_FILE, TORCH_DTYPES
 
 # name, safetensors dtype, shape

@@ -5,7 +5,7 @@ model.safetensors.index.json) and a byte-level BPE tokenizer trained on a few se
 `make_variant(base_dir, out_dir, seed)` writes the "new version": the same files, names, shapes and
 dtypes with different values, plus the base's config and tokenizer, so vLLM can also start on it.
 
-CLI: python -m hotswap_engine.testing.tiny_model OUT_DIR [--seed N] [--variant-of BASE] [--shards N]
+CLI: python -m hotswap_testing.tiny_model OUT_DIR [--seed N] [--variant-of BASE] [--shards N]
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def greedy_completions(model_dir: str | Path, prompts: list[str], max_tokens: in
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m hotswap_engine.testing.tiny_model")
+    p = argparse.ArgumentParser(prog="python -m hotswap_testing.tiny_model")
     p.add_argument("out_dir", help="model dir to write (or, with --complete, to run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant-of", metavar="BASE", help="write a variant of this model dir instead")

@@ -1,7 +1,7 @@
 """Sending a set of in-memory tensors through a HandoffSender without a broadcast in between.
 
-Used by tests and the self-check, and as the reference for what the transfer pipeline does per
-bucket (wait for the slot, fill it, announce it). The agent plans buckets with
+Used by tests and the self-check (`handoff_selftest`), and as the reference for what the transfer
+pipeline does per bucket (wait for the slot, fill it, announce it). The agent plans buckets with
 `hotswap_engine.buckets`; the packing here is deliberately naive (in order, chunks for big tensors).
 """
 
@@ -10,10 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from .messages import Entry
-from .sender import HandoffSender
-from .slots import DTYPE_CODES, Slot
+from hotswap_engine.handoff import DTYPE_CODES, Entry, HandoffSender, Slot
 
 # A bucket: entries plus, for each, the source bytes (1-D uint8) that go to `entry.offset`.
 Bucket = list[tuple[Entry, torch.Tensor]]

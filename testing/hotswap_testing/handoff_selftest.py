@@ -1,18 +1,20 @@
 """Byte-exact check of the hand-off between two processes, usable without vLLM.
 
-`python -m hotswap_engine.handoff --selftest-cuda` runs it on a GPU machine (CUDA IPC slots);
-`--selftest-cpu` runs the same code over shared memory. The receiver process rebuilds the expected
+`python -m hotswap_testing.handoff_selftest --cuda` runs it on a GPU machine (CUDA IPC slots);
+`--cpu` runs the same code over shared memory. The receiver process rebuilds the expected
 tensors from the same seed, so nothing but the hand-off carries data between the two processes.
 The helpers are module-level so that multiprocessing's spawn can import them (tests use them too).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,12 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hotswap_engine.handoff import HandoffError, HandoffReceiver, HandoffSender, create_slots
 
-from .messages import HandoffError
-from .push import push_tensors, tensor_bytes
-from .receiver import HandoffReceiver
-from .sender import HandoffSender
-from .slots import create_slots
+from .handoff_push import pack_naive, push_tensors, send_bucket, tensor_bytes
 
 
 def make_tensors(seed: int, scale: int = 1) -> list[tuple[str, torch.Tensor]]:
@@ -103,8 +102,6 @@ def sender_die_main(endpoint: str, shm_dir: str) -> None:
     sender = HandoffSender(endpoint, 1, timeout=30)
     slots = create_slots(2, 64 << 10, torch.device("cpu"), shm_dir)
     sender.begin("v-dying", slots)
-    from .push import pack_naive, send_bucket
-
     send_bucket(sender, slots[0], 0, pack_naive(tensors, 8 << 10)[0])
     time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -142,3 +139,32 @@ def run_selftest(sender_device: str, receiver_device: str, mode: str, slot_bytes
     if not ok:
         print(json.dumps({k: v for k, v in result.items() if k != "digests"}))
     return ok
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m hotswap_testing.handoff_selftest")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--cuda", action="store_true", help="CUDA IPC slots (needs a GPU)")
+    g.add_argument("--cpu", action="store_true", help="shared-memory slots")
+    p.add_argument("--sender-device", default=None, help="default cuda:0 / cpu")
+    p.add_argument("--receiver-device", default=None, help="default: the sender's device")
+    p.add_argument(
+        "--slot-mib",
+        type=float,
+        default=0.25,
+        help="slot size (the big tensor is 0.5 MiB × scale, so it is chunked)",
+    )
+    p.add_argument("--scale", type=int, default=1, help="multiplies the big tensor's size")
+    args = p.parse_args()
+    if args.cuda and not torch.cuda.is_available():
+        print("no CUDA device visible", file=sys.stderr)
+        return 2
+    sender = args.sender_device or ("cuda:0" if args.cuda else "cpu")
+    receiver = args.receiver_device or sender
+    slot_bytes = int(args.slot_mib * 2**20) // 64 * 64
+    ok = all(run_selftest(sender, receiver, mode, slot_bytes, args.scale) for mode in ("weights", "slices"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ What the GPU machine runs instead of vLLM (it has none), and what CPU tests run 
 broadcast members. The copy path is the one a worker extension uses: `HandoffReceiver.slices()`,
 each entry copied into its parameter at `tensor_offset` (on the current CUDA stream for GPU slots).
 
-    python -m hotswap_engine.testing.plain_receiver --endpoint E --rank 0 --device cuda:0 \
+    python -m hotswap_testing.plain_receiver --endpoint E --rank 0 --device cuda:0 \
         --base CKPT --updates 2 --verify CKPT_V1 --verify CKPT_V2 --out result.jsonl
 
 Every update appends one JSON line to `--out`: version, seconds, bytes, and `ok`/`mismatched`.
@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
 from hotswap_engine.handoff import HandoffReceiver
 from hotswap_engine.hostmem import HostBuffer
 from hotswap_engine.staging import TORCH_DTYPES, read_index, stage

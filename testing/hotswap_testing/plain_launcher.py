@@ -1,7 +1,7 @@
 """A stand-in for the inference container without vLLM: the launcher's control socket in front of
 one plain receiver per tensor-parallel rank, each owning preallocated parameters on its device.
 
-    python -m hotswap_engine.testing.plain_launcher --control-socket S --base CKPT --tp 2 --device cuda
+    python -m hotswap_testing.plain_launcher --control-socket S --base CKPT --tp 2 --device cuda
 
 Same protocol as `vllm_launcher` (its `ControlServer`: `POST /apply`, `GET /healthz`, paused after a
 failed apply until a successful one), so the real agent drives it unchanged: on /apply every rank r
@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 from aiohttp import web
-
 from hotswap_engine.handoff import HandoffReceiver
-from hotswap_engine.testing.plain_receiver import POISON, allocate, flat_bytes, load_expected, receive, verify
 from hotswap_engine.vllm_launcher import ControlServer
 
-log = logging.getLogger("hotswap_engine.testing.plain_launcher")
+from hotswap_testing.plain_receiver import POISON, allocate, flat_bytes, load_expected, receive, verify
+
+log = logging.getLogger("hotswap_testing.plain_launcher")
 
 
 class PlainEngine:
