@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$res/gpu
 # Phase A, side by side (small model: GPU memory and 16 cores suffice; no timing claims here):
 # the diagnosis matrix and the full check through agent + launcher.
 if [ -z "${SKIP_A:-}" ]; then
-  step diag python3 bench/vllm_gpu_diag.py --out "$res/diag" --configs "${DIAG_CONFIGS:-default,no-aot,piecewise,eager}" &
+  step diag python3 bench/vllm_gpu_diag.py --out "$res/diag" --configs "${DIAG_CONFIGS:-default,no-aot,eager}" &
   step check-small python3 bench/vllm_gpu_check.py --shape small --util 0.08 --kv-gib 1 --out "$res/check" &
   wait
 fi
