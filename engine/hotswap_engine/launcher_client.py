@@ -79,3 +79,22 @@ async def healthz(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LauncherUnreachable(f"control socket {socket_path}: unexpected answer {data!r}")
     return data
+
+
+async def digests(socket_path: str, timeout: float = 120.0) -> list[dict[str, str]]:
+    """GET /digests: per worker, the fingerprint (hotswap_engine.digest) of every parameter
+    ("param:<name>") and buffer ("buffer:<name>") as vLLM keeps it."""
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=_connector(socket_path), timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as session,
+            session.get("http://hotswap/digests") as resp,
+        ):
+            status = resp.status
+            data = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+        raise LauncherUnreachable(f"control socket {socket_path}: {type(e).__name__}: {e}") from e
+    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("workers"), list):
+        raise LauncherUnreachable(f"control socket {socket_path}: /digests answered {status}: {data!r}")
+    return [dict(w) for w in data["workers"]]

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from hotswap_engine import launcher_client
+from hotswap_engine.digest import fingerprint
 from hotswap_testing.tiny_model import build_tiny_model, make_variant
 from vllm_harness import (
     MAX_TOKENS,
@@ -94,6 +95,13 @@ async def test_apply_serves_exactly_what_a_fresh_engine_on_the_new_checkpoint_se
     assert texts(launcher) == models.variant_texts
     health = await launcher_client.healthz(launcher.control)
     assert health["version"] == "v1" and health["paused"] is False
+    # nothing the reload replaced was left off the tensors captured code reads (graph_safety)
+    assert result.workers[0]["moved"] == [], result.workers[0]
+    # the weights vLLM keeps in checkpoint format are the checkpoint's bytes (on CPU the linear
+    # layers are repacked into other tensors, so norms and embeddings are what can be compared)
+    (served,) = await launcher_client.digests(launcher.control)
+    expected = {f"param:{n}": fingerprint(t) for n, t in load_tensors(models.variant) if "proj" not in n}
+    assert expected and {k: served.get(k) for k in expected} == expected
 
     result, _ = await apply(launcher, models.base, "base")
     assert result.ok, result
