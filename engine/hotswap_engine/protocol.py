@@ -83,7 +83,9 @@ class P2PSource(_Model):
     holder's registered memory (at `layout_address`, checked against `layout_sha256`) rather than
     travelling through the operator."""
 
-    endpoint: str  # Mooncake host:rpc_port
+    # Mooncake host:rpc_port (or a segment name with a metadata server): handed to native code, so
+    # bounded and without whitespace or control characters.
+    endpoint: str = Field(min_length=1, max_length=255, pattern=r"^[^\s\x00-\x1f\x7f]+$")
     version: VersionName
     buffers: tuple[P2PBuffer, ...] = Field(min_length=1)
     layout_address: int = Field(ge=0)
