@@ -46,6 +46,12 @@ cluster-down:
 crds: venv
 	$(PY) -m hotswap_operator.crdgen --out crds
 
+# docs/agent-openapi.json is generated from the agent's route table and protocol models (a unit test
+# fails when stale; the agent serves the same document at GET /openapi.json).
+.PHONY: openapi
+openapi: venv
+	$(PY) -m hotswap_engine.agent.openapi --out docs/agent-openapi.json
+
 # The Helm chart (charts/hotswap/README.md). Its CRD copies follow crds/ (tests/chart fails when they differ).
 .PHONY: chart-crds chart-lint lint-images
 chart-crds: crds

@@ -26,6 +26,12 @@ VersionName = Annotated[
 # path no file can have). The CRDs use the same pattern (`hotswap_operator.resources.PATH_PATTERN`).
 PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
+# Integers travel on to msgpack frames and native code (Mooncake addresses): bounded to what those
+# carry, so an absurd value is a 422 here rather than a failure deep inside an update.
+MAX_INT64 = (1 << 63) - 1
+MAX_UINT64 = (1 << 64) - 1
+MAX_TIMEOUT_SECONDS = 1e9
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,9 +78,9 @@ class StageRequest(_Model):
 
 
 class P2PBuffer(_Model):
-    segment: int = Field(ge=0)
-    address: int = Field(ge=0)
-    nbytes: int = Field(ge=0)
+    segment: int = Field(ge=0, le=MAX_INT64)
+    address: int = Field(ge=0, le=MAX_UINT64)
+    nbytes: int = Field(ge=0, le=MAX_INT64)
 
 
 class P2PSource(_Model):
@@ -83,10 +89,12 @@ class P2PSource(_Model):
     holder's registered memory (at `layout_address`, checked against `layout_sha256`) rather than
     travelling through the operator."""
 
-    endpoint: str  # Mooncake host:rpc_port
+    # Mooncake host:rpc_port (or a segment name with a metadata server): handed to native code, so
+    # bounded and without whitespace or control characters.
+    endpoint: str = Field(min_length=1, max_length=255, pattern=r"^[^\s\x00-\x1f\x7f]+$")
     version: VersionName
     buffers: tuple[P2PBuffer, ...] = Field(min_length=1)
-    layout_address: int = Field(ge=0)
+    layout_address: int = Field(ge=0, le=MAX_UINT64)
     layout_nbytes: int = Field(ge=1, le=64 << 20)
     layout_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -152,14 +160,14 @@ class UpdateRequest(_Model):
     rank: int | None = Field(default=None, ge=0)  # this pod's rank in `group` (broadcast)
     group: BroadcastGroup | None = None  # broadcast only
     peers: tuple[PeerPart, ...] = ()  # p2p only
-    memory_budget_bytes: int = Field(default=DEFAULT_MEMORY_BUDGET_BYTES, ge=1 << 20)
+    memory_budget_bytes: int = Field(default=DEFAULT_MEMORY_BUDGET_BYTES, ge=1 << 20, le=MAX_INT64)
     request_policy: RequestPolicy = RequestPolicy.KEEP
-    timeout_seconds: float = Field(default=300.0, gt=0)
+    timeout_seconds: float = Field(default=300.0, gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False)
     # Caps this pod's transfer rate (None: as fast as the hardware goes), for fleets whose network
     # or storage is shared with training traffic.
-    max_bytes_per_second: int | None = Field(default=None, ge=1)
+    max_bytes_per_second: int | None = Field(default=None, ge=1, le=MAX_INT64)
     # Tuning: a fixed bucket size (4 slots) instead of the one derived from the memory budget.
-    bucket_bytes: int | None = Field(default=None, ge=4096)
+    bucket_bytes: int | None = Field(default=None, ge=4096, le=MAX_INT64)
 
     @model_validator(mode="after")
     def _bucket_within_budget(self) -> UpdateRequest:

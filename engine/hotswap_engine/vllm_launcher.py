@@ -31,14 +31,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -54,6 +57,20 @@ DEFAULT_APPLY_TIMEOUT_S = 300.0
 RPC_MARGIN_S = 30.0
 
 
+class BadApplyRequest(ValueError):
+    """A body /apply refuses with 400: nothing was paused or touched."""
+
+
+MAX_APPLY_TIMEOUT_S = 24 * 3600.0  # the workers turn it into ZeroMQ poll milliseconds
+MAX_FIELD_CHARS = 1024
+ENDPOINT_SCHEMES = ("ipc://", "tcp://")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise BadApplyRequest(f"{name} is not a number JSON allows")
+
+
 @dataclass(frozen=True)
 class ApplyRequest:
     endpoint: str
@@ -62,23 +79,44 @@ class ApplyRequest:
     timeout: float
 
     @classmethod
+    def from_json(cls, raw: bytes) -> ApplyRequest:
+        """The /apply body from its bytes. Raises `BadApplyRequest` and nothing else, whatever the
+        bytes (invalid UTF-8 or JSON, NaN/Infinity, nesting deeper than the parser recurses)."""
+        try:
+            body = json.loads(raw, parse_constant=_reject_constant)
+        except BadApplyRequest:
+            raise
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise BadApplyRequest(f"not a JSON document: {e}") from e
+        return cls.parse(body)
+
+    @classmethod
     def parse(cls, body: object) -> ApplyRequest:
+        """A decoded JSON body. Raises `BadApplyRequest` (a ValueError) and nothing else."""
         if not isinstance(body, dict):
-            raise ValueError("body must be a JSON object")
+            raise BadApplyRequest("body must be a JSON object")
         unknown = set(body) - {"endpoint", "version", "policy", "timeout"}
         if unknown:
-            raise ValueError(f"unknown fields {sorted(unknown)}")
+            raise BadApplyRequest(f"unknown fields {sorted(unknown)[:10]}")
         endpoint, version = body.get("endpoint"), body.get("version")
         policy = body.get("policy", "keep")
         timeout = body.get("timeout", DEFAULT_APPLY_TIMEOUT_S)
-        if not isinstance(endpoint, str) or not endpoint:
-            raise ValueError("`endpoint` must be a non-empty string")
-        if not isinstance(version, str) or not version:
-            raise ValueError("`version` must be a non-empty string")
-        if policy not in POLICIES:
-            raise ValueError(f"`policy` must be one of {list(POLICIES)}")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError("`timeout` must be a positive number of seconds")
+        for name, value in (("endpoint", endpoint), ("version", version)):
+            if not isinstance(value, str) or not value or len(value) > MAX_FIELD_CHARS:
+                raise BadApplyRequest(f"`{name}` must be a non-empty string of at most {MAX_FIELD_CHARS}")
+            if _CONTROL_CHARS.search(value):
+                raise BadApplyRequest(f"`{name}` must not contain control characters")
+        assert isinstance(endpoint, str) and isinstance(version, str)
+        if not endpoint.startswith(ENDPOINT_SCHEMES):
+            raise BadApplyRequest(f"`endpoint` must be a ZeroMQ {' or '.join(ENDPOINT_SCHEMES)} endpoint")
+        if not isinstance(policy, str) or policy not in POLICIES:
+            raise BadApplyRequest(f"`policy` must be one of {list(POLICIES)}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise BadApplyRequest("`timeout` must be a number of seconds")
+        # An int beyond float range, NaN or infinity (from Python callers) or a deadline nothing
+        # can wait for: all refused here rather than failing inside the workers mid-apply.
+        if not 0 < timeout <= MAX_APPLY_TIMEOUT_S or not math.isfinite(timeout):
+            raise BadApplyRequest(f"`timeout` must be in (0, {MAX_APPLY_TIMEOUT_S:.0f}] seconds")
         return cls(endpoint, version, policy, float(timeout))
 
 
@@ -147,8 +185,8 @@ class ControlServer:
 
     async def handle_apply(self, request: web.Request) -> web.Response:
         try:
-            req = ApplyRequest.parse(await request.json())
-        except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            req = ApplyRequest.from_json(await request.read())
+        except BadApplyRequest as e:
             return web.json_response({"ok": False, "error": f"bad request: {e}"}, status=400)
         if self._lock.locked():
             return web.json_response({"ok": False, "error": "another apply is running"}, status=409)

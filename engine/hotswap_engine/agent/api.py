@@ -1,7 +1,9 @@
 """The agent's HTTP API (aiohttp): thin routes over `AgentService`, models from `protocol`.
 
-Every route but /healthz, /readyz and /metrics needs `Authorization: Bearer <token>`; the token is
-per pool and the operator keeps it in a Secret.
+The routes are `openapi.ROUTES` (each handler here is named by its operation id), so what is served
+and what `GET /openapi.json` documents cannot drift apart. Every route but /healthz, /readyz,
+/metrics and /openapi.json needs `Authorization: Bearer <token>`; the token is per pool and the
+operator keeps it in a Secret. Every error is an `ErrorBody` (aiohttp's own 404/405/413 too).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from hotswap_engine import protocol
+from hotswap_engine.agent import openapi
 from hotswap_engine.agent.errors import AgentError
 from hotswap_engine.agent.service import AgentService
 
 log = logging.getLogger(__name__)
 SERVICE: web.AppKey[AgentService] = web.AppKey("service", AgentService)
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS = openapi.OPEN_PATHS
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY_BYTES = 1 << 20
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -51,8 +55,15 @@ def make_auth_middleware(token: str) -> Middleware:
             return _error(e.status, e.code, str(e))
         except ValidationError as e:
             return _error(422, "bad_request", _validation_message(e))
-        except web.HTTPException:
-            raise
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            # aiohttp's own answers (no such route, method not allowed, body too large) in our shape
+            code = "not_found" if e.status == 404 else "bad_request"
+            reply = _error(e.status, code, e.reason)
+            if "Allow" in e.headers:
+                reply.headers["Allow"] = e.headers["Allow"]
+            return reply
         except Exception as e:  # the API must answer, not drop the connection
             log.exception("unhandled error in %s %s", request.method, request.path)
             return _error(500, "internal", f"{type(e).__name__}: {e}")
@@ -69,10 +80,10 @@ def _validation_message(e: ValidationError) -> str:
 
 
 async def _body(request: web.Request, model: type[M]) -> M:
-    raw = await request.read()
-    if not raw:
-        raise ValidationError.from_exception_data(model.__name__, [])
-    return model.model_validate_json(raw)
+    """The request's JSON body as `model`, strictly: the types the OpenAPI document states and no
+    others (lax parsing took `"1"` for an integer and `"1.5"` for a number). An empty body, invalid
+    JSON or UTF-8 are `ValidationError`s too (422)."""
+    return model.model_validate_json(await request.read(), strict=True)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -118,20 +129,33 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _openapi_handler() -> Handler:
+    text = openapi.render()  # generated once per app: the document is a function of the code
+
+    async def serve_openapi(request: web.Request) -> web.Response:
+        return web.Response(text=text, content_type="application/json")
+
+    return serve_openapi
+
+
 def build_app(service: AgentService, token: str) -> web.Application:
-    app = web.Application(middlewares=[make_auth_middleware(token)], client_max_size=1 << 20)
+    app = web.Application(middlewares=[make_auth_middleware(token)], client_max_size=MAX_BODY_BYTES)
     app[SERVICE] = service
-    p = protocol.API_PREFIX
-    app.add_routes(
-        [
-            web.get(f"{p}/status", status),
-            web.post(f"{p}/stage", stage),
-            web.delete(f"{p}/staged/{{version}}", drop_staged),
-            web.post(f"{p}/updates", start_update),
-            web.get(f"{p}/updates/{{id}}", get_update),
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/metrics", metrics),
-        ]
-    )
+    handlers: dict[str, Handler] = {
+        "status": status,
+        "stage": stage,
+        "drop_staged": drop_staged,
+        "start_update": start_update,
+        "get_update": get_update,
+        "healthz": healthz,
+        "readyz": readyz,
+        "metrics": metrics,
+        "openapi": _openapi_handler(),
+    }
+    assert set(handlers) == {r.operation_id for r in openapi.ROUTES}, "a route without a handler"
+    for r in openapi.ROUTES:
+        if r.method == "get":  # with HEAD, as aiohttp's `web.get` has always added
+            app.router.add_get(r.path, handlers[r.operation_id])
+        else:
+            app.router.add_route(r.method.upper(), r.path, handlers[r.operation_id])
     return app

@@ -97,6 +97,8 @@ class _Worker:
             msg, fds = ranks.recv_message(self.sock)
         except TimeoutError:
             self._died(f"no answer in {timeout:.0f}s: killed", kill=True)
+        except ranks.ProtocolError as e:  # out of step with us: its answers cannot be trusted
+            self._died(f"sent a malformed message ({e}): killed", kill=True)
         except (EOFError, OSError) as e:
             self._died(str(e))
         for fd in fds:  # workers send none

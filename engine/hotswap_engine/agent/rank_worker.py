@@ -41,6 +41,7 @@ from hotswap_engine.transport.process_group import GroupCache, GroupError, Group
 log = logging.getLogger("hotswap_engine.agent.rank_worker")
 
 EXIT_ABANDONED = 3  # exit status after an abandoned NCCL group
+EXIT_PROTOCOL = 4  # the agent's channel lost its framing (a frame announced beyond MAX_FRAME_BYTES)
 
 
 class RankWorker:
@@ -163,7 +164,7 @@ class RankWorker:
                 slots=int(msg["slots"]),
                 full_out=mine,
                 progress=progress,
-                op_timeout=float(msg.get("op_timeout", self.timeout)),
+                op_timeout=float(msg["op_timeout"] or self.timeout),
                 end=bool(msg.get("end", True)),
                 # On GPUs the full-version device->host copy would share the host links with the
                 # host->device copies (61-69% of the bound inline, bench/RESULTS.md): it trails the
@@ -219,6 +220,15 @@ def serve(sock: socket.socket, worker: RankWorker) -> int:
         except EOFError:
             log.info("the agent closed the channel: exiting")
             return 0
+        except ranks.FrameTooLarge as e:
+            # The length itself is garbage: nothing after it can be framed again.
+            log.error("rank worker %d: %s; closing the channel", worker.local_rank, e)
+            return EXIT_PROTOCOL
+        except ranks.ProtocolError as e:
+            # A whole frame that is no valid command: refused, and the channel stays in step.
+            log.warning("rank worker %d: refused a message: %s", worker.local_rank, e)
+            ranks.send_message(sock, {"op": "result", **worker._failed(f"refused: {e}")})
+            continue
         if msg["op"] == "exit":
             ranks.send_message(sock, {"op": "result", "ok": True})
             return 0
