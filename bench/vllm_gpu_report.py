@@ -36,6 +36,11 @@ def stats(xs: list[float]) -> str:
     return f"{xs[0]:.3f} / {statistics.median(xs):.3f} / {p90:.3f} (n={len(xs)})"
 
 
+def _kinds(names: list[str]) -> str:
+    """The distinct attribute names among tensor names (the part after the last dot)."""
+    return ", ".join(sorted({n.rsplit(".", 1)[-1].replace("<attr>", "") for n in names}))
+
+
 def diag_table(diag: dict[str, Any]) -> list[str]:
     lines = [
         "| config | step | vs fresh on | outputs equal | first differing token per prompt | max logprob diff "
@@ -54,9 +59,9 @@ def diag_table(diag: dict[str, Any]) -> list[str]:
         st = r["state_vs_fresh"]
         differ = f"{st['n_differ']} {', '.join(st['differ'][:3])}" if st["n_differ"] else "0"
         moved = r["moved_since_start"]
-        moved_s = f"{len(moved)} {', '.join(moved[:3])}" if moved else "0"
+        moved_s = f"{len(moved)} ({_kinds(moved)})" if moved else "0"
         restored = r.get("restored")
-        put_back = "" if restored is None else f"{len(restored)} {', '.join(restored[:3])}"
+        put_back = "" if restored is None else f"{len(restored)} ({_kinds(restored)})"
         lines.append(
             f"| {r['config']} | {r['step']} | {r['against_fresh']} | {'yes' if o['equal'] else '**no**'} "
             f"| {first} | {o['max_logprob_diff']:.3g} | {differ} | {moved_s} | {put_back} |"
@@ -113,7 +118,7 @@ def section() -> str:
         for f in d.get("fresh_vs_fresh", []):
             o = f["outputs"]
             out += [
-                f"Two fresh engines ({f['config']}) on {f['fresh_vs_fresh']}, each compiled from scratch: "
+                f"Two fresh engines ({f['config']}) on {f['fresh_vs_fresh2']}, each compiled from scratch: "
                 f"outputs equal: {'yes' if o['equal'] else 'no'} "
                 f"(max logprob diff {o['max_logprob_diff']:.3g}).",
                 "",
