@@ -132,14 +132,18 @@ def section() -> str:
     if checks or plain.exists():
         out += ["## Qwen3-8B shape: real vLLM vs the plain receiver vs the one-GPU bound", ""]
         out += [
-            "| path | update seconds min / median / p90 | bound s (size / pinned host→GPU) |",
-            "|---|---|---|",
+            "| path | update seconds min / median / p90 | bound s (size / pinned host→GPU) "
+            "| bound / median |",
+            "|---|---|---|---|",
         ]
+        bound_s: float | None = None
         for name, c in checks.items():
             xs = [_update_seconds(u["durations"]) for u in c.get("updates", []) if u.get("durations")]
             rate = c.get("pinned_h2d_GBps")
-            bound = f"{c['checkpoint_bytes'] / 1e9 / rate:.3f} ({rate} GB/s)" if rate else "–"
-            out.append(f"| real vLLM ({name}) | {stats(xs)} | {bound} |")
+            bound_s = c["checkpoint_bytes"] / 1e9 / rate if rate else None
+            bound = f"{bound_s:.3f} ({rate} GB/s)" if bound_s else "–"
+            share = f"{bound_s / statistics.median(xs):.0%}" if bound_s and xs else "–"
+            out.append(f"| real vLLM ({name}) | {stats(xs)} | {bound} | {share} |")
         if plain.exists():
             p = json.loads(plain.read_text())
             xs = [
@@ -147,7 +151,10 @@ def section() -> str:
                 for x in p["checks"]
                 if x["check"].startswith("pod-0 update") and x.get("durations")
             ]
-            out.append(f"| plain receiver (bench/agent_gpu_check.py) | {stats(xs)} | |")
+            share = f"{bound_s / statistics.median(xs):.0%}" if bound_s and xs else "–"
+            out.append(
+                f"| plain receiver (bench/agent_gpu_check.py) | {stats(xs)} | same checkpoints | {share} |"
+            )
         out.append("")
     out.append(END)
     return "\n".join(out)
