@@ -102,6 +102,7 @@ def rollback(cmd: Rollback, io: Io) -> ExitCode:
             pool.status.current_source,
             pool.spec.model.path,
             cmd.to,
+            pool.spec.version_history_limit,
         )
         body = weight_version_body(
             cmd.pool,

@@ -6,6 +6,9 @@ source is an earlier Complete one's: `<old>-rollback-<n>`, n one above the highe
 
 Without --to the target is the newest Complete version (by completion time) whose checkpoint differs
 from the one the pool serves now, so two rollbacks in a row go back and forth like `cd -`.
+
+Only versions still in the pool's history can come back: the operator deletes finished versions beyond
+`spec.versionHistoryLimit`, and a version that is gone says so, naming the oldest one still kept.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from hotswap_operator.resources import BASE_VERSION, Phase, SourceRef, WeightVersion
+from hotswap_operator.resources import BASE_VERSION, Phase, SourceRef, WeightVersion, version_order
 
 from hotswap_cli.errors import CliError, ExitCode
 
@@ -62,14 +65,41 @@ def _same_source(a: SourceRef | None, b: SourceRef | None) -> bool:
     return a is not None and b is not None and (a.path, a.sha256_manifest) == (b.path, b.sha256_manifest)
 
 
+def _created(wv: WeightVersion) -> datetime:
+    created = wv.metadata.get("creationTimestamp")
+    if isinstance(created, str):
+        return datetime.fromisoformat(created.replace("Z", "+00:00"))
+    return _EPOCH
+
+
+def _history_order(wv: WeightVersion) -> tuple[object, ...]:
+    """Oldest first, as the operator orders (and prunes) them: `resources.version_order`."""
+    rv = str(wv.metadata.get("resourceVersion") or "")
+    return version_order(wv.status.sequence, _created(wv), rv, wv.spec.version)
+
+
+def _history_hint(versions: list[WeightVersion], history_limit: int | None) -> str:
+    """Where the pool's history starts, for messages about a version that is not (or no longer) there."""
+    kept = sorted((wv for wv in versions if wv.status.phase == Phase.COMPLETE), key=_history_order)
+    limit = f" (spec.versionHistoryLimit={history_limit})" if history_limit is not None else ""
+    if kept:
+        return (
+            f"the pool keeps a bounded history of finished versions{limit}; the oldest version still kept "
+            f"to roll back to is {kept[0].spec.version!r}"
+        )
+    return f"the pool keeps a bounded history of finished versions{limit} and none of them is Complete"
+
+
 def plan_rollback(
     versions: list[WeightVersion],
     current_version: str | None,
     current_source: SourceRef | None,
     base_path: str,
     to: str | None,
+    history_limit: int | None = None,
 ) -> RollbackPlan:
-    """`versions`: the pool's WeightVersions. Raises CliError(NOT_FOUND or USAGE) when impossible."""
+    """`versions`: the pool's WeightVersions; `history_limit`: its spec.versionHistoryLimit (for the
+    messages). Raises CliError(NOT_FOUND or USAGE) when impossible."""
     existing = {wv.spec.version for wv in versions}
     if to == BASE_VERSION:
         return RollbackPlan(
@@ -79,7 +109,12 @@ def plan_rollback(
     if to is not None:
         chosen = by_version.get(to)
         if chosen is None:
-            raise CliError(ExitCode.NOT_FOUND, f"version {to!r} does not exist in this pool")
+            raise CliError(
+                ExitCode.NOT_FOUND,
+                f"version {to!r} is not in this pool's history: never published, or deleted as older "
+                f"than the history keeps; {_history_hint(versions, history_limit)} "
+                f"(--to {BASE_VERSION} returns to the base checkpoint)",
+            )
         if chosen.status.phase != Phase.COMPLETE:
             raise CliError(
                 ExitCode.USAGE,
@@ -98,8 +133,9 @@ def plan_rollback(
         if not candidates:
             raise CliError(
                 ExitCode.NOT_FOUND,
-                "no earlier Complete version with another checkpoint to roll back to "
-                f"(--to {BASE_VERSION} returns to the base checkpoint)",
+                "no earlier Complete version with another checkpoint to roll back to; "
+                f"{_history_hint(versions, history_limit)} (--to {BASE_VERSION} returns to the base "
+                "checkpoint)",
             )
         chosen = candidates[0]
     return RollbackPlan(

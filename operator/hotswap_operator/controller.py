@@ -284,6 +284,8 @@ class PoolController:
                         action.gate_reason,
                         action.gate_message,
                     )
+            elif isinstance(action, planner.PruneVersions):
+                await self._prune(action, pool)
             elif isinstance(action, planner.Emit):
                 involved = pool if action.kind == "InferencePool" else versions.get(action.name)
                 if involved is not None:
@@ -297,6 +299,23 @@ class PoolController:
         except Exception as e:
             self.rt.metrics.actions.labels(kind, f"http{api_status(e) or ''}").inc()
             raise
+
+    async def _prune(self, action: planner.PruneVersions, pool: Obj) -> None:
+        """Delete the versions beyond the history limit; one Event on the pool names those this call
+        deleted (a restarted operator re-plans the rest: ones gone already are skipped, not counted)."""
+        deleted = [
+            v.version
+            for v in action.versions
+            if await self.rt.kube.delete_weight_version(self.namespace, v.name, v.uid)
+        ]
+        if not deleted:
+            return
+        log.info("pool %s/%s: pruned WeightVersions %s", self.namespace, self.name, ", ".join(deleted))
+        message = (
+            f"deleted {len(deleted)} finished WeightVersion(s) beyond spec.versionHistoryLimit="
+            f"{action.limit}: {', '.join(deleted)}"
+        )
+        await self.rt.kube.event(pool, "VersionsPruned", message, False, COMPONENT)
 
 
 def _dump_status(pool: Obj) -> Obj:

@@ -70,6 +70,26 @@ class Kube:
         items: list[Obj] = out.get("items", [])
         return items
 
+    async def delete_weight_version(self, ns: str, name: str, uid: str) -> bool:
+        """Delete the WeightVersion `name` if it is still the object `uid`; False: it is gone already
+        (404) or was created again under that name (409, the uid precondition)."""
+        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid) if uid else None)
+        try:
+            await self._run(
+                self.custom.delete_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                ns,
+                "weightversions",
+                name,
+                body=body,
+            )
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False
+            raise
+        return True
+
     async def patch_status(self, ns: str, plural: str, name: str, status: Obj) -> None:
         await self._run(
             self.custom.patch_namespaced_custom_object_status,

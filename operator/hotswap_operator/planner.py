@@ -34,11 +34,14 @@ The rules, in the order `plan` applies them:
    is Complete and that version is the pool's current one.
 4. Pods: the label `hotswap.dev/weight-version` says what the agent serves; the readiness gate is
    True only when that is the pool's current version.
+5. History: finished WeightVersions beyond `spec.versionHistoryLimit` are deleted, oldest first
+   (`prune_versions`); the pods hold staged copies only of the current version and of one in
+   progress, so a pruned version's host memory is dropped already (`DropStaged`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -115,6 +118,7 @@ class VersionView:
     spec: WeightVersionSpec
     status: WeightVersionStatus
     resource_version: str = ""  # metadata.resourceVersion (orders versions first seen together)
+    uid: str = ""  # metadata.uid (a delete must not hit an object created again under the same name)
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,23 @@ class Emit:
     warning: bool = False
 
 
-Action = Stage | StartUpdate | DropStaged | SyncPod | Emit
+@dataclass(frozen=True)
+class PrunedVersion:
+    name: str
+    uid: str
+    version: str
+
+
+@dataclass(frozen=True)
+class PruneVersions:
+    """Delete these WeightVersions (beyond the pool's spec.versionHistoryLimit, oldest first) and say so
+    in one Event on the pool. A version already gone (or created again: another uid) is skipped."""
+
+    versions: tuple[PrunedVersion, ...]
+    limit: int
+
+
+Action = Stage | StartUpdate | DropStaged | SyncPod | Emit | PruneVersions
 
 
 @dataclass(frozen=True)
@@ -947,6 +967,12 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
     if target is not None and target_status is not None and not target_status.phase.terminal:
         keep.add(target.spec.version)
     _drop_stale(r, keep)
+    # Phases as read, not as this plan writes them: a version superseded now is pruned next time.
+    limit = fleet.spec.version_history_limit
+    prune = prune_versions(ordered, {r.current, _norm(fleet.status.current_version)}, limit)
+    if prune:
+        pruned = tuple(PrunedVersion(v.name, v.uid, v.spec.version) for v in prune)
+        r.actions.append(PruneVersions(pruned, limit))
     pool_status = _pool_status(r, target, target_status)
     if not r.active and any(p.live and not p.ready for p in fleet.pods):
         r.active = True
@@ -959,6 +985,21 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
     }
     requeue = r.config.active_requeue_s if r.active else r.config.idle_requeue_s
     return Plan(tuple(r.actions), changed, pool_status, requeue)
+
+
+def prune_versions(
+    versions: Sequence[VersionView], protected: Collection[str | None], limit: int
+) -> tuple[VersionView, ...]:
+    """The WeightVersions to delete, oldest first (rule 5): of the finished ones (terminal phase) whose
+    version is not `protected` (the pool's current version), all but the `limit` newest, in creation
+    order (`resources.version_order`). Never one in progress, never a protected one, and never the
+    newest of all (the pool's target: a Failed target keeps showing why). Unnumbered versions sort
+    after numbered ones, as everywhere."""
+    ordered = sorted(versions, key=_order)
+    history = [v for v in ordered if v.status.phase.terminal and v.spec.version not in protected]
+    excess = history[: max(0, len(history) - limit)]
+    newest = ordered[-1] if ordered else None
+    return tuple(v for v in excess if v is not newest)
 
 
 def _status_of(fleet: Fleet, name: str) -> WeightVersionStatus | None:

@@ -44,6 +44,8 @@ BASE_VERSION = "base"
 # so it must satisfy both: lowercase DNS-label characters, at most 63 (the agent's `VersionName` is a
 # superset of this).
 VERSION_PATTERN = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"
+# Finished WeightVersions a pool keeps by default besides its current one (spec.versionHistoryLimit).
+DEFAULT_VERSION_HISTORY_LIMIT = 10
 # Go-style durations such as "90s", "10m", "1h30m" (parsed by `parse_duration`).
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 # Paths (checkpoints, manifests): no C0 control characters and no DEL, so a NUL byte or a newline is
@@ -244,6 +246,12 @@ class InferencePoolSpec(_Api):
     checkpoint_volume: CheckpointVolume
     engine: EngineSpec = Field(default_factory=EngineSpec, json_schema_extra=_DEFAULTED)
     update_policy: UpdatePolicy = Field(default_factory=UpdatePolicy, json_schema_extra=_DEFAULTED)
+    version_history_limit: int = Field(default=DEFAULT_VERSION_HISTORY_LIMIT, ge=0)
+    """Finished WeightVersions (Complete, Failed, Superseded) of this pool to keep besides the one it
+    serves, like a Deployment's revisionHistoryLimit. The operator deletes the oldest beyond it (order
+    of creation, status.sequence), never the version the pool serves, one still in progress, nor the
+    newest one; the pods' staged copies of a deleted version are dropped. `hotswap rollback` can return
+    only to a version still kept. 0 keeps none but those."""
 
 
 class StageDurations(_Api):

@@ -74,6 +74,7 @@ def version_view(obj: Obj) -> VersionView:
         spec=wv.spec,
         status=wv.status,
         resource_version=str(meta.get("resourceVersion") or ""),
+        uid=str(meta.get("uid") or ""),
     )
 
 

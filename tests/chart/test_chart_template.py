@@ -25,7 +25,11 @@ NAMESPACED_RULES = [
         "resources": ["inferencepools"],
         "verbs": ["get", "list", "watch", "patch"],
     },
-    {"apiGroups": ["hotswap.dev"], "resources": ["weightversions"], "verbs": ["get", "list", "watch"]},
+    {
+        "apiGroups": ["hotswap.dev"],
+        "resources": ["weightversions"],
+        "verbs": ["get", "list", "watch", "delete"],
+    },
     {
         "apiGroups": ["hotswap.dev"],
         "resources": ["inferencepools/status", "weightversions/status"],
@@ -245,7 +249,9 @@ def test_no_rule_grants_wildcards_or_escalation() -> None:
     for obj in rbac(render()).values():
         for rule in obj.get("rules", []):
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
-            assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} & set(rule["verbs"])
+            assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
+            if "delete" in rule["verbs"]:  # only finished WeightVersions beyond a pool's history limit
+                assert (rule["apiGroups"], rule["resources"]) == (["hotswap.dev"], ["weightversions"])
 
 
 def test_every_object_is_labelled_and_namespaced_objects_are_in_the_release_namespace() -> None:

@@ -139,7 +139,7 @@ def test_rollback_publishes_an_earlier_checkpoint_as_a_new_version(
     assert out.returncode == 0, out.stderr
     assert get_wv(custom, namespace, "demo-base-rollback-1")["spec"]["source"] == {"path": "models/base"}
     out = cli(env, "rollback", "demo", "--to", "v9", "-n", namespace)
-    assert out.returncode == 3 and "'v9' does not exist" in out.stderr
+    assert out.returncode == 3 and "'v9' is not in this pool's history" in out.stderr
 
 
 def drive(custom: Any, namespace: str, name: str, steps: list[dict[str, Any]]) -> threading.Thread:

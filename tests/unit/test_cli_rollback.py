@@ -127,3 +127,46 @@ def test_nothing_to_roll_back_to() -> None:
     with pytest.raises(CliError) as err:
         plan_rollback([wv("v1", "ck/1")], "v1", None, "m", None)
     assert err.value.code is ExitCode.NOT_FOUND
+
+
+def numbered(version: str, path: str, seq: int, phase: str = "Complete") -> WeightVersion:
+    """A version as the operator leaves it: numbered in creation order (`status.sequence`)."""
+    v = wv(version, path, phase, done=f"2026-01-01T00:{seq:02d}:00Z")
+    v.status.sequence = seq
+    return v
+
+
+def test_rollback_within_the_history_kept() -> None:
+    # v1 and v2 were pruned (spec.versionHistoryLimit=2): v3, v4 kept, v5 served.
+    kept = [numbered("v3", "ck/3", 3), numbered("v4", "ck/4", 4), numbered("v5", "ck/5", 5)]
+    plan = plan_rollback(kept, "v5", SourceRef(path="ck/5"), "m", "v3", history_limit=2)
+    assert (plan.from_version, plan.source.path, plan.new_version) == ("v3", "ck/3", "v3-rollback-1")
+    plan = plan_rollback(kept, "v5", SourceRef(path="ck/5"), "m", None, history_limit=2)
+    assert plan.from_version == "v4"
+
+
+def test_rollback_beyond_the_history_names_the_oldest_version_kept() -> None:
+    # Listed in no particular order; a Failed one older than the oldest Complete is not a target.
+    kept = [
+        numbered("v5", "ck/5", 5),
+        numbered("v4", "ck/4", 4),
+        numbered("v10", "ck/10", 10),
+        numbered("v3", "ck/3", 3, phase="Failed"),
+    ]
+    with pytest.raises(CliError) as err:
+        plan_rollback(kept, "v10", None, "m", "v1", history_limit=3)
+    msg = err.value.message
+    assert err.value.code is ExitCode.NOT_FOUND
+    assert "'v1' is not in this pool's history" in msg
+    assert (
+        "spec.versionHistoryLimit=3" in msg and "the oldest version still kept to roll back to is 'v4'" in msg
+    )
+    assert "--to base" in msg
+    # Nothing left but the served version: the default says where the history stands too.
+    with pytest.raises(CliError) as err:
+        plan_rollback([numbered("v10", "ck/10", 10)], "v10", None, "m", None, history_limit=0)
+    assert "no earlier Complete version" in err.value.message
+    assert "spec.versionHistoryLimit=0" in err.value.message and "'v10'" in err.value.message
+    with pytest.raises(CliError) as err:
+        plan_rollback([numbered("v3", "ck/3", 3, phase="Failed")], None, None, "m", "v1", history_limit=1)
+    assert "none of them is Complete" in err.value.message

@@ -17,6 +17,7 @@ from hotswap_operator.planner import (
     Plan,
     PlannerConfig,
     PodView,
+    PruneVersions,
     Stage,
     StartUpdate,
     SyncPod,
@@ -26,6 +27,7 @@ from hotswap_operator.planner import (
     deadline,
     orphan_status,
     plan,
+    prune_versions,
     set_condition,
 )
 from hotswap_operator.resources import (
@@ -1034,3 +1036,95 @@ def test_an_accepted_version_whose_pool_was_deleted_fails_at_once() -> None:
     assert accepted.phase is Phase.PENDING and cond(accepted, "Accepted") is ConditionStatus.TRUE
     st = orphan_status(wv("v1", status=accepted), "ml", T0 + timedelta(seconds=9))
     assert st is not None and st.phase is Phase.FAILED and "deleted" in st.message
+
+
+# ---- version history (spec.versionHistoryLimit) --------------------------------------------------------
+
+
+def done(seq: int, phase: str = "Complete") -> WeightVersionStatus:
+    return WeightVersionStatus.model_validate({"sequence": seq, "phase": phase})
+
+
+def history(*phases: str) -> list[VersionView]:
+    """v1, v2, ... numbered 1, 2, ... with these phases; created in reverse (the sequence decides)."""
+    return [
+        wv(f"v{i}", created=T0 - timedelta(seconds=i), rv=str(100 - i), status=done(i, ph))
+        for i, ph in enumerate(phases, start=1)
+    ]
+
+
+def names(vs: Sequence[VersionView]) -> list[str]:
+    return [v.spec.version for v in vs]
+
+
+def test_history_prunes_the_oldest_finished_versions_beyond_the_limit() -> None:
+    vs = history("Complete", "Failed", "Superseded", "Complete", "Complete")
+    assert names(prune_versions(vs, {"v5"}, 2)) == ["v1", "v2"]  # kept: v3, v4 and the current v5
+    assert names(prune_versions(vs, {"v5"}, 4)) == []
+    assert names(prune_versions(vs, {"v5"}, 10)) == []
+    assert names(prune_versions(vs, {"v5"}, 0)) == ["v1", "v2", "v3", "v4"]
+    assert names(prune_versions(list(reversed(vs)), {"v5"}, 2)) == ["v1", "v2"]  # order: sequence only
+
+
+def test_history_never_prunes_the_current_version_nor_one_in_progress_nor_the_newest() -> None:
+    # The pool serves v2 (a rollback made it current again, say); v6 is rolling out; v5 failed.
+    vs = history("Complete", "Complete", "Complete", "Superseded", "Failed", "Staging")
+    assert names(prune_versions(vs, {"v2"}, 0)) == ["v1", "v3", "v4", "v5"]
+    # The newest failed: it stays (it is the pool's target; its status says why it failed).
+    vs = history("Complete", "Complete", "Failed")
+    assert names(prune_versions(vs, {"v2"}, 0)) == ["v1"]
+    # Nothing numbered yet: the unnumbered come after the numbered and are in progress anyway.
+    assert names(prune_versions([*history("Complete", "Complete"), wv("v9")], {"v2"}, 0)) == ["v1"]
+    assert prune_versions([], {None}, 0) == ()
+
+
+def pruning(p: Plan) -> PruneVersions | None:
+    return next((a for a in p.actions if isinstance(a, PruneVersions)), None)
+
+
+def test_plan_prunes_beyond_the_pool_limit_and_pods_drop_what_they_hold_of_it() -> None:
+    vs = history("Complete", "Complete", "Complete", "Complete")
+    # llm-a still holds v1 staged (an older operator kept it): the pruned version's memory goes too.
+    pods = [
+        pod("llm-a", "127.0.0.11", "v4", staged_=[staged("v4"), staged("v1")]),
+        pod("llm-b", "127.0.0.12", "v4"),
+    ]
+    p = plan(fleet(pods, vs, spec=pool_spec(2, versionHistoryLimit=1), current="v4"))
+    pr = pruning(p)
+    assert pr is not None and pr.limit == 1
+    assert [(v.name, v.version) for v in pr.versions] == [("llm-v1", "v1"), ("llm-v2", "v2")]
+    assert DropStaged("llm-a", "http://127.0.0.11:8600", "v1") in p.actions
+    # The default keeps 10: nothing to prune here; the next plan over the pruned fleet prunes nothing.
+    assert pool_spec(2).version_history_limit == 10
+    assert pruning(plan(fleet(two_pods("v4"), vs, current="v4"))) is None
+    assert (
+        pruning(plan(fleet(two_pods("v4"), vs[2:], spec=pool_spec(2, versionHistoryLimit=1), current="v4")))
+        is None
+    )
+
+
+def test_plan_keeps_the_target_in_progress_and_prunes_a_superseded_one_only_once_written() -> None:
+    vs = history("Complete", "Complete", "Pending", "Pending")  # v3 will be superseded by v4
+    p = plan(
+        fleet(
+            [pod("llm-a", "127.0.0.11", "v2", agent_=None)],
+            vs,
+            spec=pool_spec(1, versionHistoryLimit=0),
+            current="v2",
+        )
+    )
+    assert p.version_statuses["llm-v3"].phase is Phase.SUPERSEDED
+    pr = pruning(p)
+    assert pr is not None and [v.version for v in pr.versions] == ["v1"]  # not v3 yet, never v2 nor v4
+    vs[2] = replace(vs[2], status=p.version_statuses["llm-v3"])
+    pr = pruning(
+        plan(
+            fleet(
+                [pod("llm-a", "127.0.0.11", "v2", agent_=None)],
+                vs[1:],
+                spec=pool_spec(1, versionHistoryLimit=0),
+                current="v2",
+            )
+        )
+    )
+    assert pr is not None and [v.version for v in pr.versions] == ["v3"]

@@ -47,7 +47,8 @@ The operator's permissions in each namespace it manages: exactly the calls it ma
 (operator/hotswap_operator/kube.py) plus what kopf needs to watch and to hold its finalizer.
 - inferencepools: get (controller), list/watch (kopf), patch (kopf adds and removes the finalizer
   that stops a pool's daemon before the pool goes away);
-- weightversions: get/list/watch (kopf, controller);
+- weightversions: get/list/watch (kopf, controller), delete (finished versions beyond a pool's
+  spec.versionHistoryLimit);
 - inferencepools/status, weightversions/status: patch (phases, conditions, counts);
 - inferencepools/finalizers: update - creating the Deployment and Secret with an ownerReference
   that has blockOwnerDeletion needs it where the OwnerReferencesPermissionEnforcement admission
@@ -64,7 +65,7 @@ The operator's permissions in each namespace it manages: exactly the calls it ma
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["hotswap.dev"]
   resources: ["weightversions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "delete"]
 - apiGroups: ["hotswap.dev"]
   resources: ["inferencepools/status", "weightversions/status"]
   verbs: ["patch"]
