@@ -240,7 +240,9 @@ class PodWorker(threading.Thread):
                     f"Container {r.name} failed {kind.lower()} probe, will be restarted",
                 )
                 r.stop(float(pod["spec"].get("terminationGracePeriodSeconds", 30)), "Error")
-            elif was_ready and not r.view.ready and r.readiness is not None:
+            elif r.readiness is not None and r.readiness.failed_run_reported(was_ready):
+                # Once per run of failures that leaves (or keeps) the container not ready: when it
+                # stops being ready, or when one that never was reaches the failure threshold.
                 emit(
                     self.ctx.api,
                     pod,

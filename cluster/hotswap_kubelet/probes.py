@@ -80,6 +80,7 @@ class ProbeState:
     successes: int = 0
     failures: int = 0
     last_message: str = ""
+    reported: bool = False  # this run of failures was reported (an Unhealthy event)
 
     @classmethod
     def new(cls, probe: Obj, started_at: float, initial: bool) -> ProbeState:
@@ -98,6 +99,7 @@ class ProbeState:
         if ok:
             self.successes += 1
             self.failures = 0
+            self.reported = False
             if self.successes >= int(self.probe.get("successThreshold", 1)):
                 self.result = True
         else:
@@ -106,6 +108,18 @@ class ProbeState:
             if self.failures >= int(self.probe.get("failureThreshold", 3)):
                 self.result = False
         return before != self.result
+
+    def failed_run_reported(self, was_ready: bool) -> bool:
+        """True once per run of failures that made the result False (the ready container became not
+        ready) or that reached the failure threshold while the result was False from the start; the
+        caller reports it then. The result alone does not change for a container that never was ready."""
+        if self.result or self.reported:
+            return False
+        threshold = int(self.probe.get("failureThreshold", 3))
+        if was_ready or self.failures >= threshold:
+            self.reported = True
+            return True
+        return False
 
 
 def monotonic() -> float:
