@@ -241,8 +241,8 @@ class PodWorker(threading.Thread):
                 )
                 r.stop(float(pod["spec"].get("terminationGracePeriodSeconds", 30)), "Error")
             elif r.readiness is not None and r.readiness.failed_run_reported(was_ready):
-                # Once per run of failures that leaves (or keeps) the container not ready: when it
-                # stops being ready, or when one that never was reaches the failure threshold.
+                # When the container stops being ready, or one that never was reaches the failure
+                # threshold; again when the failure changes (ProbeState.failed_run_reported).
                 emit(
                     self.ctx.api,
                     pod,

@@ -80,7 +80,7 @@ class ProbeState:
     successes: int = 0
     failures: int = 0
     last_message: str = ""
-    reported: bool = False  # this run of failures was reported (an Unhealthy event)
+    reported: str | None = None  # the failure of this run of failures last reported (an Unhealthy event)
 
     @classmethod
     def new(cls, probe: Obj, started_at: float, initial: bool) -> ProbeState:
@@ -99,7 +99,7 @@ class ProbeState:
         if ok:
             self.successes += 1
             self.failures = 0
-            self.reported = False
+            self.reported = None
             if self.successes >= int(self.probe.get("successThreshold", 1)):
                 self.result = True
         else:
@@ -110,14 +110,16 @@ class ProbeState:
         return before != self.result
 
     def failed_run_reported(self, was_ready: bool) -> bool:
-        """True once per run of failures that made the result False (the ready container became not
-        ready) or that reached the failure threshold while the result was False from the start; the
-        caller reports it then. The result alone does not change for a container that never was ready."""
-        if self.result or self.reported:
+        """True when a run of failures made the result False (the ready container became not ready) or
+        reached the failure threshold while the result was False from the start (the result alone does
+        not change for a container that never was ready), and again whenever the failure's message
+        changes during the run (e.g. connection refused, then a 404): the caller reports it then. The
+        real kubelet reports every failed attempt; this keeps one event per distinct failure."""
+        if self.result or self.reported == self.last_message:
             return False
         threshold = int(self.probe.get("failureThreshold", 3))
         if was_ready or self.failures >= threshold:
-            self.reported = True
+            self.reported = self.last_message
             return True
         return False
 

@@ -165,16 +165,17 @@ def test_failing_readiness_probe_keeps_pod_not_ready(
     # The server answers (so the process is up) while the probe's path returns 404.
     wait_for(lambda: try_get(p.status.pod_ip) == "never-ready", 20, "server answering")
 
-    # The kubelet reports the probe's failure (once it failed failureThreshold = 3 times in a row,
-    # one per period of 1 s) with an Unhealthy event; the status it wrote since still says not ready.
+    # The kubelet reports the probe's 404 (once it failed failureThreshold = 3 times in a row, one
+    # per period of 1 s) with an Unhealthy event; the status it wrote since still says not ready.
     def unhealthy() -> list[Any]:
         events = core.list_namespaced_event(
             namespace, field_selector="involvedObject.name=never-ready,reason=Unhealthy"
         ).items
-        return [e for e in events if e.message.startswith("Readiness probe failed: HTTP probe failed")]
+        return [
+            e for e in events if e.message == "Readiness probe failed: HTTP probe failed with statuscode: 404"
+        ]
 
-    (event,) = waiter.until(unhealthy, "an Unhealthy event for the failing readiness probe", timeout=30)
-    assert "statuscode: 404" in event.message, event.message
+    waiter.until(unhealthy, "an Unhealthy event for the readiness probe's 404", timeout=30)
     p = waiter.pod("never-ready")
     conds = {c.type: c for c in p.status.conditions}
     assert conds["Ready"].status == "False" and conds["ContainersReady"].status == "False"
