@@ -117,7 +117,7 @@ def settle(kube: Cluster, op: OperatorProcess) -> int:
     before); returns the number of replicas."""
 
     def settled() -> int | None:
-        pool = kube.pool()
+        pool = kube.pool()  # the module's `pool` fixture made it: a test that uses settle() needs it
         want = int(pool["spec"]["replicas"])
         wvs = kube.custom.list_namespaced_custom_object(GROUP, VERSION, kube.namespace, "weightversions")
         busy = [w for w in wvs["items"] if (w.get("status") or {}).get("phase") not in TERMINAL]
@@ -398,7 +398,11 @@ def test_4_newer_version_supersedes_one_in_progress(
 
 
 def test_5_operator_killed_mid_rollout_resumes(
-    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+    kube: Cluster,
+    operator: OperatorProcess,
+    checkpoints: Checkpoints,
+    pool: PoolStart,
+    timings: dict[str, float],
 ) -> None:
     """From: the pool settled. v5 (the v2 checkpoint), throttled; the operator is SIGKILLed while v5 is
     in progress and started again. To: the restarted operator resumed v5's rollout (not a new one) and
