@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/engine:$(CURDIR)/operator:$(CURDIR)/cluster:$(CUR
 export HF_HUB_OFFLINE := 1
 export VLLM_HOST_IP := 127.0.0.1
 
-.PHONY: venv lint typecheck test test-unit test-engine cluster-build cluster-up cluster-down demo clean
+.PHONY: venv lint typecheck test test-unit test-images test-engine cluster-build cluster-up cluster-down demo clean
 
 venv:
 	@bash scripts/setup-venv.sh >/dev/null
@@ -21,8 +21,14 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy engine/hotswap_engine operator/hotswap_operator cluster/hotswap_kubelet cluster/hotswap_cluster cli/hotswap_cli testing/hotswap_testing
 
+# Fast and offline: no pip, no wheel builds, no cluster, no engines.
 test-unit: venv
 	$(PY) -m pytest -q tests/unit
+
+# The images' Python layers replayed with pip (a fresh venv each; the pip cache makes reruns fast) and
+# the wheel built from the packaging inputs (tests/images). `make test` runs them too.
+test-images: venv
+	$(PY) -m pytest -q tests/images
 
 # The whole story on the local cluster (README); DEMO_SCALE=0 for the short variant, DEMO_KEEP=1 to keep it.
 demo: venv cluster-build

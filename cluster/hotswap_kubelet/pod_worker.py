@@ -240,7 +240,9 @@ class PodWorker(threading.Thread):
                     f"Container {r.name} failed {kind.lower()} probe, will be restarted",
                 )
                 r.stop(float(pod["spec"].get("terminationGracePeriodSeconds", 30)), "Error")
-            elif was_ready and not r.view.ready and r.readiness is not None:
+            elif r.readiness is not None and r.readiness.failed_run_reported(was_ready):
+                # When the container stops being ready, or one that never was reaches the failure
+                # threshold; again when the failure changes (ProbeState.failed_run_reported).
                 emit(
                     self.ctx.api,
                     pod,

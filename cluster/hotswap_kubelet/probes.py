@@ -80,6 +80,7 @@ class ProbeState:
     successes: int = 0
     failures: int = 0
     last_message: str = ""
+    reported: str | None = None  # the failure of this run of failures last reported (an Unhealthy event)
 
     @classmethod
     def new(cls, probe: Obj, started_at: float, initial: bool) -> ProbeState:
@@ -98,6 +99,7 @@ class ProbeState:
         if ok:
             self.successes += 1
             self.failures = 0
+            self.reported = None
             if self.successes >= int(self.probe.get("successThreshold", 1)):
                 self.result = True
         else:
@@ -106,6 +108,20 @@ class ProbeState:
             if self.failures >= int(self.probe.get("failureThreshold", 3)):
                 self.result = False
         return before != self.result
+
+    def failed_run_reported(self, was_ready: bool) -> bool:
+        """True when a run of failures made the result False (the ready container became not ready) or
+        reached the failure threshold while the result was False from the start (the result alone does
+        not change for a container that never was ready), and again whenever the failure's message
+        changes during the run (e.g. connection refused, then a 404): the caller reports it then. The
+        real kubelet reports every failed attempt; this keeps one event per distinct failure."""
+        if self.result or self.reported == self.last_message:
+            return False
+        threshold = int(self.probe.get("failureThreshold", 3))
+        if was_ready or self.failures >= threshold:
+            self.reported = self.last_message
+            return True
+        return False
 
 
 def monotonic() -> float:

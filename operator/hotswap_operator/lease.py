@@ -105,6 +105,7 @@ class LeaderElector:
         self.duration_s = duration_s
         self._observed: Observed | None = None
         self._last_renew = 0.0
+        self._waiting_for: str | None = None  # the holder last logged as leading while we wait
 
     async def _try(self) -> bool:
         lease = await self.kube.get_lease(self.namespace, self.name)
@@ -120,6 +121,10 @@ class LeaderElector:
         )
         self._observed = d.observed
         if d.body is None:
+            holder = d.observed.record[0] if d.observed else None
+            if holder != self._waiting_for:  # once per holder: which replica leads, seen from here
+                log.info("%s: lease %s/%s is held by %s; waiting", self.me, self.namespace, self.name, holder)
+                self._waiting_for = holder
             return False
         try:
             if d.action == "create":

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -334,7 +333,9 @@ def test_install_operate_upgrade_uninstall(
     assert {d["kind"] for d in manifest} >= {"Deployment", "Lease", "Role", "RoleBinding", "ServiceAccount"}
     for name in CRD_NAMES:
         ext.read_custom_resource_definition(name)  # still there: keep
-    deadline = time.monotonic() + 10
-    while pod_processes(namespace=namespace) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not pod_processes(namespace=namespace), "the operator's process survived the uninstall"
+    wait_for(
+        lambda: not pod_processes(namespace=namespace),
+        10,
+        "the operator's process gone after the uninstall",
+        lambda: str(pod_processes(namespace=namespace)),
+    )

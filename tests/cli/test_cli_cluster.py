@@ -12,11 +12,11 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hotswap_testing.waiting import wait_for
 from kubernetes import client
 
 pytestmark = pytest.mark.cluster
@@ -142,24 +142,47 @@ def test_rollback_publishes_an_earlier_checkpoint_as_a_new_version(
     assert out.returncode == 3 and "'v9' is not in this pool's history" in out.stderr
 
 
-def drive(custom: Any, namespace: str, name: str, steps: list[dict[str, Any]]) -> threading.Thread:
-    """Writes the statuses one by one once the WeightVersion exists, like an operator's rollout."""
+class Following:
+    """`hotswap publish ... --wait` as a process, its progress lines (stderr) collected as they come."""
 
-    def run() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                get_wv(custom, namespace, name)
-                break
-            except client.ApiException:
-                time.sleep(0.1)
-        for status in steps:
-            time.sleep(0.7)
-            set_status(custom, namespace, name, **status)
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hotswap_cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_lines(self, count: int) -> None:
+        def shown() -> bool:
+            assert self.proc.poll() is None or len(self.lines) >= count, f"the CLI exited: {self.lines}"
+            return len(self.lines) >= count
+
+        wait_for(shown, 60, f"the CLI showing {count} progress lines", lambda: "\n".join(self.lines))
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code, out, "\n".join(self.lines) + "\n"
+
+
+def drive(following: Following, custom: Any, namespace: str, name: str, steps: list[dict[str, Any]]) -> None:
+    """Writes the statuses one by one, like an operator's rollout, each once the CLI showed the one
+    before (its first line is the new version, still Pending): the CLI must show every phase."""
+    for shown, status in enumerate(steps, start=1):
+        following.wait_lines(shown)
+        set_status(custom, namespace, name, **status)
 
 
 def test_publish_wait_follows_to_complete(env: dict[str, str], namespace: str, custom: Any) -> None:
@@ -176,24 +199,30 @@ def test_publish_wait_follows_to_complete(env: dict[str, str], namespace: str, c
             "stageDurations": {"staging": 1.5, "transfer": 2.0, "reload": 0.25},
         },
     ]
-    t = drive(custom, namespace, "demo-v2", steps)
-    out = cli(env, "publish", "demo", "--version", "v2", "--path", "ck/2", "-n", namespace, "--wait")
-    t.join()
-    assert out.returncode == 0, out.stderr
-    phases = [line.split()[0] for line in out.stderr.splitlines()]
-    assert phases[-3:] == ["Staging", "Updating", "Complete"], out.stderr
-    assert out.stdout.splitlines()[-1] == (
+    following = Following(
+        env, "publish", "demo", "--version", "v2", "--path", "ck/2", "-n", namespace, "--wait"
+    )
+    drive(following, custom, namespace, "demo-v2", steps)
+    code, stdout, stderr = following.finish()
+    assert code == 0, stderr
+    phases = [line.split()[0] for line in stderr.splitlines()]
+    assert phases == ["Pending", "Staging", "Updating", "Complete"], stderr
+    assert stdout.splitlines()[-1] == (
         "demo v2: Complete in 4.0s, 2/2 pods (staging 1.5s, transfer 2.0s, reload 0.2s)"
     )
 
 
 def test_publish_wait_reports_failure_and_timeout(env: dict[str, str], namespace: str, custom: Any) -> None:
     make_pool(custom, namespace)
-    t = drive(custom, namespace, "demo-v3", [{"phase": "Failed", "message": "checkpoint ck/3 not found"}])
-    out = cli(env, "publish", "demo", "--version", "v3", "--path", "ck/3", "-n", namespace, "--wait")
-    t.join()
-    assert out.returncode == 1
-    assert out.stderr.splitlines()[-1] == "hotswap: failed: demo-v3 failed: checkpoint ck/3 not found"
+    following = Following(
+        env, "publish", "demo", "--version", "v3", "--path", "ck/3", "-n", namespace, "--wait"
+    )
+    drive(
+        following, custom, namespace, "demo-v3", [{"phase": "Failed", "message": "checkpoint ck/3 not found"}]
+    )
+    code, _, stderr = following.finish()
+    assert code == 1
+    assert stderr.splitlines()[-1] == "hotswap: failed: demo-v3 failed: checkpoint ck/3 not found"
 
     out = cli(
         env,

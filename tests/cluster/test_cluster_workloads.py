@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -165,7 +164,18 @@ def test_failing_readiness_probe_keeps_pod_not_ready(
     )
     # The server answers (so the process is up) while the probe's path returns 404.
     wait_for(lambda: try_get(p.status.pod_ip) == "never-ready", 20, "server answering")
-    time.sleep(3)  # several probe periods (1 s)
+
+    # The kubelet reports the probe's 404 (once it failed failureThreshold = 3 times in a row, one
+    # per period of 1 s) with an Unhealthy event; the status it wrote since still says not ready.
+    def unhealthy() -> list[Any]:
+        events = core.list_namespaced_event(
+            namespace, field_selector="involvedObject.name=never-ready,reason=Unhealthy"
+        ).items
+        return [
+            e for e in events if e.message == "Readiness probe failed: HTTP probe failed with statuscode: 404"
+        ]
+
+    waiter.until(unhealthy, "an Unhealthy event for the readiness probe's 404", timeout=30)
     p = waiter.pod("never-ready")
     conds = {c.type: c for c in p.status.conditions}
     assert conds["Ready"].status == "False" and conds["ContainersReady"].status == "False"
@@ -204,7 +214,14 @@ def test_readiness_gate_condition_flips_ready(
 
     set_gate("True")
     waiter.until(lambda: conds()["Ready"].status == "True", "Ready after the gate is True")
-    time.sleep(2)  # the kubelet keeps writing status: it must not drop the gate condition
+    # The kubelet writes its status again (after anything it owns changes, or, as here, after someone
+    # overwrote one of its conditions): its writes must keep the gate condition, which it does not own.
+    core.patch_namespaced_pod_status(
+        "gated",
+        namespace,
+        {"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Test"}]}},
+    )
+    waiter.until(lambda: conds()["Ready"].status == "True", "the kubelet writing Ready again")
     c = conds()
     assert c[GATE].status == "True" and c["Ready"].status == "True"
     set_gate("False")

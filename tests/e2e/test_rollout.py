@@ -1,17 +1,23 @@
 """Issue 4's acceptance, end to end: the operator process drives one InferencePool of real pods (vLLM
 launcher + hotswap agent each) on the local cluster.
 
-The tests share one pool (engines are expensive) and run in file order; each starts from the state
-the previous one left, which its docstring names:
+The tests share one pool (engines are expensive: the module's `pool` fixture creates it), but none
+relies on another having run: each first waits until the pool is settled (no rollout in progress,
+every replica Ready), sets the transfer throttle it needs, and reads what the pool serves now and what
+that version's output must be (a fresh engine on its checkpoint). Any order works, any test alone
+works; in file order no test repeats a rollout another already did (about the same pod starts).
   1. the pool becomes Available on the base checkpoint (2 replicas);
   2. v2 rolls out: greedy output equals a fresh engine on v2, statuses, labels, events, kubectl wait;
-  3. sources that are missing or belong to another model fail, every replica keeps serving v2, Ready;
+  3. sources that are missing or belong to another model fail, every replica keeps serving what it
+     served, Ready;
   4. v4 applied while v3 rolls out (transfers throttled) supersedes v3 and ends at v4;
-  5. the operator is killed during a rollout; started again, it completes it;
-  6. scaling to 3: the new pod reads the current version peer-to-peer from the stable pods, which keep
-     serving (and run no update); it stays not Ready until its agent serves that version;
-  7. throttled, scaling to 4 and deleting a source pod mid-transfer: the new pod still ends serving the
-     current version (from the remaining holders), the replacement pod catches up too.
+  5. the operator is killed during a rollout; started again, it resumes and completes it;
+  6. scaling up by one: the new pod reads the current version peer-to-peer from the stable pods, which
+     keep serving (and run no update); it stays not Ready until its agent serves that version;
+  7. throttled, scaling up by one and deleting a source pod mid-transfer: the new pod still ends
+     serving the current version (from the remaining holders), the replacement pod catches up too.
+Tests 6 and 7 need a published version to catch up to: they publish one first when the pool still
+serves the base checkpoint (only when run without the tests before them).
 Greedy output is compared through the public OpenAI API (temperature 0, ignore_eos, fixed max_tokens).
 """
 
@@ -21,12 +27,16 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import pytest
 from e2e_fleet import (
+    GROUP,
     POOL,
+    VERSION,
     VLLM_PORT,
     Checkpoints,
     Cluster,
@@ -36,17 +46,123 @@ from e2e_fleet import (
     log,
     pool_body,
 )
+from hotswap_testing.waiting import wait_for
 from pods import generate
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vllm, pytest.mark.timeout(1200)]
 
-# What one test leaves for the next (file order; see the module docstring).
-STATE: dict[str, Any] = {}
 TERMINAL = ("Complete", "Failed", "Superseded")
+GATE = "hotswap.dev/weights-ready"
 
 
 def outputs(pod: Any) -> list[str]:
     return generate(f"http://{pod.status.pod_ip}:{VLLM_PORT}")
+
+
+@dataclass
+class PoolStart:
+    """What the module's pool looked like when it first had every replica Ready (test 1 checks it)."""
+
+    available_s: float
+    all_ready_s: float
+    deployment_replicas: int
+    pods: list[Any]
+    agents: dict[str, dict[str, Any] | None]  # pod name -> its agent's /v1/status
+    outputs: dict[str, list[str]]  # pod name -> greedy output
+
+    @property
+    def base(self) -> list[str]:
+        """Greedy output on the base checkpoint (models/base), as the pool's first pod answered."""
+        return self.outputs[self.pods[0].metadata.name]
+
+
+@pytest.fixture(scope="module")
+def pool(
+    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+) -> Iterator[PoolStart]:
+    """The pool every test uses: created on the base checkpoint with 2 replicas, up to all Ready."""
+    # Fresh engines on the variants, computed meanwhile in the background (one at a time).
+    checkpoints.reference("ckpts/v2")
+    checkpoints.reference("ckpts/v3")
+    t0 = time.monotonic()
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, kube.namespace, "inferencepools", pool_body(checkpoints.root)
+    )
+
+    def available() -> bool:
+        c = condition(kube.pool(), "Available")
+        return c is not None and c["status"] == "True"
+
+    kube.wait(available, 900, "pool Available", operator)
+    timings["pool_available_s"] = available_s = time.monotonic() - t0
+    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 2, 600, "2 ready replicas", operator)
+    timings["pool_all_ready_s"] = all_ready_s = time.monotonic() - t0
+    log(f"pool Available after {available_s:.1f}s, all replicas ready after {all_ready_s:.1f}s")
+    pods = kube.pods()
+    yield PoolStart(
+        available_s=available_s,
+        all_ready_s=all_ready_s,
+        deployment_replicas=kube.apps.read_namespaced_deployment(POOL, kube.namespace).spec.replicas,
+        pods=pods,
+        agents={p.metadata.name: kube.agent_status(p) for p in pods},
+        outputs={p.metadata.name: outputs(p) for p in pods},
+    )
+
+
+# ---- the state a test starts from ------------------------------------------------------------------
+
+
+def settle(kube: Cluster, op: OperatorProcess) -> int:
+    """Waits until no version of the pool is in progress and every replica is Ready (whatever ran
+    before); returns the number of replicas."""
+
+    def settled() -> int | None:
+        pool = kube.pool()  # the module's `pool` fixture made it: a test that uses settle() needs it
+        want = int(pool["spec"]["replicas"])
+        wvs = kube.custom.list_namespaced_custom_object(GROUP, VERSION, kube.namespace, "weightversions")
+        busy = [w for w in wvs["items"] if (w.get("status") or {}).get("phase") not in TERMINAL]
+        pods = kube.pods()
+        ok = (
+            not busy
+            and len(pods) == want
+            and all(is_ready(p) for p in pods)
+            and (pool.get("status") or {}).get("readyReplicas") == want
+        )
+        return want if ok else None
+
+    n: int = kube.wait(settled, 900, "the pool settled (no rollout in progress, every replica Ready)", op)
+    return n
+
+
+def throttle(kube: Cluster, bytes_per_second: int | None) -> None:
+    """Caps the agents' transfers (staging reads, broadcast, peer-to-peer); None: no cap."""
+    kube.patch_pool({"spec": {"engine": {"transport": {"maxBytesPerSecond": bytes_per_second}}}})
+
+
+def serving(kube: Cluster) -> str:
+    """The version the pool serves now ("base": none published yet)."""
+    return str((kube.pool().get("status") or {}).get("currentVersion") or "base")
+
+
+def expected_outputs(kube: Cluster, ckpts: Checkpoints, start: PoolStart, version: str) -> list[str]:
+    """What a fresh engine on `version`'s checkpoint answers."""
+    source = "models/base" if version == "base" else kube.wv(version)["spec"]["source"]["path"]
+    return start.base if source == "models/base" else ckpts.reference(source).result(timeout=900)
+
+
+def ensure_published(kube: Cluster, op: OperatorProcess, version: str) -> str:
+    """The pool serves a published version (a new pod catches up only to one): the current one, or
+    `version` (ckpts/v2) published and rolled out now when the pool still serves the base checkpoint."""
+    current = serving(kube)
+    if current != "base":
+        return current
+    log(f"the pool serves the base checkpoint: publishing {version} first")
+    kube.create_wv(version, "ckpts/v2")
+    wait_phase(kube, op, version, "Complete")
+    return version
+
+
+# ---- statuses, events, outputs -----------------------------------------------------------------------
 
 
 def phase(kube: Cluster, version: str) -> str | None:
@@ -97,14 +213,16 @@ def events_of(kube: Cluster, kind: str, name: str) -> list[Any]:
     return [e for e in evs if e.involved_object.kind == kind and e.involved_object.name == name]
 
 
-def wait_events(kube: Cluster, kind: str, name: str, reasons: set[str], warning: bool = False) -> None:
+def wait_events(
+    kube: Cluster, kind: str, name: str, reasons: set[str], warning: bool = False, says: str = ""
+) -> None:
     """Events come after the status they describe (the operator writes statuses first): wait."""
 
     def seen() -> bool:
-        evs = events_of(kube, kind, name)
+        evs = [e for e in events_of(kube, kind, name) if says in (e.message or "")]
         return reasons <= {e.reason for e in evs if not warning or e.type == "Warning"}
 
-    kube.wait(seen, 30, f"events {sorted(reasons)} on {kind} {name}")
+    kube.wait(seen, 30, f"events {sorted(reasons)} on {kind} {name}" + (f" saying {says!r}" if says else ""))
 
 
 def agents_updating(kube: Cluster, version: str) -> bool:
@@ -122,44 +240,43 @@ def model_bytes(ckpts: Checkpoints) -> int:
 
 
 def test_1_pool_becomes_available(
-    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, pool: PoolStart
 ) -> None:
-    """Fresh namespace -> a 2-replica pool on the base checkpoint, Available, both pods Ready."""
-    checkpoints.reference("ckpts/v2")  # computed meanwhile, in the background
-    t0 = time.monotonic()
-    kube.custom.create_namespaced_custom_object(
-        "hotswap.dev", "v1alpha1", kube.namespace, "inferencepools", pool_body(checkpoints.root)
-    )
-
-    def available() -> bool:
-        c = condition(kube.pool(), "Available")
-        return c is not None and c["status"] == "True"
-
-    kube.wait(available, 900, "pool Available", operator)
-    timings["pool_available_s"] = time.monotonic() - t0
-    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 2, 600, "2 ready replicas", operator)
-    timings["pool_all_ready_s"] = time.monotonic() - t0
-    avail, ready = timings["pool_available_s"], timings["pool_all_ready_s"]
-    log(f"pool Available after {avail:.1f}s, all replicas ready after {ready:.1f}s")
-
-    dep = kube.apps.read_namespaced_deployment(POOL, kube.namespace)
-    assert dep.spec.replicas == 2
-    pods = kube.pods()
-    assert len(pods) == 2
-    for pod in pods:
-        gate = next(c for c in pod.status.conditions if c.type == "hotswap.dev/weights-ready")
+    """Fresh namespace -> a 2-replica pool on the base checkpoint, Available, both pods Ready (as the
+    `pool` fixture saw it when it first was); and Available now, serving what it says it serves."""
+    assert pool.deployment_replicas == 2
+    assert len(pool.pods) == 2, [p.metadata.name for p in pool.pods]
+    for pod in pool.pods:
+        name = pod.metadata.name
+        assert is_ready(pod), (name, pod.status.conditions)
+        gate = next(c for c in pod.status.conditions if c.type == GATE)
         assert gate.status == "True", gate
         assert {c.name for c in pod.spec.containers} == {"vllm", "hotswap-engine"}
-    base = [outputs(p) for p in pods]
-    assert base[0] == base[1], "two replicas of one checkpoint answer differently"
-    STATE["base"] = base[0]
-    assert_pool_serves(kube, "base", base[0], 2)
+        assert pod.metadata.labels.get("hotswap.dev/weight-version") == "base", pod.metadata.labels
+        agent = pool.agents[name]
+        assert agent is not None and agent["serving_version"] is None, (name, agent)
+    first, second = pool.outputs.values()
+    assert first == second, "two replicas of one checkpoint answer differently"
+
+    n = settle(kube, operator)
+    available = condition(kube.pool(), "Available")
+    assert available is not None and available["status"] == "True", available
+    assert kube.apps.read_namespaced_deployment(POOL, kube.namespace).spec.replicas == n
+    version = serving(kube)
+    assert_pool_serves(kube, version, expected_outputs(kube, checkpoints, pool, version), n)
 
 
 def test_2_weight_version_rolls_out(
-    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+    kube: Cluster,
+    operator: OperatorProcess,
+    checkpoints: Checkpoints,
+    pool: PoolStart,
+    timings: dict[str, float],
 ) -> None:
-    """From: the pool on base. To: every pod serves v2 (ckpts/v2), the pool's currentVersion is v2."""
+    """From: the pool settled (in file order: on base). To: every pod serves v2 (ckpts/v2), the pool's
+    currentVersion is v2."""
+    n = settle(kube, operator)
+    throttle(kube, None)
     kube.create_wv("v2", "ckpts/v2")
     t0 = time.monotonic()
     # `kubectl wait --for=condition=Applied` is how users wait for a version.
@@ -190,22 +307,20 @@ def test_2_weight_version_rolls_out(
     for stage in ("staging", "transfer", "reload"):
         assert durations.get(stage) is not None and durations[stage] >= 0, durations
         timings[f"v2_{stage}_s"] = durations[stage]
-    assert st["updatedPods"] == 2 and st["targetPods"] == 2 and st.get("failedPods", 0) == 0, st
+    assert st["updatedPods"] == n and st["targetPods"] == n and st.get("failedPods", 0) == 0, st
     assert st["startTime"] and st["completionTime"], st
     for type_ in ("Accepted", "Staged", "Applied"):
         c = condition(kube.wv("v2"), type_)
         assert c is not None and c["status"] == "True", (type_, c)
 
     wait_events(kube, "WeightVersion", "chat-v2", {"Accepted", "Staging", "Updating", "Complete"})
-    wait_events(kube, "InferencePool", POOL, {"VersionChanged"})
+    wait_events(kube, "InferencePool", POOL, {"VersionChanged"}, says="now serving v2")
 
     expected = checkpoints.reference("ckpts/v2").result(timeout=900)
-    assert expected != STATE["base"], "the variant must answer differently from the base"
-    assert_pool_serves(kube, "v2", expected, 2)
+    assert expected != pool.base, "the variant must answer differently from the base"
+    assert_pool_serves(kube, "v2", expected, n)
     pool_st = kube.pool()["status"]
-    assert pool_st["targetVersion"] == "v2" and pool_st["updatedReplicas"] == 2, pool_st
-    STATE["v2"] = expected
-    checkpoints.reference("ckpts/v3")  # for test 4, computed meanwhile
+    assert pool_st["targetVersion"] == "v2" and pool_st["updatedReplicas"] == n, pool_st
 
 
 @pytest.mark.parametrize(
@@ -216,9 +331,20 @@ def test_2_weight_version_rolls_out(
     ],
 )
 def test_3_bad_source_fails_and_pool_keeps_serving(
-    kube: Cluster, operator: OperatorProcess, version: str, source: str, says: str
+    kube: Cluster,
+    operator: OperatorProcess,
+    checkpoints: Checkpoints,
+    pool: PoolStart,
+    version: str,
+    source: str,
+    says: str,
 ) -> None:
-    """From: v2 everywhere. To: the same; the bad WeightVersion is Failed with a message."""
+    """From: the pool settled, serving some version (in file order: v2). To: the same; the bad
+    WeightVersion is Failed with a message."""
+    n = settle(kube, operator)
+    throttle(kube, None)
+    before = serving(kube)
+    target = (kube.pool().get("status") or {}).get("targetVersion")
     kube.create_wv(version, source)
     wait_phase(kube, operator, version, "Failed", timeout=300)
     st = kube.wv(version)["status"]
@@ -227,25 +353,29 @@ def test_3_bad_source_fails_and_pool_keeps_serving(
     applied = condition(kube.wv(version), "Applied")
     assert applied is not None and applied["status"] == "False", applied
     wait_events(kube, "WeightVersion", f"{POOL}-{version}", {"Failed"}, warning=True)
-    # Every replica still serves v2, Ready.
+    # Every replica still serves what it served, Ready.
     kube.wait(
-        lambda: kube.pool()["status"].get("readyReplicas") == 2,
+        lambda: kube.pool()["status"].get("readyReplicas") == n,
         60,
-        "2 ready replicas after a failure",
+        f"{n} ready replicas after a failure",
         operator,
     )
-    assert_pool_serves(kube, "v2", STATE["v2"], 2)
-    assert kube.pool()["status"]["targetVersion"] == "v2"
+    assert_pool_serves(kube, before, expected_outputs(kube, checkpoints, pool, before), n)
+    assert (kube.pool().get("status") or {}).get("targetVersion") == target
 
 
 def test_4_newer_version_supersedes_one_in_progress(
-    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+    kube: Cluster,
+    operator: OperatorProcess,
+    checkpoints: Checkpoints,
+    pool: PoolStart,
+    timings: dict[str, float],
 ) -> None:
-    """From: v2 everywhere. v3 (the base checkpoint again) is throttled; v4 (ckpts/v3) is applied while
-    v3 rolls out. To: v3 Superseded, every pod serves v4; the throttle stays on for test 5."""
+    """From: the pool settled. v3 (the base checkpoint again) is throttled; v4 (ckpts/v3) is applied
+    while v3 rolls out. To: v3 Superseded, every pod serves v4."""
+    n = settle(kube, operator)
     # About 12 s per transfer: long enough to act while one runs.
-    rate = max(1, model_bytes(checkpoints) // 12)
-    kube.patch_pool({"spec": {"engine": {"transport": {"maxBytesPerSecond": rate}}}})
+    throttle(kube, max(1, model_bytes(checkpoints) // 12))
     kube.create_wv("v3", "models/base")
     t0 = time.monotonic()
     kube.wait(lambda: agents_updating(kube, "v3"), 300, "v3 transferring", operator)
@@ -263,57 +393,78 @@ def test_4_newer_version_supersedes_one_in_progress(
     assert applied is not None and (applied["status"], applied["reason"]) == ("False", "Superseded"), applied
     wait_events(kube, "WeightVersion", "chat-v3", {"Superseded"})
     expected = checkpoints.reference("ckpts/v3").result(timeout=900)
-    assert expected not in (STATE["base"], STATE["v2"])
-    assert_pool_serves(kube, "v4", expected, 2)
+    assert expected != pool.base, "the variant must answer differently from the base"
+    assert_pool_serves(kube, "v4", expected, n)
 
 
 def test_5_operator_killed_mid_rollout_resumes(
-    kube: Cluster, operator: OperatorProcess, timings: dict[str, float]
+    kube: Cluster,
+    operator: OperatorProcess,
+    checkpoints: Checkpoints,
+    pool: PoolStart,
+    timings: dict[str, float],
 ) -> None:
-    """From: v4 everywhere, throttled transfers. v5 rolls back to the v2 checkpoint; the operator is
-    SIGKILLed while v5 is in progress and started again. To: every pod serves v5 (= v2's output)."""
+    """From: the pool settled. v5 (the v2 checkpoint), throttled; the operator is SIGKILLed while v5 is
+    in progress and started again. To: the restarted operator resumed v5's rollout (not a new one) and
+    every pod serves v5 (= ckpts/v2's output)."""
+    n = settle(kube, operator)
+    # About 12 s per transfer: the rollout is still in progress when the operator is killed.
+    throttle(kube, max(1, model_bytes(checkpoints) // 12))
     kube.create_wv("v5", "ckpts/v2")
     t0 = time.monotonic()
     kube.wait(lambda: phase(kube, "v5") in ("Staging", "Updating"), 300, "v5 in progress", operator)
-    operator.stop(signal.SIGKILL)
-    killed_in = phase(kube, "v5")
-    log(f"operator killed with v5 {killed_in}")
-    assert killed_in in ("Staging", "Updating"), killed_in
-    time.sleep(2)
-    assert phase(kube, "v5") == killed_in, "nothing else writes the status while the operator is down"
-    operator.start()
+    try:
+        operator.stop(signal.SIGKILL)  # returns once the process is gone: it writes nothing any more
+        killed = kube.wv("v5")["status"]
+        log(f"operator killed with v5 {killed['phase']}")
+        assert killed["phase"] in ("Staging", "Updating"), killed
+        assert killed.get("startTime"), killed
+    finally:
+        operator.start()
     wait_phase(kube, operator, "v5", "Complete")
     timings["rollout_v5_with_restart_s"] = time.monotonic() - t0
     log(f"v5 complete {timings['rollout_v5_with_restart_s']:.1f}s after it was created")
-    assert_pool_serves(kube, "v5", STATE["v2"], 2)
+    done = kube.wv("v5")["status"]
+    # The rollout the first operator started is the one that completed: its start time is kept (the
+    # second operator read it back from the status, as it did the rollout's group and attempt).
+    assert done["startTime"] == killed["startTime"], (killed, done)
+    assert_pool_serves(kube, "v5", checkpoints.reference("ckpts/v2").result(timeout=900), n)
 
 
 def test_6_scale_up_catches_up_peer_to_peer(
-    kube: Cluster, operator: OperatorProcess, timings: dict[str, float]
+    kube: Cluster,
+    operator: OperatorProcess,
+    checkpoints: Checkpoints,
+    pool: PoolStart,
+    timings: dict[str, float],
 ) -> None:
-    """From: v5 everywhere. `kubectl scale hspool/chat --replicas=3`. To: 3 pods serving v5; the new
-    one read v5 peer-to-peer from the two stable pods, was never Ready before its agent served v5 and,
-    when it first turned Ready, answered like them; the stable pods answered throughout and ran no
-    update."""
-    kube.patch_pool({"spec": {"engine": {"transport": {"maxBytesPerSecond": None}}}})
+    """From: the pool settled on a published version (in file order: 2 pods on v5). `kubectl scale
+    hspool/chat` up by one. To: every pod serves that version; the new one read it peer-to-peer from
+    the stable pods, was never Ready before its agent served it and, when it first turned Ready,
+    answered like them; the stable pods answered throughout and ran no update."""
+    settle(kube, operator)
+    throttle(kube, None)
+    version = ensure_published(kube, operator, "v6-setup")
+    expected = expected_outputs(kube, checkpoints, pool, version)
     stable = kube.pods()
+    n = len(stable)
     old = {p.metadata.name for p in stable}
     before = stable_updates(kube, stable)
-    with Traffic(stable, STATE["v2"]) as traffic:
-        res = kube.kubectl("scale", f"inferencepools.hotswap.dev/{POOL}", "--replicas=3")
+    with Traffic(stable, expected) as traffic:
+        res = kube.kubectl("scale", f"inferencepools.hotswap.dev/{POOL}", f"--replicas={n + 1}")
         assert res.returncode == 0, res.stdout + res.stderr
         t0 = time.monotonic()
         scale = kube.custom.get_namespaced_custom_object_scale(
-            "hotswap.dev", "v1alpha1", kube.namespace, "inferencepools", POOL
+            GROUP, VERSION, kube.namespace, "inferencepools", POOL
         )
-        assert scale["spec"]["replicas"] == 3, scale
+        assert scale["spec"]["replicas"] == n + 1, scale
         kube.wait(
-            lambda: kube.apps.read_namespaced_deployment(POOL, kube.namespace).spec.replicas == 3,
+            lambda: kube.apps.read_namespaced_deployment(POOL, kube.namespace).spec.replicas == n + 1,
             60,
-            "Deployment scaled to 3",
+            f"Deployment scaled to {n + 1}",
             operator,
         )
-        new_pod, seen_held_by_gate = wait_new_pod_ready(kube, old, "v5", STATE["v2"], t0)
+        new_pod, seen_held_by_gate = wait_new_pod_ready(kube, old, version, expected, t0)
     timings["scale_new_pod_ready_s"] = time.monotonic() - t0
     agent = kube.agent_status(new_pod)
     assert agent is not None
@@ -323,32 +474,42 @@ def test_6_scale_up_catches_up_peer_to_peer(
         f"(held by the weights gate while containers were ready: {seen_held_by_gate}); "
         f"catch-up {describe_update(u)}; stable pods answered {traffic.summary()}"
     )
-    assert_p2p_catch_up(u, "v5", sources=old, failed=set())
+    assert_p2p_catch_up(u, version, sources=old, failed=set())
     timings["scale_p2p_pull_s"] = u["durations"]["p2p"]
-    # The stable pods never paused: every request they got meanwhile was answered with v5's output,
-    # and their agents ran no update (the reads were one-sided).
+    # The stable pods never paused: every request they got meanwhile was answered with the version's
+    # output, and their agents ran no update (the reads were one-sided).
     traffic.check(old)
     assert stable_updates(kube, stable) == before
-    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 3, 120, "3 ready replicas", operator)
-    assert_pool_serves(kube, "v5", STATE["v2"], 3)
-    assert kube.pool()["status"]["updatedReplicas"] == 3
+    kube.wait(
+        lambda: kube.pool()["status"].get("readyReplicas") == n + 1, 120, f"{n + 1} ready replicas", operator
+    )
+    assert_pool_serves(kube, version, expected, n + 1)
+    assert kube.pool()["status"]["updatedReplicas"] == n + 1
 
 
 def test_7_source_pod_deleted_mid_transfer(
-    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, timings: dict[str, float]
+    kube: Cluster,
+    operator: OperatorProcess,
+    checkpoints: Checkpoints,
+    pool: PoolStart,
+    timings: dict[str, float],
 ) -> None:
-    """From: 3 pods serving v5. Transfers throttled (about 20 s per copy of the model), scale to 4 and,
-    once the new pod's peer-to-peer read is under way, delete one of its sources. To: the new pod
-    serves v5, its bytes came from the remaining holders (the deleted one is named failed); the
-    Deployment's replacement for the deleted pod catches up too and the pool is back to 4 Ready."""
-    rate = max(1, model_bytes(checkpoints) // 20)
-    kube.patch_pool({"spec": {"engine": {"transport": {"maxBytesPerSecond": rate}}}})
+    """From: the pool settled on a published version (in file order: 3 pods on v5). Transfers
+    throttled (about 20 s per copy of the model), scale up by one and, once the new pod's peer-to-peer
+    read is under way, delete one of its sources. To: the new pod serves the version, its bytes came
+    from the remaining holders (the deleted one is named failed); the Deployment's replacement for the
+    deleted pod catches up too and every replica is Ready again."""
+    settle(kube, operator)
+    version = ensure_published(kube, operator, "v7-setup")
+    expected = expected_outputs(kube, checkpoints, pool, version)
+    throttle(kube, max(1, model_bytes(checkpoints) // 20))
     stable = sorted(kube.pods(), key=lambda p: p.metadata.name)
-    assert len(stable) == 3, [p.metadata.name for p in stable]
+    n = len(stable)
+    assert n >= 2, [p.metadata.name for p in stable]
     old = {p.metadata.name for p in stable}
     victim, survivors = stable[0], stable[1:]
     before = stable_updates(kube, survivors)
-    res = kube.kubectl("scale", f"inferencepools.hotswap.dev/{POOL}", "--replicas=4")
+    res = kube.kubectl("scale", f"inferencepools.hotswap.dev/{POOL}", f"--replicas={n + 1}")
     assert res.returncode == 0, res.stdout + res.stderr
     t0 = time.monotonic()
 
@@ -357,8 +518,8 @@ def test_7_source_pod_deleted_mid_transfer(
             if pod.metadata.name in old:
                 continue
             u = (kube.agent_status(pod) or {}).get("update") or {}
-            if u.get("version") == "v5" and u.get("mode") == "p2p":
-                assert not is_ready(pod), f"{pod.metadata.name} Ready while it pulls v5"
+            if u.get("version") == version and u.get("mode") == "p2p":
+                assert not is_ready(pod), f"{pod.metadata.name} Ready while it pulls {version}"
                 # durations["p2p"] appears when the read is done (then the local hand-off runs)
                 assert "p2p" not in u["durations"] and u["stage"] not in ("Complete", "Failed"), (
                     f"the pull ended before a source could be deleted: {u}"
@@ -367,14 +528,14 @@ def test_7_source_pod_deleted_mid_transfer(
                     return pod, u
         return None
 
-    with Traffic(survivors, STATE["v2"]) as traffic:
-        new_pod, u = kube.wait(pulling, 900, "the new pod pulling v5 peer-to-peer", operator)
+    with Traffic(survivors, expected) as traffic:
+        new_pod, u = kube.wait(pulling, 900, f"the new pod pulling {version} peer-to-peer", operator)
         name = new_pod.metadata.name
         res = kube.kubectl("delete", "pod", victim.metadata.name, "--wait=false")
         assert res.returncode == 0, res.stdout + res.stderr
         t_delete = time.monotonic()
         log(
-            f"{name} pulling v5 ({u['bytes_done']}/{u['bytes_total']} bytes) "
+            f"{name} pulling {version} ({u['bytes_done']}/{u['bytes_total']} bytes) "
             f"{t_delete - t0:.1f}s after the scale: deleted source {victim.metadata.name}"
         )
 
@@ -383,7 +544,7 @@ def test_7_source_pod_deleted_mid_transfer(
             return u if u.get("stage") in ("Complete", "Failed") else None
 
         u = kube.wait(finished, 300, f"{name}'s catch-up finished", operator)
-        new_pod, _ = wait_new_pod_ready(kube, old, "v5", STATE["v2"], t0, only=name)
+        new_pod, _ = wait_new_pod_ready(kube, old, version, expected, t0, only=name)
         timings["p2p_with_source_deleted_ready_s"] = time.monotonic() - t0
     log(
         f"{name} Ready {timings['p2p_with_source_deleted_ready_s']:.1f}s after the scale, "
@@ -391,7 +552,7 @@ def test_7_source_pod_deleted_mid_transfer(
         f"survivors answered {traffic.summary()}"
     )
     survivor_names = {p.metadata.name for p in survivors}
-    assert_p2p_catch_up(u, "v5", sources=old, failed={victim.metadata.name})
+    assert_p2p_catch_up(u, version, sources=old, failed={victim.metadata.name})
     # The survivors took over the deleted pod's unread ranges.
     assert sum(u["peer_bytes"].get(n, 0) for n in survivor_names) > u["peer_bytes"].get(
         victim.metadata.name, 0
@@ -404,22 +565,24 @@ def test_7_source_pod_deleted_mid_transfer(
     assert stable_updates(kube, survivors) == before
 
     # The Deployment replaces the deleted pod; the replacement catches up as well (peer-to-peer).
-    def four_ready() -> bool:
+    def all_ready() -> bool:
         pods = kube.pods()
-        return len(pods) == 4 and all(is_ready(p) for p in pods)
+        return len(pods) == n + 1 and all(is_ready(p) for p in pods)
 
-    kube.wait(four_ready, 900, "4 Ready pods again", operator)
-    timings["pool_back_to_4_ready_s"] = time.monotonic() - t_delete
+    kube.wait(all_ready, 900, f"{n + 1} Ready pods again", operator)
+    timings["pool_back_to_all_ready_s"] = time.monotonic() - t_delete
     replacement = [p for p in kube.pods() if p.metadata.name not in old | {name}]
     assert len(replacement) == 1, [p.metadata.name for p in replacement]
     ru = (kube.agent_status(replacement[0]) or {}).get("update") or {}
     log(
-        f"pool back to 4 Ready {timings['pool_back_to_4_ready_s']:.1f}s after the deletion; "
+        f"pool back to {n + 1} Ready {timings['pool_back_to_all_ready_s']:.1f}s after the deletion; "
         f"replacement {replacement[0].metadata.name}: catch-up {describe_update(ru)}"
     )
-    assert_p2p_catch_up(ru, "v5", sources=survivor_names | {name}, failed=set())
-    kube.wait(lambda: kube.pool()["status"].get("readyReplicas") == 4, 120, "4 ready replicas", operator)
-    assert_pool_serves(kube, "v5", STATE["v2"], 4)
+    assert_p2p_catch_up(ru, version, sources=survivor_names | {name}, failed=set())
+    kube.wait(
+        lambda: kube.pool()["status"].get("readyReplicas") == n + 1, 120, f"{n + 1} ready replicas", operator
+    )
+    assert_pool_serves(kube, version, expected, n + 1)
 
 
 # ---- scale-out helpers -----------------------------------------------------------------------------------
@@ -462,32 +625,34 @@ def wait_new_pod_ready(
     """The pod not in `old` (or `only`) until it turns Ready: never Ready before its agent serves
     `version`; when it first is, its greedy output is `expected`. Returns it and whether it was seen
     held by the weights gate alone (containers ready, pod not Ready)."""
-    seen_not_ready = seen_held_by_gate = False
-    deadline = time.monotonic() + 900
-    while True:
-        assert time.monotonic() < deadline, "the new pod did not become Ready"
+    seen = {"not_ready": False, "held_by_gate": False}
+
+    def first_ready() -> Any:
         new = [
             p for p in kube.pods() if p.metadata.name == only or (only is None and p.metadata.name not in old)
         ]
-        if new:
-            assert len(new) == 1, [p.metadata.name for p in new]
-            pod = new[0]
+        if not new:
+            return None
+        assert len(new) == 1, [p.metadata.name for p in new]
+        pod = new[0]
+        if not is_ready(pod):
+            seen["not_ready"] = True
             conds = {c.type: c.status for c in pod.status.conditions or []}
-            if not is_ready(pod):
-                seen_not_ready = True
-                if conds.get("ContainersReady") == "True":
-                    seen_held_by_gate = True  # vLLM answers /health, the weights gate holds the pod
-            else:
-                agent = kube.agent_status(pod)
-                assert agent is not None and agent["serving_version"] == version, (
-                    f"{pod.metadata.name} Ready while its agent serves {agent}"
-                )
-                got = outputs(pod)
-                log(f"{pod.metadata.name} first Ready {time.monotonic() - t0:.1f}s after the scale")
-                assert got == expected, f"{pod.metadata.name} Ready but answers {got}, not {expected}"
-                assert seen_not_ready or only is not None
-                return pod, seen_held_by_gate
-        time.sleep(0.3)
+            if conds.get("ContainersReady") == "True":
+                seen["held_by_gate"] = True  # vLLM answers /health, the weights gate holds the pod
+            return None
+        agent = kube.agent_status(pod)
+        assert agent is not None and agent["serving_version"] == version, (
+            f"{pod.metadata.name} Ready while its agent serves {agent}"
+        )
+        return pod
+
+    pod = wait_for(first_ready, 900, "the new pod Ready", interval=0.3)
+    got = outputs(pod)
+    log(f"{pod.metadata.name} first Ready {time.monotonic() - t0:.1f}s after the scale")
+    assert got == expected, f"{pod.metadata.name} Ready but answers {got}, not {expected}"
+    assert seen["not_ready"] or only is not None
+    return pod, seen["held_by_gate"]
 
 
 class Traffic:

@@ -11,13 +11,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hotswap_testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_PORT = 8600
@@ -134,15 +135,16 @@ class Pod:
         return "\n".join(out)
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def up() -> bool:
             for what, p in self.procs.items():
                 if p.poll() is not None:
                     raise RuntimeError(f"{self.name}: {what} exited with {p.returncode}\n{self.logs()}")
-            if _get(f"{self.vllm_url}/health") is not None and _get(f"{self.agent_url}/healthz") is not None:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name} not up after {timeout}s\n{self.logs()}")
+            return (
+                _get(f"{self.vllm_url}/health") is not None and _get(f"{self.agent_url}/healthz") is not None
+            )
+
+        wait_for(up, timeout, f"{self.name}'s vLLM and agent up", self.logs, interval=0.5)
 
     def kill(self, what: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.get(what)
@@ -183,14 +185,13 @@ class Pod:
         return dict(body)
 
     def wait_update(self, update_id: str, timeout: float = 120.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def finished() -> dict[str, Any] | None:
             code, body = self.api("GET", f"/v1/updates/{update_id}")
             assert code == 200, body
-            if body["stage"] in ("Complete", "Failed"):
-                return dict(body)
-            time.sleep(0.1)
-        raise TimeoutError(f"update {update_id} on {self.name} not finished in {timeout}s\n{self.logs()}")
+            return dict(body) if body["stage"] in ("Complete", "Failed") else None
+
+        return wait_for(finished, timeout, f"update {update_id} on {self.name} finished", self.logs)
 
     # ---- the engine, as a client sees it ----------------------------------------------------
 

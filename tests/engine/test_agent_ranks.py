@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hotswap_testing.waiting import wait_for
 from pods import AGENT_PORT, REPO, VLLM_PORT, Pod, _get, loopback_ips, pod_env
 
 pytestmark = pytest.mark.vllm
@@ -71,17 +72,14 @@ class RankPod(Pod):
         if not self.plain:
             self.wait_ready(timeout)
             return
-        import time
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def up() -> bool:
             for what, p in self.procs.items():
                 if p.poll() is not None:
                     raise RuntimeError(f"{self.name}: {what} exited with {p.returncode}\n{self.logs()}")
-            if self.control_socket.exists() and _get(f"{self.agent_url}/healthz") is not None:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name} not up\n{self.logs()}")
+            return self.control_socket.exists() and _get(f"{self.agent_url}/healthz") is not None
+
+        wait_for(up, timeout, f"{self.name}'s plain launcher and agent up", self.logs, interval=0.5)
 
     def verify(self, checkpoint: Path) -> dict[str, object]:
         sys.path.insert(0, str(REPO / "bench"))

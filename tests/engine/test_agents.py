@@ -13,8 +13,10 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hotswap_testing.waiting import wait_for
 from pods import Pod, loopback_ips, reference_completions
 
 pytestmark = pytest.mark.vllm
@@ -241,13 +243,13 @@ def test_member_killed_mid_update_fails_others_in_bounded_time(
     total = sum(s["bytes"] for s in fleet[0].status()["staged"] if s["version"] == "v2")
     # Throttled so the transfer takes ~6 s and the kill lands mid-way; small buckets = many buckets.
     ids = update(fleet, "v1c", 29515, max_bytes_per_second=max(total // 6, 1), bucket_bytes=64 << 10)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def transferring() -> dict[str, Any] | None:
         _, r = fleet[0].api("GET", f"/v1/updates/{ids[0]}")
-        if r["stage"] == "Transferring" and r["bytes_done"] > 0:
-            break
-        time.sleep(0.05)
-    assert r["stage"] == "Transferring", r
+        assert r["stage"] not in ("Complete", "Failed"), f"the update ended before the kill: {r}"
+        return r if r["stage"] == "Transferring" and r["bytes_done"] > 0 else None
+
+    wait_for(transferring, 60, f"{fleet[0].name} transferring v1c", fleet[0].logs, interval=0.05)
     fleet[2].kill("agent")
     t0 = time.monotonic()
     for p, i in zip(fleet[:2], ids[:2], strict=True):

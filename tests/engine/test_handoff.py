@@ -4,6 +4,7 @@ behaviour under test crosses a process boundary (bytes, death), in-process where
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import threading
 import time
@@ -27,6 +28,7 @@ from hotswap_engine.handoff import (
 )
 from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket, tensor_bytes
 from hotswap_testing.handoff_selftest import digests, make_tensors, receiver_main, sender_die_main
+from hotswap_testing.waiting import wait_for
 
 CPU = torch.device("cpu")
 SPAWN = mp.get_context("spawn")
@@ -273,21 +275,40 @@ def test_stale_hello_of_a_gone_worker_is_skipped(shm_dir: Path, endpoint: str) -
     # before sending). The next update's begin must reach the current worker of that rank.
     slots = [SharedMemorySlot.create(4096, shm_dir)]
     got: list[str] = []
+    dropped = threading.Event()
+
+    class Dropped(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "dropping the stale hand-off hello" in record.getMessage():
+                dropped.set()
 
     def receive() -> None:
-        time.sleep(0.5)  # connect only after begin() found the stale hello
+        # Connect only once begin() dropped the stale hello: connecting earlier would replace it
+        # (the latest hello of a rank wins) and the stale path would go untested.
+        assert dropped.wait(10), "begin() did not drop the stale hello"
         with HandoffReceiver(endpoint, 0, timeout=10) as rx:
             got.extend(name for name, _ in rx.weights())
             rx.done()
 
-    with HandoffSender(endpoint, 1, timeout=10) as sender:
-        with HandoffReceiver(endpoint, 0):
-            sender.wait_workers()
-        time.sleep(0.5)  # its connection is closed now; its hello is still queued in the sender
-        thread = threading.Thread(target=receive)
-        thread.start()
-        push_tensors(sender, "v", slots, [("w", torch.ones(4))])
-        thread.join(10)
+    sender_log = logging.getLogger("hotswap_engine.handoff.sender")
+    handler = Dropped()
+    sender_log.addHandler(handler)
+    level = sender_log.level
+    sender_log.setLevel(logging.INFO)
+    try:
+        with HandoffSender(endpoint, 1, timeout=10) as sender:
+            with HandoffReceiver(endpoint, 0):
+                sender.wait_workers()
+                wait_for(lambda: sender.connections() == 1, 10, "the sender seeing the first worker connect")
+            # Its connection is closed now (the sender saw it go); its hello is still queued.
+            wait_for(lambda: sender.connections() == 0, 10, "the sender seeing the first worker disconnect")
+            thread = threading.Thread(target=receive)
+            thread.start()
+            push_tensors(sender, "v", slots, [("w", torch.ones(4))])
+            thread.join(10)
+    finally:
+        sender_log.removeHandler(handler)
+        sender_log.setLevel(level)
     assert got == ["w"]
     slots[0].close()
 

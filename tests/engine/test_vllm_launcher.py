@@ -23,6 +23,7 @@ import pytest
 from hotswap_engine import launcher_client
 from hotswap_engine.digest import fingerprint
 from hotswap_testing.tiny_model import build_tiny_model, make_variant
+from hotswap_testing.waiting import wait_for_async
 from vllm_harness import (
     MAX_TOKENS,
     PROMPTS,
@@ -144,7 +145,13 @@ async def test_second_apply_while_one_runs_gets_409(launcher: Launcher, models: 
         first = asyncio.create_task(
             launcher_client.apply(launcher.control, pusher.sender.endpoint, "base", "keep", 30)
         )
-        await asyncio.sleep(1.0)  # the first is now waiting in the worker for the hand-off to begin
+
+        async def first_applying() -> bool:
+            if first.done():  # it cannot have succeeded: nothing was pushed
+                raise AssertionError(f"the first apply ended early: {first.result()}")
+            return bool((await launcher_client.healthz(launcher.control))["applying"])
+
+        await wait_for_async(first_applying, 30, "the launcher reporting the first apply as running")
         second = await launcher_client.apply(launcher.control, pusher.sender.endpoint, "base", "keep", 30)
         assert second.status == 409 and not second.ok
         await asyncio.to_thread(pusher.push, "base", load_tensors(models.base))

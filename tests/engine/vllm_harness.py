@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from hotswap_engine import launcher_client
 from hotswap_engine.handoff import HandoffSender, create_slots
 from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket
 from hotswap_testing.tiny_model import weight_files
+from hotswap_testing.waiting import wait_for
 from safetensors.torch import load_file
 
 PROMPTS = ["The quick brown fox", "Weights move from", "Once upon a time"]
@@ -91,19 +91,17 @@ def start_launcher(model_dir: Path, workdir: Path, extra_args: Sequence[str] = (
 
 
 def wait_ready(h: Launcher) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if h.proc.poll() is not None:
             raise AssertionError(f"launcher exited {h.proc.returncode}:\n{h.log.read_text()[-4000:]}")
         try:
             with urllib.request.urlopen(f"{h.url}/health", timeout=2):
                 pass
-            if Path(h.control).exists():
-                return
         except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"launcher not ready in {START_TIMEOUT_S}s:\n{h.log.read_text()[-4000:]}")
+            return False
+        return Path(h.control).exists()
+
+    wait_for(ready, START_TIMEOUT_S, "the launcher ready", lambda: h.log.read_text()[-4000:], interval=0.5)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -17,6 +17,7 @@ from hotswap_operator.controller import PoolController, Runtime
 from hotswap_operator.kube import Kube
 from hotswap_operator.lease import LeaderElector, LeadershipLost
 from hotswap_operator.metrics import OperatorMetrics
+from hotswap_testing.waiting import wait_for_async
 from kubernetes import client
 
 pytestmark = pytest.mark.cluster
@@ -110,14 +111,13 @@ async def test_pool_owns_its_workload_and_reports_status(
         )
         await ctl.reconcile()
         assert apps.read_namespaced_deployment("chat", namespace).spec.replicas == 2
-        deadline = time.monotonic() + 30
-        while True:
+
+        async def counted() -> dict[str, Any] | None:
             await ctl.reconcile()
-            st = get(custom, namespace, "inferencepools", "chat")["status"]
-            if st["replicas"] == 2:
-                break
-            assert time.monotonic() < deadline, f"pods not counted: {st}"
-            await asyncio.sleep(0.5)
+            st: dict[str, Any] = get(custom, namespace, "inferencepools", "chat")["status"]
+            return st if st["replicas"] == 2 else None
+
+        st = await wait_for_async(counted, 30, "the pool's status counting 2 pods", interval=0.5)
         assert st["readyReplicas"] == 0 and st["observedGeneration"] == 2
         assert conditions({"status": st})["Available"] == ("False", "NoReplicasReady")
         assert conditions({"status": st})["Progressing"][0] == "True"
@@ -131,8 +131,19 @@ async def test_only_one_replica_holds_the_lease(kube_api: client.ApiClient, name
     b = LeaderElector(kube, namespace, "hotswap-operator", "replica-b", duration_s=2)
     await asyncio.wait_for(a.acquire(), 10)
     keeper = asyncio.create_task(a.hold())
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(b.acquire(), 4)  # a renews every 2/3 s: b never sees it go stale
+    # b looks again and again (each look one decision) while a renews every 2/3 s: b sees the record
+    # change and waits, for longer than a lease duration (5 records seen: a renewed 4 times, >= 2.6 s).
+    coord = client.CoordinationV1Api(kube_api)
+    records: set[Any] = set()
+
+    async def b_waits_through_renewals() -> bool:
+        assert not await b._try(), "replica-b took the lease from a replica-a that renews it"
+        lease = coord.read_namespaced_lease("hotswap-operator", namespace)
+        assert lease.spec.holder_identity == "replica-a", lease.spec
+        records.add(lease.spec.renew_time)
+        return len(records) >= 5
+
+    await wait_for_async(b_waits_through_renewals, 15, "replica-a renewing 4 times while replica-b looks")
     keeper.cancel()  # a stops renewing (a crashed leader)
     started = time.monotonic()
     await asyncio.wait_for(b.acquire(), 10)

@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hotswap_testing.waiting import wait_for
 from kubernetes import client
 
 pytestmark = pytest.mark.cluster
@@ -31,19 +31,18 @@ def free_port() -> int:
 
 
 def wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
+    """wait_for where an exception from `check` (a refused connection, a 404) means 'not yet'."""
+    last: list[Any] = [None]
+
+    def probe() -> Any:
         try:
-            value = check()
-            if value:
-                return value
+            last[0] = check()
         except Exception as e:
-            last: Any = e
-        else:
-            last = value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {last!r}")
-        time.sleep(0.3)
+            last[0] = e
+            return None
+        return last[0]
+
+    return wait_for(probe, timeout, what, lambda: f"last: {last[0]!r}")
 
 
 def http_get(url: str) -> str:
@@ -188,10 +187,22 @@ def test_operator_process_acts_alone_and_hands_over(
         "orphan",
     )
 
-    # A second replica waits while the first holds the Lease ...
+    # A second replica waits while the first holds the Lease: it says so once it read the Lease, and
+    # keeps waiting while op-a renews it for longer than a lease duration (3 s, renewed every 1 s;
+    # op-b looks every 1 s and would take a record unchanged for 3 s) ...
     b = operators("op-b")
-    time.sleep(5)
-    assert coord.read_namespaced_lease("hotswap-operator", namespace).spec.holder_identity == "op-a"
+    wait(
+        lambda: "op-b: lease" in (t := b.log.read_text()) and "held by op-a; waiting" in t, 60, "op-b waiting"
+    )
+    renewals: set[Any] = set()
+
+    def renewed_while_b_waits() -> bool:
+        lease = coord.read_namespaced_lease("hotswap-operator", namespace)
+        assert lease.spec.holder_identity == "op-a", f"op-b took the lease from a live op-a: {lease.spec}"
+        renewals.add(lease.spec.renew_time)
+        return len(renewals) >= 6
+
+    wait_for(renewed_while_b_waits, 30, "op-a renewing its lease 5 times while op-b waits")
     with pytest.raises(OSError):
         http_get(b.liveness)  # kopf (and its liveness endpoint) starts only once the Lease is held
     # ... and takes over when the first dies without a word.

@@ -206,8 +206,10 @@ async def test_unreachable_and_silent_agents() -> None:
             await c.status(f"http://127.0.0.1:{free_port()}")
         assert not await c.healthz(f"http://127.0.0.1:{free_port()}")
 
+        released = asyncio.Event()
+
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await asyncio.sleep(5)
+            await released.wait()  # never answers; the connection closes when the test is done
             writer.close()
 
         server = await asyncio.start_server(silent, "127.0.0.1", 0)
@@ -216,6 +218,7 @@ async def test_unreachable_and_silent_agents() -> None:
             with pytest.raises(AgentUnreachable, match="Timeout"):
                 await c.status(f"http://127.0.0.1:{port}")
         finally:
+            released.set()
             server.close()
 
 

@@ -152,6 +152,12 @@ class HandoffSender:
             lambda: f"only {len(self._hellos)} of {self.workers} hand-off workers connected",
         )
 
+    def connections(self) -> int:
+        """Worker connections open now, as the socket monitor reported them (handles pending traffic
+        first; a hello that arrived meanwhile is kept for the next begin)."""
+        self._pump(0)
+        return self._live
+
     def send_bucket(self, slot: int, entries: Sequence[Entry], ready: ReadyEvent | None = None) -> int:
         """Announce that slot `slot` now holds `entries`; returns the bucket's sequence number.
         The slot must be free (`wait_slot_free`) *before* its bytes were overwritten."""
