@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 from hotswap_engine.agent import openapi
 from hotswap_testing.checkpoints import random_filler, save_sharded
+from hotswap_testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "fuzz-token"
@@ -65,18 +66,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} (not within {timeout:.0f}s)")
-        time.sleep(interval)
 
 
 @dataclass

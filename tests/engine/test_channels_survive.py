@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from hotswap_engine.agent import ranks
 from hotswap_testing.checkpoints import random_filler, save_sharded
+from hotswap_testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEFS = [("a.weight", "BF16", (16, 8)), ("b.bias", "F32", (7,))]
@@ -79,11 +79,12 @@ def launcher() -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not control.exists():
+
+        def up() -> bool:
             assert proc.poll() is None, (work / "launcher.log").read_text()
-            assert time.monotonic() < deadline, "the plain launcher's control socket never appeared"
-            time.sleep(0.1)
+            return control.exists()
+
+        wait_for(up, 120, "the plain launcher's control socket to appear")
         yield control, proc
     finally:
         proc.terminate()
