@@ -6,11 +6,14 @@ re-derives the same actions from the same status and the agents' own state (stag
 requests are idempotent or answer 409 when already running).
 
 Staging can take minutes, so Stage calls run as background tasks (at most one per pod and version);
-the loop keeps polling meanwhile. Errors from actions come back into every plan as `ActionFailure`s,
-kept per (pod, version) until that action succeeds: permanent ones (a missing or mismatching
-checkpoint, a forbidden or invalid path) fail the WeightVersion, any other (an agent's 500, a
-timeout, an unreachable agent) is retried with exponential backoff (`planner.backoff_s`) and shows
-in the WeightVersion's status message meanwhile.
+the loop keeps polling meanwhile. Errors from Stage and StartUpdate requests come back into every
+plan as `ActionFailure`s, kept per (pod, version) until such a request succeeds: permanent ones (a
+missing or mismatching checkpoint, a forbidden or invalid path) fail the WeightVersion, any other (an
+agent's 500, a timeout, an unreachable agent) is retried with exponential backoff (`planner.backoff_s`)
+and shows in the WeightVersion's status message meanwhile.
+
+A pool whose template is invalid gets no plan; its WeightVersions still end at their timeout
+(`planner.invalid_pool_status`).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ class PoolController:
             desired = build_deployment(parsed.spec, self.name, self.namespace, uid, self.rt.gpu_sharing)
         except WorkloadError as e:
             await self._degraded(pool, "InvalidTemplate", str(e))
-            return 30.0
+            return await self._invalid_template(str(e))
         await self._ensure_deployment(desired)
 
         pods = await kube.list_pods(self.namespace, f"{POOL_LABEL}={self.name}")
@@ -190,6 +193,17 @@ class PoolController:
         await self.rt.kube.patch_status(
             self.namespace, "inferencepools", self.name, status.model_dump(mode="json", by_alias=True)
         )
+
+    async def _invalid_template(self, error: str) -> float:
+        """End the pool's WeightVersions at their timeout while its template is invalid (no plan runs)."""
+        objects = await self.rt.kube.list_weight_versions(self.namespace)
+        statuses, requeue = planner.invalid_pool(
+            snapshot.versions_of(self.name, objects), self.name, error, datetime.now(UTC), self.rt.config
+        )
+        for wv_name, status in statuses.items():
+            body = status.model_dump(mode="json", by_alias=True)
+            await self.rt.kube.patch_status(self.namespace, "weightversions", wv_name, body)
+        return requeue
 
     # ---- agents --------------------------------------------------------------------------------
 
@@ -269,6 +283,7 @@ class PoolController:
                 # 409: already running (sent before a restart); the plan watches its progress.
                 with contextlib.suppress(AgentConflict):
                     await client.start_update(action.endpoint, action.request)
+                self._failures.pop((action.pod, action.request.version), None)
             elif isinstance(action, planner.DropStaged):
                 with contextlib.suppress(AgentConflict, AgentNotFound):
                     await client.drop_staged(action.endpoint, action.version)
@@ -293,8 +308,9 @@ class PoolController:
             self.rt.metrics.actions.labels(kind, "ok").inc()
         except AgentClientError as e:
             self.rt.metrics.actions.labels(kind, "error").inc()
-            if isinstance(action, planner.StartUpdate) and e.permanent:
-                self._record_failure((action.pod, action.request.version), str(e), True, None)
+            if isinstance(action, planner.StartUpdate):
+                # Kept like a failed Stage: the plan backs off before sending it again and shows why.
+                self._record_failure((action.pod, action.request.version), str(e), e.permanent, None)
             raise
         except Exception as e:
             self.rt.metrics.actions.labels(kind, f"http{api_status(e) or ''}").inc()

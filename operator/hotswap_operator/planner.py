@@ -144,15 +144,15 @@ class ActionFailure:
     permanent: bool  # the checkpoint is missing/invalid/forbidden: retrying cannot help
     at: datetime  # when the latest attempt failed
     attempts: int = 1  # consecutive failed attempts
-    source: protocol.Source | None = None  # what the Stage asked for (None: an update)
+    source: protocol.Source | None = None  # what the Stage asked for (None: a StartUpdate)
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
     p2p_catch_up: bool = True  # new pods read the current version from peers; False: from storage
     retry_backoff_s: float = 10.0  # a failed catch-up on a pod is retried after this long
-    # A failed Stage (an agent's 5xx, a timeout, an unreachable agent) is retried after
-    # base * 2^(attempts-1) seconds, at most max.
+    # A failed Stage or StartUpdate request (an agent's 5xx, a timeout, an unreachable agent) is
+    # retried after base * 2^(attempts-1) seconds, at most max.
     action_backoff_base_s: float = 1.0
     action_backoff_max_s: float = 120.0
     active_requeue_s: float = 2.0
@@ -333,6 +333,12 @@ class _Round:
         """Seconds until the failed action may be sent again (0: now)."""
         due = f.at + timedelta(seconds=backoff_s(f.attempts, self.config))
         return max(0.0, (due - self.now).total_seconds())
+
+    def retry_note(self, f: ActionFailure) -> str:
+        """How a failed action shows in the WeightVersion's status message."""
+        wait = self.retry_in(f)
+        when = f"retrying in {wait:.0f}s" if wait > 0 else "retrying"
+        return f"pod {f.pod}: {f.message} ({f.attempts} failed attempt(s), {when})"
 
     def endpoint(self, pod: PodView) -> str:
         return f"http://{pod.ip}:{self.spec.engine.port}"
@@ -585,12 +591,10 @@ def _do_staging(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
             staged.append(have)
         elif pod.agent is not None:
             f = r.failure(pod.name, version, source)
-            wait = r.retry_in(f) if f is not None else 0.0
             if f is not None:
-                when = f"retrying in {wait:.0f}s" if wait > 0 else "retrying"
-                errors.append(f"pod {pod.name}: {f.message} ({f.attempts} failed attempt(s), {when})")
-            if wait > 0:
-                continue
+                errors.append(r.retry_note(f))
+                if r.retry_in(f) > 0:
+                    continue
             req = protocol.StageRequest(version=version, source=source, part=member.part)
             r.actions.append(Stage(pod.name, r.endpoint(pod), req))
     if len(staged) < len(group.members):
@@ -604,7 +608,8 @@ def _do_staging(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         st.conditions, "Staged", True, "Staged", f"staged on {len(staged)} pod(s)", r.now, wv.generation
     )
     _transition(r, wv, st, Phase.UPDATING, f"updating {len(group.members)} pod(s) by broadcast")
-    _send_updates(r, wv, st, rollout, group, only_missing=False)
+    errors = _send_updates(r, wv, st, rollout, group, only_missing=False)
+    st.message += "".join(f"; {e}" for e in errors)
 
 
 def _send_updates(
@@ -614,7 +619,10 @@ def _send_updates(
     rollout: RolloutState,
     group: protocol.BroadcastGroup,
     only_missing: bool,
-) -> None:
+) -> list[str]:
+    """Send the group's update to its members (`only_missing`: those that have not received it); a
+    member whose last update request failed waits out its backoff. Answers the failures' notes."""
+    errors: list[str] = []
     for member in group.members:
         pod = r.pod(member.pod)
         if pod is None or pod.agent is None:
@@ -623,8 +631,14 @@ def _send_updates(
             pod.serving == wv.spec.version or _update_for(pod, wv.spec.version, rollout.stale_updates)
         ):
             continue
+        f = r.failure(pod.name, wv.spec.version, None)
+        if f is not None:
+            errors.append(r.retry_note(f))
+            if r.retry_in(f) > 0:
+                continue
         req = r.update_request(wv.spec.version, deadline=_deadline(wv, st), rank=member.rank, group=group)
         r.actions.append(StartUpdate(pod.name, r.endpoint(pod), req))
+    return errors
 
 
 def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
@@ -667,21 +681,26 @@ def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         _retry_or_fail(r, wv, st, rollout, "; ".join(problems))
         return
     if len(done) < len(rollout.members):
-        _send_updates(r, wv, st, rollout, group, only_missing=True)
+        errors = _send_updates(r, wv, st, rollout, group, only_missing=True)
         st.message = _attempt(rollout) + f"updated {len(done)}/{len(rollout.members)} pod(s)"
+        st.message += "".join(f"; {e}" for e in errors)
         return
     _record_update_durations(st, done, version)
     # The group is done; followers (p2p strategy) take the version from it.
     pending = [
         f for f in rollout.followers if (p := r.pod(f)) is not None and p.live and p.serving != version
     ]
+    notes: list[str] = []
     for name in pending:
         pod = r.pod(name)
         assert pod is not None
         _catch_up(r, pod, version, wv.spec.source, deadline=_deadline(wv, st))
+        if (held := r.failure(name, version, r.abs_source(wv.spec.source))) is not None:
+            notes.append(r.retry_note(held))
     st.updated_pods = len(done) + len(rollout.followers) - len(pending)
     if pending:
         st.message = f"group updated; {len(pending)} follower(s) catching up"
+        st.message += "".join(f"; {n}" for n in notes)
         return
     _complete(r, wv, st, f"{st.updated_pods} pod(s) serve {version}")
 
@@ -782,6 +801,49 @@ def orphan_status(wv: VersionView, namespace: str, now: datetime) -> WeightVersi
     return st
 
 
+def invalid_pool_status(wv: VersionView, pool: str, error: str, now: datetime) -> WeightVersionStatus | None:
+    """The status of a WeightVersion whose InferencePool's template is invalid (None: leave it as it
+    is). Such a pool gets no plan, so nothing else ends its versions: one still unfinished fails at its
+    timeout with reason `InvalidTemplate`; before, its message says why it does not move (it resumes
+    once the template is fixed)."""
+    st = wv.status.model_copy(deep=True)
+    if st.phase.terminal:
+        return None
+    why = f"InferencePool {pool} has an invalid template: {error}"
+    if now > _deadline(wv, st):
+        gen = wv.generation
+        message = f"timed out after {wv.spec.timeout} in phase {st.phase.value}: {why}"
+        st.phase, st.message, st.completion_time = Phase.FAILED, message, now
+        st.conditions = set_condition(st.conditions, "Applied", False, "InvalidTemplate", message, now, gen)
+        if not _is_true(st.conditions, "Staged"):
+            st.conditions = set_condition(
+                st.conditions, "Staged", False, "InvalidTemplate", message, now, gen
+            )
+        return st
+    if st.message == why:
+        return None
+    st.message = why
+    return st
+
+
+def invalid_pool(
+    versions: Iterable[VersionView], pool: str, error: str, now: datetime, config: PlannerConfig
+) -> tuple[dict[str, WeightVersionStatus], float]:
+    """For a pool whose template is invalid: the statuses to write (`invalid_pool_status`, by object
+    name) and when to look again (at the next deadline of a version left unfinished, at most
+    `idle_requeue_s` from now)."""
+    statuses: dict[str, WeightVersionStatus] = {}
+    requeue = config.idle_requeue_s
+    for wv in versions:
+        st = invalid_pool_status(wv, pool, error, now)
+        if st is not None:
+            statuses[wv.name] = st
+        if not (st or wv.status).phase.terminal:
+            due = (_deadline(wv, wv.status) - now).total_seconds()
+            requeue = min(requeue, max(1.0, due + 0.5))
+    return statuses, requeue
+
+
 def deadline(wv: VersionView) -> datetime:
     """When `wv` times out (its timeout from the start of its rollout, or from its creation)."""
     return _deadline(wv, wv.status)
@@ -811,7 +873,8 @@ def _catch_up(
             return
     f = r.failure(pod.name, label, r.abs_source(source))
     if f is not None and r.retry_in(f) > 0:
-        r.degraded.append(f"pod {pod.name} cannot stage {label}: {f.message}")
+        what = "update to" if f.source is None else "stage"
+        r.degraded.append(f"pod {pod.name} cannot {what} {label}: {f.message}")
         return
     r.active = True
     holders = tuple(

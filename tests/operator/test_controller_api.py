@@ -179,3 +179,44 @@ async def test_versions_created_within_a_second_end_on_the_last_created(
         assert get(custom, namespace, "inferencepools", "chat")["status"]["currentVersion"] == "r12"
     finally:
         await ctl.close()
+
+
+async def test_versions_of_a_pool_with_an_invalid_template_end_at_their_timeout(
+    kube_api: client.ApiClient, namespace: str, crds: None
+) -> None:
+    custom = client.CustomObjectsApi(kube_api)
+    body = pool_body(0)
+    body["spec"]["template"]["spec"]["containers"].append({"name": "hotswap-engine", "image": "x"})
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", body)
+    wv = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "WeightVersion",
+        "metadata": {"name": "chat-r1"},
+        "spec": {
+            "poolRef": {"name": "chat"},
+            "version": "r1",
+            "source": {"path": "ckpts/r1"},
+            "timeout": "2s",
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "weightversions", wv)
+    ctl = PoolController(Runtime(kube=Kube(kube_api), metrics=OperatorMetrics()), namespace, "chat")
+
+    async def failed() -> dict[str, Any] | None:
+        await ctl.reconcile()
+        st: dict[str, Any] = get(custom, namespace, "weightversions", "chat-r1").get("status") or {}
+        return st if st.get("phase") == "Failed" else None
+
+    try:
+        requeue = await ctl.reconcile()
+        assert requeue <= 3.5  # it looks again right after the version's deadline
+        pool = get(custom, namespace, "inferencepools", "chat")
+        assert conditions(pool)["Degraded"] == ("True", "InvalidTemplate")
+        st = await wait_for_async(failed, 15, "the version failing at its timeout", interval=0.5)
+        assert "timed out after 2s" in st["message"] and "invalid template" in st["message"]
+        assert conditions(get(custom, namespace, "weightversions", "chat-r1"))["Applied"] == (
+            "False",
+            "InvalidTemplate",
+        )
+    finally:
+        await ctl.close()

@@ -25,6 +25,8 @@ from hotswap_operator.planner import (
     backoff_s,
     condition,
     deadline,
+    invalid_pool,
+    invalid_pool_status,
     orphan_status,
     plan,
     prune_versions,
@@ -555,6 +557,58 @@ def test_failed_stage_waits_out_its_backoff_and_shows_the_error(
     assert ("retrying in" in st.message) is not restaged
 
 
+@pytest.mark.parametrize(
+    ("attempts", "elapsed", "resent"), [(1, 0.5, False), (1, 1.5, True), (4, 7, False), (4, 9, True)]
+)
+def test_failed_update_request_waits_out_its_backoff_and_shows_the_error(
+    attempts: int, elapsed: float, resent: bool
+) -> None:
+    err = "http://127.0.0.12:8600: internal (500): RuntimeError: engine busy"
+    fails = [ActionFailure("llm-b", "v1", err, permanent=False, at=T0, attempts=attempts)]  # an update
+    pods = [
+        pod("llm-a", "127.0.0.11", staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12", staged_=[staged("v1", (1, 2))]),
+    ]
+    status = staging_status(MEMBERS, phase="Updating")
+    now = T0 + timedelta(seconds=elapsed)
+    p = plan(fleet(pods, [wv("v1", status=status)], now=now), failures=fails)
+    assert [u.pod for u in of(p, StartUpdate)] == (["llm-a", "llm-b"] if resent else ["llm-a"])
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.UPDATING
+    assert st.message.startswith("updated 0/2 pod(s); pod llm-b: " + err), st.message
+    assert f"{attempts} failed attempt(s)" in st.message
+    assert ("retrying in" in st.message) is not resent
+    assert p.requeue_after == 2.0  # it keeps looking; the backoff holds only the request
+
+
+def test_failed_update_request_backs_off_from_the_first_broadcast_too() -> None:
+    fails = [
+        ActionFailure("llm-b", "v1", "connection refused", permanent=False, at=T0 + timedelta(seconds=5))
+    ]
+    pods = [
+        pod("llm-a", "127.0.0.11", staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12", staged_=[staged("v1", (1, 2))]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS))]), failures=fails)
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.UPDATING and [u.pod for u in of(p, StartUpdate)] == ["llm-a"]
+    assert "pod llm-b: connection refused (1 failed attempt(s), retrying in 1s)" in st.message
+
+
+def test_failed_catch_up_update_request_backs_off_and_degrades_the_pool() -> None:
+    holder = staged("v1", p2p="10.0.0.1:7000")
+    c = pod("llm-c", "127.0.0.13", gate=False, ready=False)
+    pods = [*two_pods("v1", staged_=[holder]), c]
+    fails = [ActionFailure("llm-c", "v1", "internal (500): boom", permanent=False, at=T0, attempts=3)]
+    soon = plan(fleet(pods, [], current="v1", spec=pool_spec(3), now=T0 + timedelta(seconds=3)), fails)
+    assert of(soon, StartUpdate) == [] and of(soon, Stage) == []
+    degraded = condition(soon.pool_status.conditions, "Degraded")
+    assert degraded is not None and degraded.status is ConditionStatus.TRUE
+    assert degraded.message == "pod llm-c cannot update to v1: internal (500): boom"
+    later = plan(fleet(pods, [], current="v1", spec=pool_spec(3), now=T0 + timedelta(seconds=5)), fails)
+    assert [u.pod for u in of(later, StartUpdate)] == ["llm-c"]
+
+
 def test_failure_of_another_source_does_not_hold_the_stage() -> None:
     other = protocol.Source(path="/ckpt/elsewhere")
     fails = [ActionFailure("llm-b", "v1", "boom", permanent=True, at=T0, source=other)]
@@ -1036,6 +1090,48 @@ def test_an_accepted_version_whose_pool_was_deleted_fails_at_once() -> None:
     assert accepted.phase is Phase.PENDING and cond(accepted, "Accepted") is ConditionStatus.TRUE
     st = orphan_status(wv("v1", status=accepted), "ml", T0 + timedelta(seconds=9))
     assert st is not None and st.phase is Phase.FAILED and "deleted" in st.message
+
+
+# ---- a WeightVersion whose pool's template is invalid ---------------------------------------------------
+
+
+def test_a_version_of_a_pool_with_an_invalid_template_ends_at_its_timeout() -> None:
+    err = "the template has no container named vllm"
+    v = wv("v1", timeout="2m")
+    waiting = invalid_pool_status(v, POOL, err, T0 + timedelta(seconds=1))
+    assert waiting is not None and waiting.phase is Phase.PENDING
+    assert waiting.message == f"InferencePool llm has an invalid template: {err}"
+    v = replace(v, status=waiting)
+    assert invalid_pool_status(v, POOL, err, T0 + timedelta(minutes=2)) is None  # nothing new to write
+    late = invalid_pool_status(v, POOL, err, T0 + timedelta(minutes=2, seconds=1))
+    assert late is not None and late.phase is Phase.FAILED
+    assert (
+        late.message
+        == f"timed out after 2m in phase Pending: InferencePool llm has an invalid template: {err}"
+    )
+    assert late.completion_time == T0 + timedelta(minutes=2, seconds=1)
+    assert condition(late.conditions, "Applied").reason == "InvalidTemplate"  # type: ignore[union-attr]
+    assert condition(late.conditions, "Staged").reason == "InvalidTemplate"  # type: ignore[union-attr]
+    assert invalid_pool_status(replace(v, status=late), POOL, err, T0 + timedelta(hours=1)) is None
+
+
+def test_a_rollout_stuck_on_an_invalid_template_times_out_from_its_start() -> None:
+    v = wv("v1", status=staging_status(MEMBERS), timeout="1m", created=T0 - timedelta(hours=1))
+    assert invalid_pool_status(v, POOL, "bad", T0 + timedelta(seconds=59)) is not None  # the message only
+    st = invalid_pool_status(v, POOL, "bad", T0 + timedelta(seconds=61))
+    assert st is not None and st.phase is Phase.FAILED and "in phase Staging" in st.message
+
+
+def test_invalid_pool_looks_again_at_the_next_deadline() -> None:
+    cfg = PlannerConfig(idle_requeue_s=30.0)
+    versions = [wv("v1", timeout="10m"), wv("v2", timeout="20s"), wv("v0", status=done(1), timeout="1s")]
+    statuses, requeue = invalid_pool(versions, POOL, "bad", T0 + timedelta(seconds=5), cfg)
+    assert sorted(statuses) == ["llm-v1", "llm-v2"]  # a finished one is left alone
+    assert all(st.phase is Phase.PENDING for st in statuses.values())
+    assert requeue == pytest.approx(15.5)  # just past v2's deadline
+    statuses, requeue = invalid_pool(versions, POOL, "bad", T0 + timedelta(seconds=21), cfg)
+    assert statuses["llm-v2"].phase is Phase.FAILED and statuses["llm-v1"].phase is Phase.PENDING
+    assert requeue == 30.0
 
 
 # ---- version history (spec.versionHistoryLimit) --------------------------------------------------------
