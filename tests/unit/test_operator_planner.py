@@ -897,6 +897,24 @@ def test_p2p_strategy_seeds_one_pod_then_followers_catch_up() -> None:
     assert [s.pod for s in of(p2, Stage)] == ["llm-b"]
 
 
+def test_a_follower_whose_update_request_failed_backs_off_and_shows_in_the_message() -> None:
+    first = plan(fleet(two_pods(), [wv("v1", strategy="p2p")])).version_statuses["llm-v1"]
+    done = progress("v1", protocol.UpdateStage.COMPLETE, finished=T0)
+    seed = pod("llm-a", "127.0.0.11", "v1", update=done, staged_=[staged("v1", p2p="10.0.0.1:7000")])
+    pods = [seed, pod("llm-b", "127.0.0.12")]
+    st = first.model_copy(update={"phase": Phase.UPDATING})
+    fails = [ActionFailure("llm-b", "v1", "internal (500): boom", permanent=False, at=T0, attempts=2)]
+    p = plan(fleet(pods, [wv("v1", strategy="p2p", status=st)], now=T0 + timedelta(seconds=1)), fails)
+    assert of(p, StartUpdate) == [] and of(p, Stage) == []
+    msg = p.version_statuses["llm-v1"].message
+    assert msg == (
+        "group updated; 1 follower(s) catching up; "
+        "pod llm-b: internal (500): boom (2 failed attempt(s), retrying in 1s)"
+    )
+    later = plan(fleet(pods, [wv("v1", strategy="p2p", status=st)], now=T0 + timedelta(seconds=2)), fails)
+    assert [u.pod for u in of(later, StartUpdate)] == ["llm-b"]
+
+
 def test_stale_staged_versions_are_dropped_but_not_the_served_one() -> None:
     a = pod("llm-a", "127.0.0.11", "v2", staged_=[staged("v1"), staged("v2"), staged("v0")])
     p = plan(fleet([a], [], current="v2", spec=pool_spec(1)))
