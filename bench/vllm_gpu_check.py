@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -40,11 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "engine"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from vllm_gpu_diag import SHAPES, write_model  # noqa: E402
+from agent_gpu_check import control_get  # noqa: E402
+from vllm_gpu_diag import MAX_TOKENS, SHAPES, prompts, write_model  # noqa: E402
+from vllm_gpu_diag import compare_outputs as compare  # noqa: E402
 
 TOKEN = "vllm-gpu-check"
-MAX_TOKENS = 16
-PROMPT_LENGTHS = (5, 12, 17, 33, 40, 64, 3, 24)
+ANY_VERSION = object()
 
 
 def free_port() -> int:
@@ -66,33 +66,6 @@ def write_tokenizer(model_dir: Path, vocab: int) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", bos_token="t0")
     fast.model_max_length = 4096
     fast.save_pretrained(model_dir)
-
-
-def prompts(vocab: int) -> list[list[int]]:
-    import random
-
-    r = random.Random(1234)
-    return [[r.randrange(2, min(vocab, 30000)) for _ in range(n)] for n in PROMPT_LENGTHS]
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 600.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
-def control_get(sock: Path, path: str) -> dict[str, Any]:
-    conn = UnixHTTPConnection(str(sock))
-    try:
-        conn.request("GET", path)
-        return dict(json.loads(conn.getresponse().read()))
-    finally:
-        conn.close()
 
 
 def proc_tree(root: int) -> set[int]:
@@ -157,7 +130,26 @@ class MemorySampler:
         self._thread.join(5)
 
 
-class Server:
+class _Process:
+    """A child process logging to `self.log`."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+    def stop(self, grace: float = 60) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Server(_Process):
     """One vllm_launcher process (OpenAI server + control socket)."""
 
     def __init__(self, name: str, model: Path, args: argparse.Namespace, util: float) -> None:
@@ -221,20 +213,8 @@ class Server:
         ps = prompts(vocab)
         return {"single": [self.complete(p)[0] for p in ps], "batch": self.complete(ps)}
 
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-class Agent:
+class Agent(_Process):
     def __init__(self, server: Server, base: Path, root: Path, args: argparse.Namespace) -> None:
         self.dir = server.dir
         self.port = free_port()
@@ -266,7 +246,8 @@ class Agent:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
-    def wait_ready(self, version: str, timeout: float) -> dict[str, Any]:
+    def wait_ready(self, version: str | object | None, timeout: float) -> dict[str, Any]:
+        """Until the agent is ready and serves `version` (ANY_VERSION: whatever it serves)."""
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -274,7 +255,8 @@ class Agent:
                 raise RuntimeError(f"agent exited {self.proc.returncode}\n{self.tail()}")
             with contextlib.suppress(OSError):
                 code, last = self.api("GET", "/v1/status")
-                if code == 200 and last.get("ready") and last.get("serving_version") == version:
+                served = last.get("serving_version")
+                if code == 200 and last.get("ready") and version in (ANY_VERSION, served):
                     return dict(last)
             time.sleep(0.2)
         raise TimeoutError(f"agent not ready on {version} in {timeout}s (last status {last})\n{self.tail()}")
@@ -312,32 +294,6 @@ class Agent:
             for p in proc_tree(self.proc.pid) - {self.proc.pid}
             if b"rank_worker" in Path(f"/proc/{p}/cmdline").read_bytes()
         )
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def compare(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
-    first_diff: list[int | None] = []
-    max_lp = 0.0
-    for x, y in zip(a, b, strict=True):
-        d = next((k for k, (s, t) in enumerate(zip(x["tokens"], y["tokens"], strict=True)) if s != t), None)
-        first_diff.append(d)
-        for k in range(d if d is not None else len(x["tokens"])):
-            max_lp = max(max_lp, abs(x["logprobs"][k] - y["logprobs"][k]))
-    return {
-        "equal": all(d is None for d in first_diff) and max_lp == 0.0,
-        "first_diff": first_diff,
-        "max_lp": max_lp,
-    }
 
 
 def compare_outputs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -486,7 +442,7 @@ def main() -> int:
         summary["served_start_seconds"] = round(served.wait_up(900), 1)
         agent = Agent(served, versions[0], root, args)
         try:
-            status = _wait_agent_up(agent)
+            status = agent.wait_ready(ANY_VERSION, 600)
             base_version = status.get("serving_version")
             summary["agent_base_version"] = base_version
             sampler = MemorySampler({"engine": served.proc.pid, "agent": agent.proc.pid})
@@ -596,7 +552,7 @@ def main() -> int:
                     durations=res.get("durations"),
                 )
         finally:
-            agent.stop()
+            agent.stop(grace=30)
     except Exception as e:
         check("no exception", False, error=f"{type(e).__name__}: {e}")
         for s in servers:
@@ -613,20 +569,6 @@ def main() -> int:
         flush=True,
     )
     return 0 if ok else 1
-
-
-def _wait_agent_up(agent: Agent, timeout: float = 600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        if agent.proc.poll() is not None:
-            raise RuntimeError(f"agent exited {agent.proc.returncode}\n{agent.tail()}")
-        with contextlib.suppress(OSError):
-            code, last = agent.api("GET", "/v1/status")
-            if code == 200 and last.get("ready"):
-                return dict(last)
-        time.sleep(0.2)
-    raise TimeoutError(f"agent not ready in {timeout}s (last {last})\n{agent.tail()}")
 
 
 if __name__ == "__main__":

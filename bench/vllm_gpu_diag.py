@@ -170,6 +170,7 @@ def state_digest(worker: Any) -> dict[str, Any]:
     """Every tensor reachable from the model: parameters, buffers and plain tensor attributes of each
     module and of its quant_method / impl helpers (where derived state could hide)."""
     import torch
+    from hotswap_engine import graph_safety
 
     model = worker.model_runner.get_model()
     out: dict[str, Any] = {}
@@ -185,23 +186,9 @@ def state_digest(worker: Any) -> dict[str, Any]:
         for name, v in objs:
             if isinstance(v, torch.Tensor) and not v.is_meta:
                 out[f"<runner>{name}"] = {"kind": "runner", "ptr": v.data_ptr(), "shape": list(v.shape)}
-    for mname, m in model.named_modules():
-        for n, t in m._parameters.items():
-            if t is not None:
-                out[f"{mname}.{n}"] = {"kind": "param", **_tensor_record(t)}
-        for n, t in m._buffers.items():
-            if t is not None:
-                out[f"{mname}.{n}"] = {"kind": "buffer", **_tensor_record(t)}
-        for n, val in vars(m).items():
-            if isinstance(val, torch.Tensor) and n not in m._parameters and n not in m._buffers:
-                out[f"{mname}.<attr>{n}"] = {"kind": "attr", **_tensor_record(val)}
-        for sub in ("quant_method", "impl"):
-            obj = getattr(m, sub, None)
-            if obj is None or isinstance(obj, torch.nn.Module):
-                continue
-            for n, val in vars(obj).items():
-                if isinstance(val, torch.Tensor):
-                    out[f"{mname}.<{sub}>{n}"] = {"kind": sub, **_tensor_record(val)}
+    # the same tensors graph_safety guards across an apply
+    for name, slot in graph_safety.snapshot(model).items():
+        out[name] = {"kind": slot.kind, **_tensor_record(slot.tensor)}
     return out
 
 

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from bodies import GROUP, VERSION, pool_body
 from hotswap_operator.controller import PoolController, Runtime
 from hotswap_operator.kube import Kube
 from hotswap_operator.lease import LeaderElector, LeadershipLost
@@ -21,28 +22,7 @@ from hotswap_testing.waiting import wait_for_async
 from kubernetes import client
 
 pytestmark = pytest.mark.cluster
-GROUP, VERSION = "hotswap.dev", "v1alpha1"
 MERGE = "application/merge-patch+json"
-
-
-def pool_body(replicas: int) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "InferencePool",
-        "metadata": {"name": "chat"},
-        "spec": {
-            "replicas": replicas,
-            "template": {
-                "spec": {
-                    "containers": [{"name": "vllm", "image": "vllm-cpu"}],
-                    "nodeSelector": {"hotswap.dev/test-no-such-node": "true"},
-                }
-            },
-            "model": {"path": "models/base"},
-            "checkpointVolume": {"source": {"hostPath": {"path": "/tmp"}}},
-            "engine": {"device": "cpu"},
-        },
-    }
 
 
 def get(custom: client.CustomObjectsApi, ns: str, plural: str, name: str) -> dict[str, Any]:

@@ -9,70 +9,35 @@ other tests here; a restart is a fresh `PoolController` (it keeps no state of it
 
 from __future__ import annotations
 
-import asyncio
 import io
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from bodies import GROUP, VERSION, pool_body, wv_body
 from hotswap_cli.__main__ import run as hotswap
 from hotswap_cli.commands import Io
 from hotswap_operator.controller import PoolController, Runtime
 from hotswap_operator.kube import Kube
 from hotswap_operator.metrics import OperatorMetrics
+from hotswap_testing.waiting import wait_for_async
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 pytestmark = pytest.mark.cluster
-GROUP, VERSION = "hotswap.dev", "v1alpha1"
 MERGE = "application/merge-patch+json"
-
-
-def pool_body(replicas: int, limit: int | None) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "replicas": replicas,
-        "template": {
-            "spec": {
-                "containers": [{"name": "vllm", "image": "vllm-cpu"}],
-                "nodeSelector": {"hotswap.dev/test-no-such-node": "true"},
-            }
-        },
-        "model": {"path": "models/base"},
-        "checkpointVolume": {"source": {"hostPath": {"path": "/tmp"}}},
-        "engine": {"device": "cpu"},
-    }
-    if limit is not None:
-        spec["versionHistoryLimit"] = limit
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "InferencePool",
-        "metadata": {"name": "chat"},
-        "spec": spec,
-    }
-
-
-def wv_body(version: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "WeightVersion",
-        "metadata": {"name": f"chat-{version}"},
-        "spec": {"poolRef": {"name": "chat"}, "version": version, "source": {"path": f"ckpts/{version}"}},
-    }
 
 
 async def until(
     ctl: Callable[[], PoolController], check: Callable[[], Any], what: str, timeout: float = 30
 ) -> Any:
     """Reconcile look by look until `check()` is truthy; fails with `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def probe() -> Any:
         await ctl().reconcile()
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {value!r}"
-        await asyncio.sleep(0.2)
+        return check()
+
+    return await wait_for_async(probe, timeout, what, interval=0.2)
 
 
 async def test_history_prunes_the_oldest_and_rollback_works_within_it(
@@ -106,7 +71,7 @@ async def test_history_prunes_the_oldest_and_rollback_works_within_it(
         return code, err.getvalue()
 
     # The field's schema: a default (10) and a minimum (0).
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", pool_body(0, None))
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", pool_body(0))
     assert pool()["spec"]["versionHistoryLimit"] == 10
     with pytest.raises(ApiException) as refused:
         custom.patch_namespaced_custom_object(

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bodies import GROUP, VERSION, pool_body, wv_body
 from hotswap_testing.waiting import wait_for
 from kubernetes import client
 
 pytestmark = pytest.mark.cluster
-GROUP, VERSION = "hotswap.dev", "v1alpha1"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -107,35 +107,6 @@ def operators(
         op.stop()
     for op in started:
         print(f"----- {op.log.name}\n{op.log.read_text()[-4000:]}")
-
-
-def pool_body() -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "InferencePool",
-        "metadata": {"name": "chat"},
-        "spec": {
-            "replicas": 1,
-            "template": {
-                "spec": {
-                    "containers": [{"name": "vllm", "image": "vllm-cpu"}],
-                    "nodeSelector": {"hotswap.dev/test-no-such-node": "true"},
-                }
-            },
-            "model": {"path": "models/base"},
-            "checkpointVolume": {"source": {"hostPath": {"path": "/tmp"}}},
-            "engine": {"device": "cpu"},
-        },
-    }
-
-
-def wv_body(version: str, pool: str = "chat") -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "WeightVersion",
-        "metadata": {"name": f"{pool}-{version}"},
-        "spec": {"poolRef": {"name": pool}, "version": version, "source": {"path": f"ckpts/{version}"}},
-    }
 
 
 def condition(obj: dict[str, Any], type_: str) -> tuple[str, str] | None:

@@ -202,7 +202,8 @@ class Group:
         # torch owns (and closes) the descriptor it adopts, also when the store fails: it gets a
         # duplicate, the socket object here keeps its own (closed by `abort`).
         fd = os.dup(sock.fileno())
-        try:
+
+        def store(listen_fd: int | None = None) -> dist.TCPStore:
             return dist.TCPStore(
                 spec.master_addr,
                 spec.master_port,
@@ -210,8 +211,11 @@ class Group:
                 is_master=True,
                 timeout=delta,
                 wait_for_workers=False,
-                master_listen_fd=fd,
+                master_listen_fd=listen_fd,
             )
+
+        try:
+            return store(fd)
         except (TypeError, RuntimeError, ValueError) as e:
             refused = e
         _close_if_same_socket(fd, sock)
@@ -224,14 +228,7 @@ class Group:
         sock.close()
         self._listen = None
         try:
-            return dist.TCPStore(
-                spec.master_addr,
-                spec.master_port,
-                spec.world_size,
-                is_master=True,
-                timeout=delta,
-                wait_for_workers=False,
-            )
+            return store()
         except (RuntimeError, ValueError) as e:
             raise GroupError(
                 f"cannot host the store on {spec.master_addr}:{spec.master_port}: {e} "
