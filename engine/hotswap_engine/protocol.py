@@ -14,7 +14,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_PREFIX = "/v1"
+# Defaults both sides share (the CRD's `spec.engine` and the agent's settings take them from here).
 DEFAULT_MEMORY_BUDGET_BYTES = 2 << 30  # extra GPU memory an update may take per GPU
+DEFAULT_AGENT_PORT = 8600  # the agent's HTTP API
 
 # A version is a label value on pods (hotswap.dev/weight-version), so it follows label-value rules.
 VersionName = Annotated[

@@ -6,62 +6,30 @@ A replica that loses the Lease stops its handlers and exits with status 1; its D
 as a follower. Liveness: kopf's endpoint (`--liveness`, e.g. http://0.0.0.0:8080/healthz) answers
 while the operator runs. Metrics: Prometheus text on `--metrics` (host:port).
 
-Every address is given explicitly (flags or environment); nothing is autodetected.
+Settings: `hotswap_operator.settings` (flags and `HOTSWAP_OPERATOR_*`; table in docs/settings.md).
+Every address is given explicitly; nothing is autodetected.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
-import socket
 import sys
 
 import kopf
 from kubernetes import client, config
 from prometheus_client import start_http_server
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from hotswap_operator import handlers
 from hotswap_operator.controller import Runtime
 from hotswap_operator.kube import Kube
 from hotswap_operator.lease import LeaderElector, LeadershipLost
 from hotswap_operator.metrics import OperatorMetrics
-from hotswap_operator.planner import PlannerConfig
-from hotswap_operator.workload import GPU_SHARING_MODES
+from hotswap_operator.settings import OperatorSettings, describe, load
 
 log = logging.getLogger("hotswap_operator")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hotswap_operator", description=__doc__)
-    p.add_argument("--namespace", action="append", default=[], help="watch only these (default: all)")
-    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default: in-cluster config")
-    p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
-    p.add_argument("--lease-name", default="hotswap-operator")
-    p.add_argument("--lease-duration", type=int, default=15, help="seconds")
-    p.add_argument(
-        "--identity", default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-    )
-    p.add_argument(
-        "--liveness", default=None, help="kopf liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz"
-    )
-    p.add_argument("--metrics", default=None, help="host:port for Prometheus metrics")
-    p.add_argument(
-        "--p2p-catch-up",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="new pods read the current version from peers (Mooncake) instead of storage",
-    )
-    p.add_argument("--agent-timeout", type=float, default=5.0)
-    p.add_argument(
-        "--gpu-sharing",
-        choices=GPU_SHARING_MODES,
-        default=os.environ.get("HOTSWAP_ENGINE_GPU_SHARING") or "none",
-        help="how the injected engine container sees the inference container's GPUs",
-    )
-    p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
 
 
 def api_client(kubeconfig: str | None) -> client.ApiClient:
@@ -71,32 +39,25 @@ def api_client(kubeconfig: str | None) -> client.ApiClient:
     return client.ApiClient()
 
 
-async def run(args: argparse.Namespace) -> int:
-    kube = Kube(api_client(args.kubeconfig))
+async def run(settings: OperatorSettings) -> int:
+    kube = Kube(api_client(settings.kubeconfig))
     metrics = OperatorMetrics()
-    if args.metrics:
-        host, _, port = args.metrics.rpartition(":")
+    if settings.metrics:
+        host, _, port = settings.metrics.rpartition(":")
         start_http_server(int(port), addr=host, registry=metrics.registry)
-    elector = LeaderElector(kube, args.lease_namespace, args.lease_name, args.identity, args.lease_duration)
-    log.info("%s: waiting for lease %s/%s", args.identity, args.lease_namespace, args.lease_name)
+    s = settings
+    elector = LeaderElector(kube, s.lease_namespace, s.lease_name, s.identity, s.lease_duration)
+    log.info("%s: waiting for lease %s/%s", s.identity, s.lease_namespace, s.lease_name)
     await elector.acquire()
-    log.info("%s: leading", args.identity)
-    handlers.configure(
-        Runtime(
-            kube=kube,
-            metrics=metrics,
-            config=PlannerConfig(p2p_catch_up=args.p2p_catch_up),
-            agent_timeout_s=args.agent_timeout,
-            gpu_sharing=args.gpu_sharing,
-        )
-    )
+    log.info("%s: leading", s.identity)
+    handlers.configure(Runtime(kube=kube, metrics=metrics, settings=settings))
     stop: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     operator = asyncio.create_task(
         kopf.operator(
             standalone=True,  # no kopf peering: the Lease already guarantees a single active replica
-            clusterwide=not args.namespace,
-            namespaces=list(args.namespace),
-            liveness_endpoint=args.liveness,
+            clusterwide=not settings.namespace,
+            namespaces=list(settings.namespace),
+            liveness_endpoint=settings.liveness,
             stop_flag=stop,
         )
     )
@@ -114,12 +75,15 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    try:
+        settings = load(argv)
+    except (ValidationError, SettingsError) as e:
+        sys.exit(f"python -m hotswap_operator: invalid settings: {describe(e)}")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if settings.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    sys.exit(asyncio.run(run(args)))
+    sys.exit(asyncio.run(run(settings)))
 
 
 if __name__ == "__main__":

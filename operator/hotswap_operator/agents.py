@@ -62,18 +62,20 @@ class AgentNotFound(AgentError):
 
 
 class AgentClient:
-    """One client per pool (one token); pods are addressed per call by their endpoint."""
+    """One client per pool (one token); pods are addressed per call by their endpoint. The timeouts
+    come from the operator's settings (`agent_timeout`, `stage_timeout`)."""
 
     def __init__(
         self,
         token: str,
         *,
-        timeout_s: float = 10.0,
-        stage_timeout_s: float = 600.0,
+        timeout_s: float,
+        stage_timeout_s: float,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._stage_timeout_s = stage_timeout_s
         self._stage_timeout = aiohttp.ClientTimeout(total=stage_timeout_s)
         self._session = session
         self._own_session = session is None
@@ -149,7 +151,7 @@ class AgentClient:
         return await self._poll_staged(endpoint, req)
 
     async def _poll_staged(self, endpoint: str, req: protocol.StageRequest) -> protocol.StagedVersion:
-        deadline = asyncio.get_running_loop().time() + (self._stage_timeout.total or 600.0)
+        deadline = asyncio.get_running_loop().time() + self._stage_timeout_s
         while asyncio.get_running_loop().time() < deadline:
             st = await self.status(endpoint)
             for s in st.staged:

@@ -26,7 +26,7 @@ import json
 import logging
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,8 +36,9 @@ from hotswap_operator import planner, snapshot
 from hotswap_operator.agents import AgentClient, AgentClientError, AgentConflict, AgentNotFound
 from hotswap_operator.kube import Kube, api_status
 from hotswap_operator.metrics import OperatorMetrics
-from hotswap_operator.planner import ActionFailure, Plan, PlannerConfig
+from hotswap_operator.planner import ActionFailure, Plan
 from hotswap_operator.resources import POOL_LABEL, READINESS_GATE, VERSION_LABEL, InferencePool
+from hotswap_operator.settings import OperatorSettings
 from hotswap_operator.workload import (
     TOKEN_KEY,
     WorkloadError,
@@ -54,12 +55,11 @@ COMPONENT = "hotswap-operator"
 
 @dataclass
 class Runtime:
+    """What every pool loop shares: the clients and the operator's settings."""
+
     kube: Kube
     metrics: OperatorMetrics
-    config: PlannerConfig = field(default_factory=PlannerConfig)
-    agent_timeout_s: float = 5.0
-    stage_timeout_s: float = 900.0
-    gpu_sharing: str = "none"  # workload.GPU_SHARING_MODES
+    settings: OperatorSettings
 
 
 def spec_hash(obj: Obj) -> str:
@@ -114,7 +114,9 @@ class PoolController:
         client = await self._agent_client(uid)
         parsed = InferencePool.model_validate(pool)
         try:
-            desired = build_deployment(parsed.spec, self.name, self.namespace, uid, self.rt.gpu_sharing)
+            desired = build_deployment(
+                parsed.spec, self.name, self.namespace, uid, self.rt.settings.gpu_sharing
+            )
         except WorkloadError as e:
             await self._degraded(pool, "InvalidTemplate", str(e))
             return await self._invalid_template(str(e))
@@ -126,7 +128,7 @@ class PoolController:
         fleet = snapshot.fleet(pool, pods, agents, versions, datetime.now(UTC))
         live = {p.name for p in fleet.pods}
         self._failures = {k: f for k, f in self._failures.items() if k[0] in live}
-        plan = planner.plan(fleet, tuple(self._failures.values()), self.rt.config)
+        plan = planner.plan(fleet, tuple(self._failures.values()), self.rt.settings)
 
         # The pool first: if the operator dies between the two writes, a version that completed is
         # already current, and the next plan completes its WeightVersion again (idempotent). The
@@ -158,8 +160,9 @@ class PoolController:
         if self._client is None or token != self._token:
             if self._client is not None:
                 await self._client.close()
+            settings = self.rt.settings
             self._client = AgentClient(
-                token, timeout_s=self.rt.agent_timeout_s, stage_timeout_s=self.rt.stage_timeout_s
+                token, timeout_s=settings.agent_timeout, stage_timeout_s=settings.stage_timeout
             )
             self._token = token
         return self._client
@@ -198,7 +201,7 @@ class PoolController:
         """End the pool's WeightVersions at their timeout while its template is invalid (no plan runs)."""
         objects = await self.rt.kube.list_weight_versions(self.namespace)
         statuses, requeue = planner.invalid_pool(
-            snapshot.versions_of(self.name, objects), self.name, error, datetime.now(UTC), self.rt.config
+            snapshot.versions_of(self.name, objects), self.name, error, datetime.now(UTC), self.rt.settings
         )
         for wv_name, status in statuses.items():
             body = status.model_dump(mode="json", by_alias=True)

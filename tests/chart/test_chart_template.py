@@ -6,6 +6,8 @@ install/upgrade/uninstall round trip against the local cluster is in test_chart_
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +16,9 @@ from typing import Any
 import pytest
 import yaml
 from helmtool import CHART, REPO, by_kind, helm, load_yaml, one, render, set_args
-from hotswap_operator.__main__ import parse_args
+from hotswap_operator.settings import ENV_PREFIX, OperatorSettings, load
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 Obj = dict[str, Any]
 
@@ -132,57 +136,156 @@ def container_args(docs: list[Obj]) -> list[str]:
     return args
 
 
-def expand(args: list[str], env: dict[str, str]) -> list[str]:
-    return [re.sub(r"\$\(([A-Z_]+)\)", lambda m: env[m.group(1)], a) for a in args]
+# What the kubelet expands the $(VAR)s of the operator container with (the downward API).
+DOWNWARD = {"POD_NAME": "hs-hotswap-abc", "POD_NAMESPACE": "hotswap-system", "POD_IP": "10.1.2.3"}
 
 
-def test_operator_accepts_the_rendered_arguments() -> None:
-    """The chart's flags are the operator's (argparse exits on an unknown flag at start-up)."""
-    env = {"POD_NAME": "hs-hotswap-abc", "POD_NAMESPACE": "hotswap-system", "POD_IP": "10.1.2.3"}
-    docs = render(
-        *set_args(
-            {
-                "watchNamespaces": '["team-a","team-b"]',
-                "logLevel": "debug",
-                "operator.p2pCatchUp": "false",
-                "listenAddress": "$(POD_IP)",
-                "leaderElection.leaseDurationSeconds": "30",
-            }
-        )
-    )
-    ns = parse_args(expand(container_args(docs), env))
-    assert ns.namespace == ["team-a", "team-b"]
-    assert (ns.lease_namespace, ns.lease_name, ns.lease_duration) == ("hotswap-system", "hs-hotswap", 30)
-    assert ns.identity == "hs-hotswap-abc"
-    assert ns.liveness == "http://10.1.2.3:8080/healthz" and ns.metrics == "10.1.2.3:9090"
-    assert not ns.p2p_catch_up and ns.verbose and ns.agent_timeout == 5.0
-    ns = parse_args(expand(container_args(render(*set_args({"metrics.enabled": "false"}))), env))
-    # peer-to-peer catch-up is on by default
-    assert ns.namespace == [] and ns.metrics is None and not ns.verbose and ns.p2p_catch_up
-    assert by_kind(render(*set_args({"metrics.enabled": "false"})), "Service") == []
+def expand(text: str) -> str:
+    return re.sub(r"\$\(([A-Z_]+)\)", lambda m: DOWNWARD[m.group(1)], text)
 
 
-def test_command_and_extra_settings_are_overridable() -> None:
+def operator_settings(docs: list[Obj], monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
+    """The rendered operator container's flags and environment, read by the operator's settings
+    class (an unknown flag or an invalid value fails here as it would at start-up)."""
+    c = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]  # whatever its name
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    for var in c["env"]:
+        if var["name"].startswith(ENV_PREFIX):
+            monkeypatch.setenv(var["name"], expand(var["value"]))
+    return load([expand(a) for a in c["args"]])
+
+
+def chart_values(field: str) -> list[str]:
+    """The chart values a setting declares (`chart` in its Field's extra)."""
+    extra = OperatorSettings.model_fields[field].json_schema_extra
+    return list(extra["chart"]) if isinstance(extra, dict) else []  # type: ignore[arg-type]
+
+
+def leaves(values: Obj, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        out |= leaves(value, f"{path}.") if isinstance(value, dict) and value else {path}
+    return out
+
+
+# Chart values that shape Kubernetes objects (the Deployment, RBAC, CRDs), not the operator's settings;
+# a value under one of these prefixes needs no setting.
+NOT_SETTINGS = (
+    "image",
+    "imagePullSecrets",
+    "replicaCount",
+    "command",
+    "extraArgs",  # passed through: see test_extra_args_and_env_reach_the_settings
+    "extraEnv",
+    "liveness.startupSeconds",
+    "metrics.service",
+    "crds",
+    "rbac",
+    "serviceAccount",
+    "resources",
+    "runAsUser",
+    "podAnnotations",
+    "podLabels",
+    "priorityClassName",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+)
+
+# Every value that maps onto a setting, set to something other than its default ...
+EVERY_VALUE = {
+    "watchNamespaces": '["team-a","team-b"]',
+    "fullnameOverride": "op",
+    "leaderElection.leaseDurationSeconds": "30",
+    "listenAddress": "$(POD_IP)",
+    "liveness.port": "8081",
+    "metrics.enabled": "true",
+    "metrics.port": "9191",
+    "logLevel": "debug",
+    "operator.p2pCatchUp": "false",
+    "operator.agentTimeoutSeconds": "9",
+    "operator.stageTimeoutSeconds": "60",
+    "engine.gpuSharing.mode": "dra",
+}
+# ... and the settings the operator then runs with; then the cases EVERY_VALUE cannot show at once.
+CASES: list[tuple[dict[str, str], dict[str, object]]] = [
+    (
+        EVERY_VALUE,
+        {
+            "namespace": ["team-a", "team-b"],
+            "lease_name": "op",
+            "lease_duration": 30,
+            "liveness": "http://10.1.2.3:8081/healthz",
+            "metrics": "10.1.2.3:9191",
+            "verbose": True,
+            "p2p_catch_up": False,
+            "agent_timeout": 9.0,
+            "stage_timeout": 60.0,
+            "gpu_sharing": "dra",
+        },
+    ),
+    ({"metrics.enabled": "false", "nameOverride": "x"}, {"metrics": None, "lease_name": "hs-x"}),
+]
+
+
+def test_every_chart_value_reaches_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chart value is either a Kubernetes-object value or declared by a setting, each declared
+    value is exercised, and rendering with it gives the operator that setting."""
+    declared = {v: f for f in OperatorSettings.model_fields for v in chart_values(f)}
+    values = leaves(load_yaml(CHART / "values.yaml"))
+    unmapped = {v for v in values if not any(v == p or v.startswith(f"{p}.") for p in NOT_SETTINGS)}
+    assert unmapped == set(declared), "a chart value nothing reads, or a setting naming no chart value"
+    for field in {declared[v] for v in declared}:
+        exercised = set().union(*(set(given) for given, expect in CASES if field in expect))
+        assert set(chart_values(field)) <= exercised, f"{field}: a chart value no case sets"
+    for given, expect in CASES:
+        settings = operator_settings(render(*set_args(given)), monkeypatch)
+        assert {f: getattr(settings, f) for f in expect} == expect, given
+
+
+def test_chart_defaults_are_the_operators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the chart's defaults the operator runs with its own defaults, except where the chart has a
+    reason (its names, its probes, the pod's identity)."""
+    settings = operator_settings(render(), monkeypatch)
+    chart_specific = {
+        "lease_name": "hs-hotswap",
+        "lease_namespace": "hotswap-system",
+        "identity": "hs-hotswap-abc",
+        "liveness": "http://0.0.0.0:8080/healthz",
+        "metrics": "0.0.0.0:9090",
+    }
+    for field, info in OperatorSettings.model_fields.items():
+        default = chart_specific.get(field, info.get_default(call_default_factory=True))
+        assert getattr(settings, field) == default, field
+
+
+def test_extra_args_and_env_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings without a chart value of their own go through extraArgs or extraEnv."""
     docs = render(
         *set_args(
             {
                 "command": '["/venv/bin/python","-m","hotswap_operator"]',
-                "extraArgs": '["--agent-timeout=9"]',
-                "extraEnv": '[{"name":"X","value":"1"}]',
-                "engine.gpuSharing.mode": "dra",
+                "extraArgs": '["--idle-requeue=7"]',
+                "extraEnv": json.dumps(
+                    [{"name": f"{ENV_PREFIX}RETRY_BACKOFF", "value": "3"}, {"name": "X", "value": "1"}]
+                ),
             }
         )
     )
     c = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["/venv/bin/python", "-m", "hotswap_operator"]
-    assert c["args"][-1] == "--agent-timeout=9"
-    env = {e["name"]: e for e in c["env"]}
-    assert env["X"]["value"] == "1"
-    assert (
-        env["HOTSWAP_ENGINE_GPU_SHARING"]["value"] == "dra"
-        and env["HOTSWAP_ENGINE_GPU_CLAIM"]["value"] == "gpus"
-    )
-    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert {e["name"]: e.get("value") for e in c["env"]}["X"] == "1"
+    settings = operator_settings(docs, monkeypatch)
+    assert (settings.idle_requeue, settings.retry_backoff) == (7.0, 3.0)
+
+
+def test_invalid_settings_fail_like_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError, match="unrecognized arguments: --nonsense"):
+        operator_settings(render(*set_args({"extraArgs": '["--nonsense=1"]'})), monkeypatch)
+    with pytest.raises(ValidationError, match="agent_timeout"):
+        operator_settings(render(*set_args({"extraArgs": '["--agent-timeout=-1"]'})), monkeypatch)
 
 
 def rbac(docs: list[Obj]) -> dict[tuple[str, str, str], Obj]:

@@ -18,6 +18,7 @@ from hotswap_operator.controller import PoolController, Runtime
 from hotswap_operator.kube import Kube
 from hotswap_operator.lease import LeaderElector, LeadershipLost
 from hotswap_operator.metrics import OperatorMetrics
+from hotswap_operator.settings import OperatorSettings
 from hotswap_testing.waiting import wait_for_async
 from kubernetes import client
 
@@ -41,7 +42,11 @@ async def test_pool_owns_its_workload_and_reports_status(
     apps = client.AppsV1Api(kube_api)
     core = client.CoreV1Api(kube_api)
     pool = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", pool_body(0))
-    ctl = PoolController(Runtime(kube=Kube(kube_api), metrics=OperatorMetrics()), namespace, "chat")
+    ctl = PoolController(
+        Runtime(kube=Kube(kube_api), metrics=OperatorMetrics(), settings=OperatorSettings()),
+        namespace,
+        "chat",
+    )
     try:
         await ctl.reconcile()
         dep = apps.read_namespaced_deployment("chat", namespace)
@@ -139,7 +144,11 @@ async def test_versions_created_within_a_second_end_on_the_last_created(
 ) -> None:
     custom = client.CustomObjectsApi(kube_api)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "inferencepools", pool_body(0))
-    ctl = PoolController(Runtime(kube=Kube(kube_api), metrics=OperatorMetrics()), namespace, "chat")
+    ctl = PoolController(
+        Runtime(kube=Kube(kube_api), metrics=OperatorMetrics(), settings=OperatorSettings()),
+        namespace,
+        "chat",
+    )
     # A trainer publishing quickly: r1..r12 (r10 < r9 as strings), most within the same second.
     names = [f"r{i}" for i in range(1, 13)]
     for version in names:
@@ -180,7 +189,11 @@ async def test_versions_of_a_pool_with_an_invalid_template_end_at_their_timeout(
         },
     }
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "weightversions", wv)
-    ctl = PoolController(Runtime(kube=Kube(kube_api), metrics=OperatorMetrics()), namespace, "chat")
+    ctl = PoolController(
+        Runtime(kube=Kube(kube_api), metrics=OperatorMetrics(), settings=OperatorSettings()),
+        namespace,
+        "chat",
+    )
 
     async def failed() -> dict[str, Any] | None:
         await ctl.reconcile()

@@ -20,6 +20,7 @@ from hotswap_cli.commands import Io
 from hotswap_operator.controller import PoolController, Runtime
 from hotswap_operator.kube import Kube
 from hotswap_operator.metrics import OperatorMetrics
+from hotswap_operator.settings import OperatorSettings
 from hotswap_testing.waiting import wait_for_async
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -82,7 +83,11 @@ async def test_history_prunes_the_oldest_and_rollback_works_within_it(
         GROUP, VERSION, namespace, "inferencepools", "chat", {"spec": {"versionHistoryLimit": 2}}
     )
 
-    controllers = [PoolController(Runtime(kube=kube, metrics=OperatorMetrics()), namespace, "chat")]
+    controllers = [
+        PoolController(
+            Runtime(kube=kube, metrics=OperatorMetrics(), settings=OperatorSettings()), namespace, "chat"
+        )
+    ]
     current = lambda: controllers[-1]  # noqa: E731
     try:
         # v1..v4 complete one after the other (an empty pool takes each at once); the limit keeps two
@@ -137,7 +142,11 @@ async def test_history_prunes_the_oldest_and_rollback_works_within_it(
         custom.patch_namespaced_custom_object(
             GROUP, VERSION, namespace, "inferencepools", "chat", {"spec": {"versionHistoryLimit": 0}}
         )
-        controllers.append(PoolController(Runtime(kube=kube, metrics=OperatorMetrics()), namespace, "chat"))
+        controllers.append(
+            PoolController(
+                Runtime(kube=kube, metrics=OperatorMetrics(), settings=OperatorSettings()), namespace, "chat"
+            )
+        )
         await until(current, lambda: versions() == {"v3-rollback-1": "Complete", "v5": "Pending"}, "limit 0")
         assert pool()["status"]["currentVersion"] == "v3-rollback-1"
 
@@ -149,7 +158,11 @@ async def test_history_prunes_the_oldest_and_rollback_works_within_it(
             in events
         )
         await controllers[-1].close()
-        controllers.append(PoolController(Runtime(kube=kube, metrics=OperatorMetrics()), namespace, "chat"))
+        controllers.append(
+            PoolController(
+                Runtime(kube=kube, metrics=OperatorMetrics(), settings=OperatorSettings()), namespace, "chat"
+            )
+        )
         for _ in range(3):
             await current().reconcile()
         assert versions() == {"v3-rollback-1": "Complete", "v5": "Pending"}

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from hotswap_engine import protocol, staging
 from hotswap_engine.agent.api import build_app
-from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.agent.errors import BadRequest
 from hotswap_engine.agent.service import AgentService, as_api_error
+from hotswap_engine.agent.settings import AgentSettings
 from hotswap_operator.agents import (
     AgentClient,
     AgentConflict,
@@ -31,6 +31,12 @@ from hotswap_operator.agents import (
 from hotswap_testing.checkpoints import random_filler, save_file
 
 TOKEN = "t0ken-for-tests"
+
+
+def agent_client(token: str = TOKEN, timeout_s: float = 10.0) -> AgentClient:
+    return AgentClient(token, timeout_s=timeout_s, stage_timeout_s=60.0)
+
+
 DEFS = [("a.weight", "F32", (16, 8)), ("b.weight", "F32", (8,)), ("c.weight", "BF16", (4, 4))]
 
 
@@ -40,7 +46,7 @@ class StorageOnlyRunner:
     p2p_endpoint: str | None = None
     must_exit = False
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentSettings) -> None:
         self.cfg = cfg
         self.expected = [loc.spec for loc in staging.read_index(cfg.base_checkpoint)]
         self.updates_started = asyncio.Event()
@@ -50,7 +56,7 @@ class StorageOnlyRunner:
         return staging.stage(
             source.path,
             part,
-            self.cfg.allowed_roots,
+            self.cfg.allowed_root,
             self.expected,
             manifest=source.sha256_manifest,
             pinned=False,
@@ -91,13 +97,13 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 async def agent(root: Path) -> AsyncIterator[tuple[str, StorageOnlyRunner]]:
     port = free_port()
-    cfg = AgentConfig(
+    cfg = AgentSettings(
         pod_name="pod-a",
         host="127.0.0.1",
         port=port,
         token=TOKEN,
         base_checkpoint=root / "base.safetensors",
-        allowed_roots=(root,),
+        allowed_root=[root],
         control_socket=root / "control.sock",
         handoff_endpoint="tcp://127.0.0.1:1",
     )
@@ -120,7 +126,7 @@ def src(root: Path, name: str) -> protocol.Source:
 
 async def test_status_stage_idempotent_and_drop(agent: tuple[str, StorageOnlyRunner], root: Path) -> None:
     url, _ = agent
-    async with AgentClient(TOKEN) as c:
+    async with agent_client() as c:
         st = await c.status(url)
         assert (st.pod, st.serving_version, st.ready, st.staged) == ("pod-a", None, True, ())
         part = protocol.PartSpec(index=1, count=2)
@@ -141,7 +147,7 @@ async def test_status_stage_idempotent_and_drop(agent: tuple[str, StorageOnlyRun
 
 async def test_refusals_carry_the_agents_message(agent: tuple[str, StorageOnlyRunner], root: Path) -> None:
     url, _ = agent
-    async with AgentClient(TOKEN) as c:
+    async with agent_client() as c:
         with pytest.raises(AgentError) as e:
             await c.stage(url, protocol.StageRequest(version="v9", source=src(root, "wrong.safetensors")))
         assert e.value.code == "checkpoint_mismatch" and e.value.permanent
@@ -154,7 +160,7 @@ async def test_refusals_carry_the_agents_message(agent: tuple[str, StorageOnlyRu
         # a missing checkpoint fails the WeightVersion (the controller treats a 404 on stage as final)
         with pytest.raises(AgentNotFound, match="does not exist"):
             await c.stage(url, protocol.StageRequest(version="v9", source=src(root, "missing.safetensors")))
-    async with AgentClient("wrong-token") as bad:
+    async with agent_client("wrong-token") as bad:
         with pytest.raises(AgentError) as e:
             await bad.status(url)
         assert (e.value.status, e.value.code) == (401, "unauthorized")
@@ -175,7 +181,7 @@ async def test_update_lifecycle_conflict_and_failure(
     agent: tuple[str, StorageOnlyRunner], root: Path
 ) -> None:
     url, runner = agent
-    async with AgentClient(TOKEN) as c:
+    async with agent_client() as c:
         with pytest.raises(AgentNotFound, match="not staged here"):
             await c.start_update(url, broadcast_alone("v2"))
         await c.stage(url, protocol.StageRequest(version="v2", source=src(root, "v2.safetensors")))
@@ -201,7 +207,7 @@ async def test_update_lifecycle_conflict_and_failure(
 
 
 async def test_unreachable_and_silent_agents() -> None:
-    async with AgentClient(TOKEN, timeout_s=0.5) as c:
+    async with agent_client(timeout_s=0.5) as c:
         with pytest.raises(AgentUnreachable):
             await c.status(f"http://127.0.0.1:{free_port()}")
         assert not await c.healthz(f"http://127.0.0.1:{free_port()}")
@@ -232,7 +238,7 @@ async def test_control_characters_in_a_path_are_bad_requests(
     for path in (f"{root}/v2\x00.safetensors", f"{root}/v2\n.safetensors"):
         unchecked = protocol.Source.model_construct(path=path, sha256_manifest=None)
         req = protocol.StageRequest.model_construct(version="v2", source=unchecked, part=None)
-        async with AgentClient(TOKEN) as c:
+        async with agent_client() as c:
             with pytest.raises(AgentError, match=r"source\.path") as e:
                 await c.stage(url, req)
         assert (e.value.status, e.value.code, e.value.permanent) == (422, "bad_request", True)
@@ -255,7 +261,7 @@ async def test_unexpected_stage_error_is_internal_and_transient(
 
     monkeypatch.setattr(runner, "stage", broken)
     req = protocol.StageRequest(version="v2", source=src(root, "v2.safetensors"))
-    async with AgentClient(TOKEN) as c:
+    async with agent_client() as c:
         with pytest.raises(AgentError, match="Input/output error") as e:
             await c.stage(url, req)
     assert (e.value.status, e.value.code, e.value.permanent) == (500, "internal", False)
@@ -266,7 +272,7 @@ async def test_staging_a_version_again_from_another_source_replaces_it(
 ) -> None:
     url, _ = agent
     save_file(root / "v2b.safetensors", DEFS, random_filler(4))
-    async with AgentClient(TOKEN) as c:
+    async with agent_client() as c:
         await c.stage(url, protocol.StageRequest(version="v2", source=src(root, "v2.safetensors")))
         again = protocol.StageRequest(version="v2", source=src(root, "v2b.safetensors"))
         got = await c.stage(url, again)

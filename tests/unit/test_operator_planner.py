@@ -240,7 +240,7 @@ def test_empty_pool_reports_selector_and_not_available() -> None:
 def test_converged_pool_does_nothing_and_looks_again_later() -> None:
     p = plan(fleet(two_pods()))
     assert p.actions == ()
-    assert p.requeue_after == PlannerConfig().idle_requeue_s
+    assert p.requeue_after == PlannerConfig().idle_requeue
     st = p.pool_status
     assert (st.replicas, st.ready_replicas, st.updated_replicas) == (2, 2, 2)
     assert st.current_version is None and st.target_version is None
@@ -253,7 +253,7 @@ def test_new_pod_gets_its_gate_and_label() -> None:
     p = plan(fleet([fresh], spec=pool_spec(1)))
     (sync,) = of(p, SyncPod)
     assert sync == SyncPod("llm-a", "base", True, "ServingCurrentVersion", "serves base")
-    assert p.requeue_after == PlannerConfig().active_requeue_s
+    assert p.requeue_after == PlannerConfig().active_requeue
 
 
 def test_unreachable_agent_leaves_pod_alone() -> None:
@@ -535,7 +535,7 @@ SOURCE_V1 = protocol.Source(path="/ckpt/ckpts/v1")
 
 
 def test_backoff_is_exponential_and_capped() -> None:
-    cfg = PlannerConfig(action_backoff_base_s=1.0, action_backoff_max_s=60.0)
+    cfg = PlannerConfig(action_backoff_base=1.0, action_backoff_max=60.0)
     assert [backoff_s(n, cfg) for n in (1, 2, 3, 4, 7, 8, 30)] == [1, 2, 4, 8, 60, 60, 60]
 
 
@@ -1141,7 +1141,7 @@ def test_a_rollout_stuck_on_an_invalid_template_times_out_from_its_start() -> No
 
 
 def test_invalid_pool_looks_again_at_the_next_deadline() -> None:
-    cfg = PlannerConfig(idle_requeue_s=30.0)
+    cfg = PlannerConfig(idle_requeue=30.0)
     versions = [wv("v1", timeout="10m"), wv("v2", timeout="20s"), wv("v0", status=done(1), timeout="1s")]
     statuses, requeue = invalid_pool(versions, POOL, "bad", T0 + timedelta(seconds=5), cfg)
     assert sorted(statuses) == ["llm-v1", "llm-v2"]  # a finished one is left alone

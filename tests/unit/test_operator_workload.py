@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import re
 from typing import Any
 
 import pytest
@@ -199,26 +201,64 @@ def test_token_secret() -> None:
     assert base64.b64decode(sec["data"]["token"]) == b"s3cret"
 
 
-def test_engine_args_parse_with_the_agents_own_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The injected command line and the agent's CLI cannot drift apart unnoticed."""
-    from hotswap_engine.agent.config import parse_args
+# Agent settings the operator leaves to the agent's defaults, and why.
+NOT_WRITTEN = {
+    "token_file": "the token comes from the pool's Secret as HOTSWAP_AGENT_TOKEN",
+    "advertise_address": "defaults to --host, the pod IP",
+}
 
-    e = containers(build_deployment(spec(), "chat", "ml", UID))[ENGINE_CONTAINER]
-    env = {"POD_NAME": "chat-abc", "POD_IP": "127.0.0.21"}  # what the kubelet expands $(VAR) with
-    argv = [a.replace("$(POD_NAME)", env["POD_NAME"]).replace("$(POD_IP)", env["POD_IP"]) for a in e["args"]]
-    monkeypatch.setenv("HOTSWAP_AGENT_TOKEN", "t")
-    cfg = parse_args(argv)
+
+def agent_settings(engine: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, set[str]]:
+    """The engine container's command line and environment, as the agent reads them, and the
+    settings the operator wrote (by field name)."""
+    from hotswap_engine.agent.settings import ENV_PREFIX, load
+
+    downward = {"POD_NAME": "chat-abc", "POD_IP": "127.0.0.21"}  # what the kubelet expands $(VAR) with
+    argv = [re.sub(r"\$\(([A-Z_]+)\)", lambda m: downward[m.group(1)], a) for a in engine["args"]]
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    written = set()
+    for var in engine["env"]:
+        if var["name"].startswith(ENV_PREFIX):
+            # a secretKeyRef (the token) resolves to some value; a plain value is taken as it is
+            monkeypatch.setenv(var["name"], var.get("value", "secret-from-the-pool"))
+            written.add(var["name"].removeprefix(ENV_PREFIX).lower())
+    for arg in argv:
+        assert arg.startswith("--") and "=" in arg, f"not a --flag=value: {arg}"
+        written.add(arg[2:].partition("=")[0].replace("-", "_"))
+    return load(argv), written
+
+
+def test_every_agent_setting_the_operator_writes_reaches_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The injected command line and environment parse with the agent's own settings class, every
+    setting is either written or deliberately left to its default, and each written value is the
+    pool's."""
+    from hotswap_engine.agent.settings import AgentSettings
+
+    cpu = containers(build_deployment(spec(), "chat", "ml", UID))[ENGINE_CONTAINER]
+    cfg, written = agent_settings(cpu, monkeypatch)
     assert (cfg.pod_name, cfg.host, cfg.port, cfg.advertise_address) == (
         "chat-abc",
         "127.0.0.21",
         8700,
         "127.0.0.21",
     )
-    assert str(cfg.base_checkpoint) == "/ckpt/models/base" and [str(r) for r in cfg.allowed_roots] == [
-        "/ckpt"
-    ]
+    assert str(cfg.base_checkpoint) == "/ckpt/models/base" and [str(r) for r in cfg.allowed_root] == ["/ckpt"]
     assert (cfg.workers, cfg.device, cfg.p2p_protocol, cfg.p2p_device) == (2, "cpu", "rdma", "mlx5_0")
-    assert str(cfg.control_socket) == "/run/hotswap/control.sock" and cfg.collective_timeout_s == 60.0
+    assert str(cfg.control_socket) == "/run/hotswap/control.sock" and cfg.collective_timeout == 60.0
+    assert cfg.handoff_endpoint == "ipc:///run/hotswap/handoff.sock" and str(cfg.shm_dir) == "/run/hotswap"
+    assert cfg.bearer_token == "secret-from-the-pool" and cfg.gpus is None
+
+    gpu_spec = spec()
+    gpu_spec.engine.device = "cuda"
+    gpu_spec.engine.transport.collective_timeout_seconds = 17
+    gpu = containers(build_deployment(gpu_spec, "chat", "ml", UID))[ENGINE_CONTAINER]
+    cfg, written_gpu = agent_settings(gpu, monkeypatch)
+    assert (cfg.device, cfg.gpus, cfg.collective_timeout) == ("cuda", 2, 17.0)
+
+    fields = set(AgentSettings.model_fields)
+    assert (written | written_gpu) <= fields
+    assert fields - written - written_gpu == set(NOT_WRITTEN), "a new agent setting: write it or say why not"
 
 
 def test_gpu_sharing_modes_give_the_engine_the_inference_containers_gpus() -> None:

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from hotswap_engine import buckets
 from hotswap_engine.agent import ranks
-from hotswap_engine.agent.config import rank_endpoint
+from hotswap_engine.agent.settings import rank_endpoint
 
 
 def test_global_ranks_are_pod_major() -> None:

@@ -1,24 +1,30 @@
-"""`python -m hotswap_engine.agent`: serve the agent's HTTP API until SIGTERM."""
+"""`python -m hotswap_engine.agent`: serve the agent's HTTP API until SIGTERM.
+
+Settings: `hotswap_engine.agent.settings` (flags and `HOTSWAP_AGENT_*`; table in docs/settings.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import sys
 
 from aiohttp import web
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from hotswap_engine.agent.api import build_app
-from hotswap_engine.agent.config import AgentConfig, parse_args
 from hotswap_engine.agent.runner import UpdateRunner
 from hotswap_engine.agent.service import AgentService
+from hotswap_engine.agent.settings import AgentSettings, describe, load
 
 log = logging.getLogger("hotswap_engine.agent")
 
 
-async def serve(cfg: AgentConfig) -> None:
+async def serve(cfg: AgentSettings) -> None:
     service = AgentService(cfg, UpdateRunner(cfg))
-    runner = web.AppRunner(build_app(service, cfg.token), access_log=None)
+    runner = web.AppRunner(build_app(service, cfg.bearer_token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
@@ -35,8 +41,12 @@ async def serve(cfg: AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = load(argv)
+    except (ValidationError, SettingsError) as e:
+        sys.exit(f"python -m hotswap_engine.agent: invalid settings: {describe(e)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(parse_args(argv)))
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

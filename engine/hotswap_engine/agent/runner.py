@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hotswap_engine import buckets, launcher_client, protocol, staging
 from hotswap_engine.agent import ranks
-from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.agent.rank_pool import RankPool, failures
+from hotswap_engine.agent.settings import AgentSettings
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
 from hotswap_engine.p2p_plan import plan_reads
 from hotswap_engine.pacing import Pacer
@@ -45,7 +45,7 @@ class UpdateError(RuntimeError):
 
 
 class UpdateRunner:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentSettings) -> None:
         self.cfg = cfg
         self.local = cfg.local_ranks
         self._expected: list[protocol.TensorSpec] | None = None
@@ -60,7 +60,7 @@ class UpdateRunner:
             workers=cfg.workers if self.local == 1 else 1,
             bind_host=cfg.advertise_address,
             shm_dir=str(cfg.shm_dir),
-            timeout=cfg.collective_timeout_s,
+            timeout=cfg.collective_timeout,
         )
         self.p2p = _open_p2p(cfg)
         self.p2p_endpoint: str | None = self.p2p.endpoint if self.p2p else None
@@ -79,7 +79,7 @@ class UpdateRunner:
     ) -> StagedCheckpoint:
         """Validate and read a checkpoint (blocking). `trusted` is for re-reading the base checkpoint
         the engine was started with, which need not lie under an allowed root."""
-        roots = [*self.cfg.allowed_roots]
+        roots = [*self.cfg.allowed_root]
         if trusted:
             roots.append(self.cfg.base_checkpoint)
         staged = staging.stage(
@@ -257,7 +257,7 @@ class UpdateRunner:
         version's host buffers, and run the engine's reload through the launcher."""
         cfg = self.cfg
         pool = self.pool
-        timeout = cfg.collective_timeout_s
+        timeout = cfg.collective_timeout
         rec.stage = protocol.UpdateStage.CONNECTING
         t0 = time.perf_counter()
         try:
@@ -384,7 +384,7 @@ class UpdateRunner:
 
     async def _discard(self) -> None:
         """Drop every worker's group (a worker that abandoned an NCCL group has exited already)."""
-        await self.pool.acall_all(lambda lr: {"op": "discard"}, timeout=self.cfg.collective_timeout_s + 30)
+        await self.pool.acall_all(lambda lr: {"op": "discard"}, timeout=self.cfg.collective_timeout + 30)
 
     def release_unused(self) -> None:
         """Let the rank workers unmap host buffers the agent freed."""
@@ -404,7 +404,7 @@ class _Membership:
     master_port: int
 
 
-def _open_p2p(cfg: AgentConfig) -> P2PEndpoint | None:
+def _open_p2p(cfg: AgentSettings) -> P2PEndpoint | None:
     """This pod's Mooncake endpoint on its own address; without one the pod still takes broadcasts."""
     from hotswap_engine.transport.p2p import P2PEndpoint, P2PError
 

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from hotswap_engine import protocol
-from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.agent.errors import (
     BadRequest,
     CheckpointMismatchError,
@@ -25,6 +24,7 @@ from hotswap_engine.agent.errors import (
     ForbiddenPathError,
     NotFound,
 )
+from hotswap_engine.agent.settings import AgentSettings
 from hotswap_engine.metrics import AgentMetrics
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class UpdateRecord:
 
 
 class AgentService:
-    def __init__(self, cfg: AgentConfig, runner: UpdateRunner, metrics: AgentMetrics | None = None) -> None:
+    def __init__(self, cfg: AgentSettings, runner: UpdateRunner, metrics: AgentMetrics | None = None) -> None:
         self.cfg = cfg
         self.runner = runner
         self.metrics = metrics or AgentMetrics()
