@@ -58,6 +58,12 @@ crds: venv
 openapi: venv
 	$(PY) -m hotswap_engine.agent.openapi --out docs/agent-openapi.json
 
+# docs/settings.md is generated from the operator's and the agent's settings classes (a unit test
+# fails when stale).
+.PHONY: settings-docs
+settings-docs: venv
+	$(PY) -m hotswap_testing.settings_docs --out docs/settings.md
+
 # The Helm chart (charts/hotswap/README.md). Its CRD copies follow crds/ (tests/chart fails when they differ).
 .PHONY: chart-crds chart-lint lint-images
 chart-crds: crds

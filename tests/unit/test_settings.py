@@ -15,6 +15,7 @@ from hotswap_operator.resources import EngineSpec, parse_quantity
 from hotswap_operator.settings import ENV_PREFIX as OPERATOR_ENV
 from hotswap_operator.settings import OperatorSettings, PlannerConfig
 from hotswap_operator.settings import load as load_operator
+from hotswap_testing import settings_docs
 from pydantic import ValidationError
 
 AGENT_ARGS = ["--host=127.0.0.5", "--base-checkpoint=/ckpt/base", "--allowed-root=/ckpt"]
@@ -77,3 +78,10 @@ def test_defaults_the_crd_shares_with_the_agent_are_written_once() -> None:
     engine = EngineSpec()
     assert engine.port == AgentSettings.model_fields["port"].default == protocol.DEFAULT_AGENT_PORT
     assert parse_quantity(engine.update_memory_budget) == protocol.DEFAULT_MEMORY_BUDGET_BYTES
+
+
+def test_settings_table_is_fresh() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+    assert settings_docs.main(["--check", str(doc)]) == 0, "docs/settings.md is stale: make settings-docs"
+    for name in [*OperatorSettings.model_fields, *AgentSettings.model_fields]:
+        assert f"| `{name}` |" in doc.read_text()
