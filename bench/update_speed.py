@@ -170,7 +170,7 @@ def stage_probe(args: argparse.Namespace) -> int:
     torch.cuda.set_device(args.rank)
     ckpt = Path(args.ckpt)
     t = time.perf_counter()
-    staged = stage(ckpt, PartSpec(index=args.rank, count=2), [ckpt.parent], None)
+    staged = stage(ckpt, PartSpec(index=args.rank, count=2), [ckpt.parent], None, prefault=args.prefault)
     secs = time.perf_counter() - t
     rec = {"seconds": secs, "bytes": staged.nbytes, "gbps": staged.nbytes / secs / GB, **staged.timings}
     Path(args.out).write_text(json.dumps(rec))
@@ -181,15 +181,12 @@ PROBE = [sys.executable, __file__, "--role", "stage-probe"]
 
 
 def run_stage_probe(ckpt: Path, out: Path) -> dict[str, Any]:
-    variants = {"read-then-pin": {}, "prefault-read-pin": {"HOTSWAP_STAGE_PREFAULT": "1"}}
+    variants: dict[str, list[str]] = {"read-then-pin": [], "prefault-read-pin": ["--prefault"]}
     res: dict[str, Any] = {}
-    for name, env in variants.items():
+    for name, flags in variants.items():
         outs = [out / f"stage-probe-{name}-{r}.json" for r in range(2)]
         procs = [
-            subprocess.Popen(
-                [*PROBE, "--rank", str(r), "--ckpt", str(ckpt), "--out", str(outs[r])],
-                env={**os.environ, **env},
-            )
+            subprocess.Popen([*PROBE, "--rank", str(r), "--ckpt", str(ckpt), "--out", str(outs[r]), *flags])
             for r in range(2)
         ]
         codes = [p.wait(timeout=300) for p in procs]
@@ -412,6 +409,7 @@ def main() -> int:
     )
     ap.add_argument("--ce", action="store_true", help="also run checkpoint-engine 0.4.2")
     ap.add_argument("--stage-probe", action="store_true", help="time staging variants (both ranks at once)")
+    ap.add_argument("--prefault", action="store_true", help="stage-probe role: prefault the buffer first")
     ap.add_argument("--workdir", type=Path, default=Path("/dev/shm/hs-speed"))
     args = ap.parse_args()
     if args.role == "bcast-probe":

@@ -457,11 +457,8 @@ def _read_pieces(jobs: Sequence[tuple[Path, int, int, int]], target: memoryview,
 
 def default_read_threads() -> int:
     """Parallel `preadv` calls: page-cache reads into fresh memory are bound by page faults and
-    copies on each thread, so more threads help up to the cores (overridable with
-    HOTSWAP_STAGE_THREADS)."""
-    env = os.environ.get("HOTSWAP_STAGE_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
+    copies on each thread, so more threads help up to the cores (the agent's `stage_threads`
+    setting overrides it)."""
     return max(1, min(16, os.cpu_count() or 1))
 
 
@@ -475,6 +472,7 @@ def stage(
     pinned: bool | None = None,
     alignment: int = buckets.DEFAULT_ALIGNMENT,
     threads: int | None = None,
+    prefault: bool = False,
     pool: HostBufferPool | None = None,
 ) -> StagedCheckpoint:
     """Validate a checkpoint and read the tensors of `part` into one host buffer.
@@ -483,7 +481,9 @@ def stage(
     `expected`, the served model's base checkpoint; None skips that check), the headers' sanity and
     the optional manifest (a path relative to the checkpoint's directory, or absolute; it must lie
     in an allowed root too) have all passed. With `pool`, the buffer comes from (and its
-    `release` returns it to) the pool, whose own `pinned` setting applies.
+    `release` returns it to) the pool, whose own `pinned` setting applies. `threads` reads in
+    parallel (default: `default_read_threads`); `prefault` maps every page of a fresh unpinned
+    buffer on all threads first.
     """
     roots = list(allowed_roots)
     path = check_path(Path(source), roots)
@@ -516,9 +516,10 @@ def stage(
         for p in layout.placements
         if p.nbytes
     ]
-    prefault = os.environ.get("HOTSWAP_STAGE_PREFAULT", "") == "1" and not buffer.is_pinned
     try:
-        if prefault:  # map every page first, on all threads (see HostBuffer.prefault)
+        if (
+            prefault and not buffer.is_pinned
+        ):  # map every page first, on all threads (see HostBuffer.prefault)
             buffer.prefault(threads or default_read_threads())
         t_read = time.perf_counter()
         _read_pieces(jobs, buffer.view, threads or default_read_threads())

@@ -205,6 +205,8 @@ def test_token_secret() -> None:
 NOT_WRITTEN = {
     "token_file": "the token comes from the pool's Secret as HOTSWAP_AGENT_TOKEN",
     "advertise_address": "defaults to --host, the pod IP",
+    "stage_threads": "host tuning for benchmarks, not part of a pool's spec: the agent's default",
+    "stage_prefault": "host tuning for benchmarks, not part of a pool's spec: the agent's default",
 }
 
 

@@ -100,6 +100,9 @@ def test_stage_uses_parallel_reads_for_large_tensors(tmp_path: Path, monkeypatch
     save_file(tmp_path / "m.safetensors", DEFS, random_filler(3))
     staged = stage(tmp_path / "m.safetensors", None, [tmp_path], None, pinned=False, threads=4)
     assert_staged_equal(dict(staged.iter_views()), reference(tmp_path / "m.safetensors"))
+    # prefaulting first (the agent's stage_prefault setting) reads the same bytes
+    staged = stage(tmp_path / "m.safetensors", None, [tmp_path], None, pinned=False, threads=2, prefault=True)
+    assert_staged_equal(dict(staged.iter_views()), reference(tmp_path / "m.safetensors"))
 
 
 def test_forbidden_paths(tmp_path: Path, single: Path) -> None:

@@ -89,6 +89,8 @@ class UpdateRunner:
             self.expected,
             manifest=source.sha256_manifest,
             pinned=False,
+            threads=self.cfg.stage_threads,
+            prefault=self.cfg.stage_prefault,
             pool=self.host_pool,
         )
         # Map (and on CUDA pin) it in the rank workers now, off the update's critical path; workers

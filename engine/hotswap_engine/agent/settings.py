@@ -80,6 +80,15 @@ class AgentSettings(BaseSettings):
     collective_timeout: float = Field(
         default=60.0, gt=0, description="seconds within which a dead group member surfaces"
     )
+    stage_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="threads reading a checkpoint while staging; unset: one per core, at most 16",
+    )
+    stage_prefault: bool = Field(
+        default=False,
+        description="map every page of a fresh unpinned staging buffer on all threads before reading it",
+    )
     gpus: int | None = Field(
         default=None,
         ge=1,
