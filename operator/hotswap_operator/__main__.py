@@ -45,11 +45,11 @@ async def run(settings: OperatorSettings) -> int:
     if settings.metrics:
         host, _, port = settings.metrics.rpartition(":")
         start_http_server(int(port), addr=host, registry=metrics.registry)
-    s = settings
-    elector = LeaderElector(kube, s.lease_namespace, s.lease_name, s.identity, s.lease_duration)
-    log.info("%s: waiting for lease %s/%s", s.identity, s.lease_namespace, s.lease_name)
+    identity, lease_ns, lease = settings.identity, settings.lease_namespace, settings.lease_name
+    elector = LeaderElector(kube, lease_ns, lease, identity, settings.lease_duration)
+    log.info("%s: waiting for lease %s/%s", identity, lease_ns, lease)
     await elector.acquire()
-    log.info("%s: leading", s.identity)
+    log.info("%s: leading", identity)
     handlers.configure(Runtime(kube=kube, metrics=metrics, settings=settings))
     stop: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     operator = asyncio.create_task(
