@@ -47,6 +47,7 @@ VERSION_PATTERN = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"
 # Finished WeightVersions a pool keeps by default besides its current one (spec.versionHistoryLimit).
 DEFAULT_VERSION_HISTORY_LIMIT = 10
 # Go-style durations such as "90s", "10m", "1h30m" (parsed by `parse_duration`).
+MAX_INT64 = (1 << 63) - 1  # the CRD's integers are int64
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 # Paths (checkpoints, manifests): no C0 control characters and no DEL, so a NUL byte or a newline is
 # refused by the apiserver rather than reaching a pod (the agent's `protocol.PATH_PATTERN`, the same).
@@ -262,10 +263,65 @@ class StageDurations(_Api):
     reload: float | None = None
 
 
-class SourceRef(_Api):
-    """A checkpoint on the pool's checkpoint volume."""
+class TrainerBuffer(_Api):
+    """One registered host buffer of a trainer rank."""
 
-    path: str = Field(
+    segment: int = Field(ge=0, le=MAX_INT64)
+    address: int = Field(ge=0, le=MAX_INT64)
+    nbytes: int = Field(ge=0, le=MAX_INT64)
+
+
+class TrainerPart(_Api):
+    """One trainer rank's part: its Mooncake endpoint, its registered buffers, and where its tensor
+    table (the layout of the part) lies in its registered memory, with that table's sha256."""
+
+    endpoint: str = Field(min_length=1, max_length=255, pattern=r"^[^\s\x00-\x1f\x7f]+$")
+    """Mooncake session address (host:rpc_port) of the rank's transfer engine."""
+    version: str = Field(min_length=1, max_length=63, pattern=VERSION_PATTERN)
+    buffers: list[TrainerBuffer] = Field(min_length=1, max_length=16)
+    layout_address: int = Field(ge=0, le=MAX_INT64)
+    layout_nbytes: int = Field(ge=1, le=64 << 20)
+    layout_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class TrainerTensor(_Api):
+    """One tensor of the version: name, safetensors dtype, shape, and the fingerprint of its bytes."""
+
+    name: str = Field(min_length=1, max_length=512)
+    dtype: str = Field(min_length=1, max_length=16)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_INT64)]] = Field(max_length=8)
+    fingerprint: str = Field(min_length=1, max_length=128)
+
+
+class TrainerSourceRef(_Api):
+    """A version held in the trainer's memory, published by the trainer SDK (hotswap_trainer): the
+    agents read it with one-sided Mooncake reads from the trainer's ranks."""
+
+    parts: list[TrainerPart] = Field(min_length=1, max_length=1024)
+    """Each trainer rank's part (disjoint sets of tensors)."""
+    tensors: list[TrainerTensor] = Field(min_length=1, max_length=16384)
+    """The manifest: every tensor's name, dtype and shape, checked against the served model before any
+    byte is read."""
+    checksum: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """sha256 of the manifest (fingerprints included): each agent verifies the tensors it read."""
+
+
+class SourceRef(_Api):
+    """Where the version's bytes are: exactly one of a checkpoint on the pool's checkpoint volume
+    (path) and the trainer's memory (trainer)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            _cel("has(self.path) != has(self.trainer)", "source must name exactly one of path and trainer"),
+            _cel(
+                "!has(self.trainer) || !has(self.sha256Manifest)",
+                "source.sha256Manifest applies to a path source only (a trainer source has a checksum)",
+            ),
+        )
+    )
+
+    path: str | None = Field(
+        default=None,
         min_length=1,
         max_length=1024,
         pattern=PATH_PATTERN,
@@ -288,6 +344,14 @@ class SourceRef(_Api):
         ),
     )
     """Optional JSON manifest {"files": {"<file>": "<sha256>"}}, relative to the checkpoint volume."""
+    trainer: TrainerSourceRef | None = None
+    """The trainer's memory (set by the trainer SDK, not written by hand)."""
+
+    def describe(self) -> str:
+        """For messages: the path, or the trainer's endpoints."""
+        if self.trainer is not None:
+            return "trainer " + ",".join(p.endpoint for p in self.trainer.parts)
+        return repr(self.path)
 
 
 class InferencePoolStatus(_Api):
