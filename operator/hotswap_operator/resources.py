@@ -47,7 +47,6 @@ VERSION_PATTERN = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"
 # Finished WeightVersions a pool keeps by default besides its current one (spec.versionHistoryLimit).
 DEFAULT_VERSION_HISTORY_LIMIT = 10
 # Go-style durations such as "90s", "10m", "1h30m" (parsed by `parse_duration`).
-MAX_INT64 = (1 << 63) - 1  # the CRD's integers are int64
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 # Paths (checkpoints, manifests): no C0 control characters and no DEL, so a NUL byte or a newline is
 # refused by the apiserver rather than reaching a pod (the agent's `protocol.PATH_PATTERN`, the same).
@@ -266,9 +265,9 @@ class StageDurations(_Api):
 class TrainerBuffer(_Api):
     """One registered host buffer of a trainer rank."""
 
-    segment: int = Field(ge=0, le=MAX_INT64)
-    address: int = Field(ge=0, le=MAX_INT64)
-    nbytes: int = Field(ge=0, le=MAX_INT64)
+    segment: int = Field(ge=0)
+    address: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
 
 
 class TrainerPart(_Api):
@@ -279,7 +278,7 @@ class TrainerPart(_Api):
     """Mooncake session address (host:rpc_port) of the rank's transfer engine."""
     version: str = Field(min_length=1, max_length=63, pattern=VERSION_PATTERN)
     buffers: list[TrainerBuffer] = Field(min_length=1, max_length=16)
-    layout_address: int = Field(ge=0, le=MAX_INT64)
+    layout_address: int = Field(ge=0)
     layout_nbytes: int = Field(ge=1, le=64 << 20)
     layout_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -289,7 +288,7 @@ class TrainerTensor(_Api):
 
     name: str = Field(min_length=1, max_length=512)
     dtype: str = Field(min_length=1, max_length=16)
-    shape: list[Annotated[int, Field(ge=0, le=MAX_INT64)]] = Field(max_length=8)
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
     fingerprint: str = Field(min_length=1, max_length=128)
 
 
