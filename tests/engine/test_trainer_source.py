@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,17 @@ def test_a_trainer_killed_mid_read_fails_the_stage_with_a_message_saying_so(read
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGKILL)
         proc.join(10)
+
+
+def test_the_sdk_without_cluster_credentials_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hotswap_trainer import Publisher
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path) + "/missing")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(PublishError, match="no cluster credentials"):
+        Publisher("chat", "default", local_hostname=HOST)
+    with pytest.raises(PublishError, match="no cluster credentials"):
+        Publisher("chat", "default", local_hostname=HOST, kubeconfig=str(tmp_path) + "/also-missing")
