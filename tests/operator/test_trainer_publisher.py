@@ -4,6 +4,10 @@ WeightVersion's phase (set here through the status subresource, as the operator 
 
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
+import socket
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -93,3 +97,63 @@ def test_publish_creates_the_version_and_follows_its_phase(
         h3.wait(timeout=30)
         assert pub.versions == ("s3",)  # s2 went once the newer s3 was Complete
         assert pub.memory.allocations == 2  # three versions in two buffers
+
+
+def _rank_main(rank: int, port: int, kubeconfig: str, namespace: str, pool: str, conn: Connection) -> None:
+    """One trainer rank of two (gloo): its share of r1, then a share that overlaps the other's."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://{HOST}:{port}", rank=rank, world_size=2)
+    try:
+        with Publisher(pool, namespace, local_hostname=HOST, kubeconfig=kubeconfig, pinned=False) as pub:
+            tensors = _tensors(1)
+            pub.publish("r1", [tensors[rank]])
+            try:
+                pub.publish("r2", [tensors[0]])  # both ranks: the same tensor
+                overlap = ""
+            except PublishError as e:
+                overlap = str(e)
+            conn.send_bytes(json.dumps({"held": list(pub.versions), "overlap": overlap}).encode())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_publish_one_version_and_agree_on_refusals(
+    hotswap_cluster: Any, custom: client.CustomObjectsApi, namespace: str, pool: str
+) -> None:
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    pipes, procs = [], []
+    for rank in range(2):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_rank_main,
+            args=(rank, port, hotswap_cluster.kubeconfig, namespace, pool, child),
+            daemon=True,
+        )
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        results = []
+        for rank, parent in enumerate(pipes):
+            assert parent.poll(180), f"rank {rank} did not report"
+            results.append(json.loads(parent.recv_bytes()))
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+    wv = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "weightversions", "chat-r1")
+    trainer = wv["spec"]["source"]["trainer"]
+    assert len({p["endpoint"] for p in trainer["parts"]}) == 2  # one part per rank
+    assert [t["name"] for t in trainer["tensors"]] == ["lm_head.weight", "norm.weight"]
+    # the overlap is refused on both ranks alike, nothing created, r2's memory released everywhere
+    for r in results:
+        assert "is published by ranks 0 and 1" in r["overlap"], r
+        assert r["held"] == ["r1"], r
+    with pytest.raises(client.ApiException) as e:
+        custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "weightversions", "chat-r2")
+    assert e.value.status == 404
