@@ -123,14 +123,17 @@ class Publisher:
             held = self.memory.hold(version, named_tensors)
             descriptor: PartDescriptor | None = held
             payload = b"D" + held.encode()
-        except PublishError as e:
+        except Exception as e:  # any failure must reach the other ranks, or they wait forever
             descriptor = None
             payload = b"E" + f"rank {self.rank}: {e}".encode()
         parts = gather.all_gather_bytes(payload, self.group) if self.distributed else [payload]
         errors = [p[1:].decode() for p in parts if p[:1] == b"E"]
         outcome = "; ".join(errors)
         if not outcome and self.rank == 0:
-            outcome = self._create(version, [PartDescriptor.decode(p[1:]) for p in parts])
+            try:
+                outcome = self._create(version, [PartDescriptor.decode(p[1:]) for p in parts])
+            except Exception as e:  # e.g. a manifest the CRD's bounds refuse: every rank learns it
+                outcome = f"cannot create WeightVersion {self.api.name(version)}: {e}"
         if self.distributed:
             outcome = gather.broadcast_bytes(outcome.encode(), 0, self.group).decode()
         if outcome:

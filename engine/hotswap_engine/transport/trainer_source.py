@@ -15,7 +15,6 @@ staged copy is handed on, so nothing unverified ever reaches a GPU.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -161,9 +160,7 @@ def stage_from_trainer(
     used = {h.name: src for h in holders if (src := sources.get(h.name)) is not None}
     try:
         try:
-            endpoint.pull(
-                plan, buffer, used, progress=progress, timeout_s=timeout_s, cancel=threading.Event()
-            )
+            endpoint.pull(plan, buffer, used, progress=progress, timeout_s=timeout_s)
         except NoHolderLeft as e:
             lost = ", ".join(e.failed) or "a trainer rank"
             raise TrainerUnavailable(
