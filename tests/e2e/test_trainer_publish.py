@@ -6,7 +6,8 @@ source to the agents, which read it from the trainer's memory over Mooncake TCP 
      ckpts/v2, and the publisher's `wait` returned;
   2. tensors that do not fit the served model: the agents refuse them before reading a byte, the
      version Fails with the agent's message, the publisher raises it, every pod keeps serving the
-     version before and stays Ready.
+     version before and stays Ready;
+  3. the trainer has exited (its memory is gone): a pod added now catches up from its peers.
 
 The trainer runs in a child process (torch stays out of the test process), printing JSON lines.
 """
@@ -83,12 +84,12 @@ def outputs(pod: Any) -> list[str]:
     return generate(f"http://{pod.status.pod_ip}:{VLLM_PORT}")
 
 
-def serves(kube: Cluster, version: str) -> list[Any]:
-    """The pods, once both are Ready, labelled `version` and their agents serve it."""
+def serves(kube: Cluster, version: str, replicas: int = 2, timeout: float = 120) -> list[Any]:
+    """The pods, once all are Ready, labelled `version` and their agents serve it."""
 
     def done() -> list[Any] | None:
         pods = kube.pods()
-        ok = len(pods) == 2 and all(
+        ok = len(pods) == replicas and all(
             is_ready(p)
             and p.metadata.labels.get("hotswap.dev/weight-version") == version
             and (kube.agent_status(p) or {}).get("serving_version") == version
@@ -96,7 +97,7 @@ def serves(kube: Cluster, version: str) -> list[Any]:
         )
         return pods if ok else None
 
-    pods: list[Any] = kube.wait(done, 120, f"2 Ready pods serving {version}")
+    pods: list[Any] = kube.wait(done, timeout, f"{replicas} Ready pods serving {version}")
     return pods
 
 
@@ -139,3 +140,12 @@ def test_a_trainer_publishes_from_memory_and_every_pod_serves_it(
     assert kube.wv("t3")["status"]["phase"] == "Failed"
     for pod in serves(kube, "t2"):
         assert outputs(pod) == expected
+
+    # 3. scale-out after the trainer released the version: the new pod reads it from its peers
+    before = {p.metadata.name for p in kube.pods()}
+    kube.patch_pool({"spec": {"replicas": 3}})
+    pods = serves(kube, "t2", replicas=3, timeout=900)
+    (new,) = [p for p in pods if p.metadata.name not in before]
+    update = (kube.agent_status(new) or {}).get("update") or {}
+    assert update.get("mode") == "p2p" and update.get("stage") == "Complete", update
+    assert outputs(new) == expected
