@@ -8,6 +8,7 @@ built from the operator's own CRD models, so the SDK cannot write a field the CR
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -40,23 +41,34 @@ def _message(e: Exception) -> str:
     return f"HTTP {status} {getattr(e, 'reason', '')}".strip() if status else str(e)
 
 
+def kubeconfig_path(explicit: str | None) -> str | None:
+    """The kubeconfig to use, resolved now (the Kubernetes client reads $KUBECONFIG once, at import):
+    `explicit`, else the first existing file of $KUBECONFIG, else ~/.kube/config if it exists."""
+    if explicit is not None:
+        if not os.path.isfile(explicit):
+            raise PublishError(f"no cluster credentials: kubeconfig {explicit} does not exist")
+        return explicit
+    env = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    candidates = env or [os.path.expanduser("~/.kube/config")]
+    return next((p for p in candidates if os.path.isfile(p)), None)
+
+
 def connect(kubeconfig: str | None = None, context: str | None = None) -> Any:
     """An API client from the usual credentials; PublishError when there are none."""
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
+    path = kubeconfig_path(kubeconfig)
     try:
-        if kubeconfig is not None or context is not None:
-            return config.new_client_from_config(config_file=kubeconfig, context=context)
-        try:
-            return config.new_client_from_config()
-        except (ConfigException, FileNotFoundError, OSError):
-            config.load_incluster_config()
-            return client.ApiClient()
-    except (ConfigException, FileNotFoundError, OSError) as e:
+        if path is not None:
+            return config.new_client_from_config(config_file=path, context=context)
+        config.load_incluster_config()  # a pod's ServiceAccount
+        return client.ApiClient()
+    except (ConfigException, OSError) as e:
+        where = path or "no kubeconfig ($KUBECONFIG, ~/.kube/config) and no in-cluster ServiceAccount"
         raise PublishError(
-            f"no cluster credentials: {e} (set KUBECONFIG, pass kubeconfig=, or run in a pod with a "
-            "ServiceAccount allowed to create weightversions)"
+            f"no cluster credentials: {where}: {e} (set KUBECONFIG, pass kubeconfig=, or run in a pod whose "
+            "ServiceAccount may create weightversions)"
         ) from e
 
 
