@@ -114,7 +114,7 @@ def rollback(cmd: Rollback, io: Io) -> ExitCode:
             {ROLLBACK_OF: plan.from_version},
         )
         io.err.write(
-            f"rolling {cmd.pool} back to the checkpoint of {plan.from_version} ({plan.source.path}) "
+            f"rolling {cmd.pool} back to the checkpoint of {plan.from_version} ({plan.source.describe()}) "
             f"as version {plan.new_version}\n"
         )
         return _create_and_follow(cluster, cmd.pool, body, cmd.wait, cmd.timeout, io)

@@ -62,7 +62,7 @@ def _completed_at(wv: WeightVersion) -> datetime:
 
 
 def _same_source(a: SourceRef | None, b: SourceRef | None) -> bool:
-    return a is not None and b is not None and (a.path, a.sha256_manifest) == (b.path, b.sha256_manifest)
+    return a is not None and b is not None and a == b
 
 
 def _created(wv: WeightVersion) -> datetime:

@@ -7,6 +7,8 @@ in a request is a 422 with the field's name rather than a silently ignored setti
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -64,21 +66,6 @@ class PartSpec(_Model):
         return self
 
 
-class Source(_Model):
-    """Where a checkpoint lives: a directory (sharded with model.safetensors.index.json, or holding
-    *.safetensors files) or a single .safetensors file, inside one of the agent's allowed roots."""
-
-    path: str = Field(min_length=1, pattern=PATH_PATTERN)
-    # Optional JSON manifest {"files": {"<file name>": "<hex sha256>"}} checked before use.
-    sha256_manifest: str | None = Field(default=None, pattern=PATH_PATTERN)
-
-
-class StageRequest(_Model):
-    version: VersionName
-    source: Source
-    part: PartSpec | None = None  # None: the whole checkpoint
-
-
 class P2PBuffer(_Model):
     segment: int = Field(ge=0, le=MAX_INT64)
     address: int = Field(ge=0, le=MAX_UINT64)
@@ -99,6 +86,75 @@ class P2PSource(_Model):
     layout_address: int = Field(ge=0, le=MAX_UINT64)
     layout_nbytes: int = Field(ge=1, le=64 << 20)
     layout_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class TrainerTensor(_Model):
+    """One tensor of a trainer-published version, as the version's manifest lists it."""
+
+    name: str = Field(min_length=1, max_length=1024)
+    dtype: str = Field(min_length=1, max_length=16)  # safetensors dtype name: "BF16", "F32", ...
+    shape: tuple[Annotated[int, Field(ge=0, le=MAX_INT64)], ...]
+    # `digest.fingerprint` of the tensor's bytes: each agent verifies the tensors it read.
+    fingerprint: str = Field(min_length=1, max_length=256)
+
+
+def trainer_checksum(tensors: tuple[TrainerTensor, ...] | list[TrainerTensor]) -> str:
+    """The version's checksum: sha256 of its manifest in canonical JSON (by name), so the per-tensor
+    fingerprints, and with them every byte, are covered by one value."""
+    rows = sorted([t.name, t.dtype, list(t.shape), t.fingerprint] for t in tensors)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+class TrainerSource(_Model):
+    """A version held in the memory of the trainer's ranks (`hotswap_trainer.Publisher`): each rank's
+    part is registered with its Mooncake engine exactly like a peer's staged version (`P2PSource`:
+    endpoint, buffers, and its tensor table at `layout_address`, checked against `layout_sha256`)."""
+
+    parts: tuple[P2PSource, ...] = Field(min_length=1, max_length=4096)
+    tensors: tuple[TrainerTensor, ...] = Field(min_length=1)
+    checksum: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainerSource:
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("the manifest lists a tensor twice")
+        if trainer_checksum(self.tensors) != self.checksum:
+            raise ValueError("checksum does not match the manifest (names, dtypes, shapes, fingerprints)")
+        return self
+
+
+class Source(_Model):
+    """Where a version's bytes are: exactly one of `path` (a directory, sharded with
+    model.safetensors.index.json or holding *.safetensors files, or a single .safetensors file,
+    inside one of the agent's allowed roots) and `trainer` (the trainer ranks' memory)."""
+
+    path: str | None = Field(default=None, min_length=1, pattern=PATH_PATTERN)
+    # Optional JSON manifest {"files": {"<file name>": "<hex sha256>"}} checked before use (paths only).
+    sha256_manifest: str | None = Field(default=None, pattern=PATH_PATTERN)
+    trainer: TrainerSource | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Source:
+        if (self.path is None) == (self.trainer is None):
+            raise ValueError("a source names exactly one of `path` and `trainer`")
+        if self.trainer is not None and self.sha256_manifest is not None:
+            raise ValueError(
+                "`sha256_manifest` applies to a `path` source only (a trainer source has `checksum`)"
+            )
+        return self
+
+    def describe(self) -> str:
+        """For messages: the path, or the trainer's endpoints."""
+        if self.trainer is not None:
+            return "trainer " + ",".join(p.endpoint for p in self.trainer.parts)
+        return repr(self.path)
+
+
+class StageRequest(_Model):
+    version: VersionName
+    source: Source
+    part: PartSpec | None = None  # None: the whole checkpoint
 
 
 class StagedVersion(_Model):

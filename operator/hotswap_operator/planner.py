@@ -333,6 +333,8 @@ class _Round:
         return f"http://{pod.ip}:{self.spec.engine.port}"
 
     def abs_source(self, src: SourceRef) -> protocol.Source:
+        if src.trainer is not None:  # the agents read the trainer's memory: passed on as it is
+            return protocol.Source(trainer=protocol.TrainerSource.model_validate(src.trainer.model_dump()))
         root = self.spec.checkpoint_volume.mount_path.rstrip("/")
         manifest = f"{root}/{src.sha256_manifest}" if src.sha256_manifest else None
         return protocol.Source(path=f"{root}/{src.path}", sha256_manifest=manifest)
@@ -515,10 +517,10 @@ def _reused(r: _Round, wv: VersionView) -> str | None:
     advice = "a version names one checkpoint: publish it as a new version"
     if version == r.current:
         cur = r.current_source
-        if cur is not None and (cur.path, cur.sha256_manifest) != (src.path, src.sha256_manifest):
+        if cur is not None and cur != src:
             return (
-                f"version {version} is what pool {r.fleet.pool} serves, from source {cur.path!r}; this "
-                f"WeightVersion names {src.path!r}: {advice}"
+                f"version {version} is what pool {r.fleet.pool} serves, from source {cur.describe()}; "
+                f"this WeightVersion names {src.describe()}: {advice}"
             )
         return None
     want = r.abs_source(src)
@@ -526,8 +528,8 @@ def _reused(r: _Round, wv: VersionView) -> str | None:
         if pod.live and pod.agent is not None and pod.serving == version:
             held = _staged(pod, version, None)
             if held is None or held.source != want:
-                was = f" from {held.source.path!r}" if held is not None else ""
-                return f"pod {pod.name} serves version {version}{was}, not from {want.path!r}: {advice}"
+                was = f" from {held.source.describe()}" if held is not None else ""
+                return f"pod {pod.name} serves version {version}{was}, not from {want.describe()}: {advice}"
     return None
 
 

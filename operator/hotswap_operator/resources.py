@@ -266,10 +266,65 @@ class StageDurations(_Api):
     reload: float | None = None
 
 
-class SourceRef(_Api):
-    """A checkpoint on the pool's checkpoint volume."""
+class TrainerBuffer(_Api):
+    """One registered host buffer of a trainer rank."""
 
-    path: str = Field(
+    segment: int = Field(ge=0)
+    address: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+
+
+class TrainerPart(_Api):
+    """One trainer rank's part: its Mooncake endpoint, its registered buffers, and where its tensor
+    table (the layout of the part) lies in its registered memory, with that table's sha256."""
+
+    endpoint: str = Field(min_length=1, max_length=255, pattern=r"^[^\s\x00-\x1f\x7f]+$")
+    """Mooncake session address (host:rpc_port) of the rank's transfer engine."""
+    version: str = Field(min_length=1, max_length=63, pattern=VERSION_PATTERN)
+    buffers: list[TrainerBuffer] = Field(min_length=1, max_length=16)
+    layout_address: int = Field(ge=0)
+    layout_nbytes: int = Field(ge=1, le=64 << 20)
+    layout_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class TrainerTensor(_Api):
+    """One tensor of the version: name, safetensors dtype, shape, and the fingerprint of its bytes."""
+
+    name: str = Field(min_length=1, max_length=512)
+    dtype: str = Field(min_length=1, max_length=16)
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
+    fingerprint: str = Field(min_length=1, max_length=128)
+
+
+class TrainerSourceRef(_Api):
+    """A version held in the trainer's memory, published by the trainer SDK (hotswap_trainer): the
+    agents read it with one-sided Mooncake reads from the trainer's ranks."""
+
+    parts: list[TrainerPart] = Field(min_length=1, max_length=1024)
+    """Each trainer rank's part (disjoint sets of tensors)."""
+    tensors: list[TrainerTensor] = Field(min_length=1, max_length=16384)
+    """The manifest: every tensor's name, dtype and shape, checked against the served model before any
+    byte is read."""
+    checksum: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """sha256 of the manifest (fingerprints included): each agent verifies the tensors it read."""
+
+
+class SourceRef(_Api):
+    """Where the version's bytes are: exactly one of a checkpoint on the pool's checkpoint volume
+    (path) and the trainer's memory (trainer)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            _cel("has(self.path) != has(self.trainer)", "source must name exactly one of path and trainer"),
+            _cel(
+                "!has(self.trainer) || !has(self.sha256Manifest)",
+                "source.sha256Manifest applies to a path source only (a trainer source has a checksum)",
+            ),
+        )
+    )
+
+    path: str | None = Field(
+        default=None,
         min_length=1,
         max_length=1024,
         pattern=PATH_PATTERN,
@@ -292,6 +347,14 @@ class SourceRef(_Api):
         ),
     )
     """Optional JSON manifest {"files": {"<file>": "<sha256>"}}, relative to the checkpoint volume."""
+    trainer: TrainerSourceRef | None = None
+    """The trainer's memory (set by the trainer SDK, not written by hand)."""
+
+    def describe(self) -> str:
+        """For messages: the path, or the trainer's endpoints."""
+        if self.trainer is not None:
+            return "trainer " + ",".join(p.endpoint for p in self.trainer.parts)
+        return repr(self.path)
 
 
 class InferencePoolStatus(_Api):

@@ -1,10 +1,10 @@
 """Schemathesis hooks for fuzzing a real agent (tests/engine/test_agent_fuzz.py), loaded through
 `SCHEMATHESIS_HOOKS=hotswap_testing.agent_fuzz_hooks`.
 
-Generated update requests name addresses the agent would contact (p2p peers' Mooncake endpoints,
-the broadcast group's master): every one is rewritten to a closed loopback port before the call,
-so a fuzzed update fails fast and nothing leaves the machine. Everything else reaches the agent as
-generated.
+Generated requests name addresses the agent would contact (p2p peers' Mooncake endpoints, the
+broadcast group's master, a trainer source's ranks in a stage request): every one is rewritten to a
+closed loopback port before the call, so a fuzzed request fails fast and nothing leaves the machine.
+Everything else reaches the agent as generated.
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ CLOSED_PORT = 9  # discard: nothing listens on it in tests
 
 
 def to_loopback(body: Any) -> Any:
-    """`body` with every peer endpoint and master address of an update request on loopback."""
+    """`body` with every peer endpoint and master address of an update request, and every trainer
+    rank of a stage request's source, on loopback."""
     if not isinstance(body, dict):
         return body
+    source = body.get("source")
+    trainer = source.get("trainer") if isinstance(source, dict) else None
+    if isinstance(trainer, dict) and isinstance(trainer.get("parts"), list):
+        for part in trainer["parts"]:
+            if isinstance(part, dict) and isinstance(part.get("endpoint"), str):
+                part["endpoint"] = f"{LOOPBACK}:{CLOSED_PORT}"
     peers = body.get("peers")
     if isinstance(peers, list):
         for peer in peers:

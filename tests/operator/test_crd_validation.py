@@ -54,6 +54,25 @@ def wv(version: str = "v1", pool_name: str = "chat", name: str | None = None, **
     }
 
 
+# A trainer-held version as the SDK writes it (`hotswap_trainer.Publisher`).
+TRAINER: dict[str, Any] = {
+    "parts": [
+        {
+            "endpoint": "127.0.0.1:15000",
+            "version": "v1",
+            "buffers": [{"segment": 0, "address": 140000000000000, "nbytes": 4096}],
+            "layoutAddress": 140000000100000,
+            "layoutNbytes": 120,
+            "layoutSha256": "0" * 64,
+        }
+    ],
+    "tensors": [
+        {"name": "lm_head.weight", "dtype": "BF16", "shape": [32, 16], "fingerprint": "bfloat16:32x16:00"}
+    ],
+    "checksum": "1" * 64,
+}
+
+
 def create(api: client.CustomObjectsApi, ns: str, plural: str, body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = api.create_namespaced_custom_object(GROUP, VERSION, ns, plural, body)
     return out
@@ -75,6 +94,8 @@ def test_valid_objects_are_accepted_with_defaults(custom: client.CustomObjectsAp
     assert p["spec"]["template"]["spec"]["containers"][0]["args"] == ["--enforce-eager"]  # kept, not pruned
     w = create(custom, namespace, "weightversions", wv())
     assert w["spec"]["strategy"] == "auto" and w["spec"]["timeout"] == "10m"
+    t = create(custom, namespace, "weightversions", wv("v2", source={"trainer": TRAINER}))
+    assert t["spec"]["source"] == {"trainer": TRAINER}  # nothing pruned: the agents get it as written
 
 
 @pytest.mark.parametrize(
@@ -87,6 +108,19 @@ def test_valid_objects_are_accepted_with_defaults(custom: client.CustomObjectsAp
         (
             {"source": {"path": "v1", "sha256Manifest": "../m.json"}},
             "source.sha256Manifest must not contain '..'",
+        ),
+        ({"source": {}}, "source must name exactly one of path and trainer"),
+        (
+            {"source": {"path": "ckpts/v1", "trainer": TRAINER}},
+            "source must name exactly one of path and trainer",
+        ),
+        (
+            {"source": {"trainer": TRAINER, "sha256Manifest": "m.json"}},
+            "source.sha256Manifest applies to a path source only",
+        ),
+        (
+            {"source": {"trainer": {**TRAINER, "checksum": "x"}}},
+            "spec.source.trainer.checksum in body should match",
         ),
         ({"timeout": "soon"}, "spec.timeout in body should match"),
         ({"source": {"path": "ckpts/v1\x00"}}, "spec.source.path in body should match"),

@@ -1242,3 +1242,23 @@ def test_plan_keeps_the_target_in_progress_and_prunes_a_superseded_one_only_once
         )
     )
     assert pr is not None and [v.version for v in pr.versions] == ["v3"]
+
+
+def test_a_trainer_sourced_version_is_staged_from_the_trainer_as_the_crd_names_it() -> None:
+    tensors = (protocol.TrainerTensor(name="w", dtype="F32", shape=(2,), fingerprint="float32:2:01"),)
+    source = protocol.TrainerSource(
+        parts=(p2p_source("v1", "127.0.0.1:15000"),),
+        tensors=tensors,
+        checksum=protocol.trainer_checksum(tensors),
+    )
+    version = wv("v1")
+    spec = version.spec.model_copy(
+        update={"source": SourceRef.model_validate({"trainer": source.model_dump()})}
+    )
+    p = plan(fleet(two_pods(), [replace(version, spec=spec)]))
+    stages = of(p, Stage)
+    assert [s.request.part for s in stages] == [
+        protocol.PartSpec(index=0, count=2),
+        protocol.PartSpec(index=1, count=2),
+    ]
+    assert all(s.request.source == protocol.Source(trainer=source) for s in stages)

@@ -79,20 +79,24 @@ class UpdateRunner:
     ) -> StagedCheckpoint:
         """Validate and read a checkpoint (blocking). `trusted` is for re-reading the base checkpoint
         the engine was started with, which need not lie under an allowed root."""
-        roots = [*self.cfg.allowed_root]
-        if trusted:
-            roots.append(self.cfg.base_checkpoint)
-        staged = staging.stage(
-            source.path,
-            part,
-            roots,
-            self.expected,
-            manifest=source.sha256_manifest,
-            pinned=False,
-            threads=self.cfg.stage_threads,
-            prefault=self.cfg.stage_prefault,
-            pool=self.host_pool,
-        )
+        if source.trainer is not None:
+            staged = self._stage_from_trainer(source.trainer, part)
+        else:
+            assert source.path is not None  # `protocol.Source` holds exactly one kind
+            roots = [*self.cfg.allowed_root]
+            if trusted:
+                roots.append(self.cfg.base_checkpoint)
+            staged = staging.stage(
+                source.path,
+                part,
+                roots,
+                self.expected,
+                manifest=source.sha256_manifest,
+                pinned=False,
+                threads=self.cfg.stage_threads,
+                prefault=self.cfg.stage_prefault,
+                pool=self.host_pool,
+            )
         # Map (and on CUDA pin) it in the rank workers now, off the update's critical path; workers
         # busy with an update map it when it is used.
         try:
@@ -100,6 +104,16 @@ class UpdateRunner:
         except Exception as e:
             log.warning("could not map the staged version in the rank workers yet: %s", e)
         return staged
+
+    def _stage_from_trainer(
+        self, source: protocol.TrainerSource, part: protocol.PartSpec | None
+    ) -> StagedCheckpoint:
+        """One-sided Mooncake reads of this pod's part from the trainer ranks' memory."""
+        from hotswap_engine.transport.trainer_source import TrainerUnavailable, stage_from_trainer
+
+        if self.p2p is None:
+            raise TrainerUnavailable("this pod cannot read from a trainer: Mooncake did not start")
+        return stage_from_trainer(self.p2p, source, part, self.expected, pool=self.host_pool)
 
     # ---- updates ------------------------------------------------------------------------------
 

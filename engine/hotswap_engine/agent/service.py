@@ -137,8 +137,8 @@ class AgentService:
             return have.meta  # idempotent: the operator may repeat a request after a restart
         if have is not None and have.meta.source != req.source and req.version == self._serving:
             raise Conflict(
-                f"version {req.version} is served here from {have.meta.source.path}; another checkpoint "
-                f"({req.source.path}) needs a new version"
+                f"version {req.version} is served here from {have.meta.source.describe()}; another "
+                f"checkpoint ({req.source.describe()}) needs a new version"
             )
         pending = self._staging.get(req.version)
         if pending is not None:
