@@ -136,6 +136,20 @@ class AgentClient:
         _, raw = await self._call("GET", endpoint, f"{protocol.API_PREFIX}/status")
         return self._parse(protocol.AgentStatus, raw, endpoint)
 
+    async def wait_status(self, endpoint: str, after: int, timeout_s: float) -> protocol.AgentStatus:
+        """Long-poll: the status once its `sequence` differs from `after`, or after `timeout_s`
+        (unchanged then). The request's own timeout is the wait plus the usual one."""
+        wait = protocol.StatusWait(wait_for_change_after=after, timeout_seconds=timeout_s)
+        query = f"?wait_for_change_after={after}&timeout_seconds={wait.timeout_seconds}"
+        total = wait.timeout_seconds + (self._timeout.total or 10.0)
+        _, raw = await self._call(
+            "GET",
+            endpoint,
+            f"{protocol.API_PREFIX}/status{query}",
+            timeout=aiohttp.ClientTimeout(total=total),
+        )
+        return self._parse(protocol.AgentStatus, raw, endpoint)
+
     async def stage(self, endpoint: str, req: protocol.StageRequest) -> protocol.StagedVersion:
         """Stage (synchronous on the agent: it answers once the bytes are in host memory).
 

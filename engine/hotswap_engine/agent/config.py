@@ -32,6 +32,8 @@ class AgentConfig:
     # Rank workers (one process per local GPU, cuda:0..N-1; on CPU gloo processes). None: every
     # GPU of the container on cuda, 1 on cpu. Every pod of a group must run the same number.
     gpus: int | None = None
+    # The longest a status long-poll is held open, whatever the client asks for (tests shorten it).
+    max_status_wait_s: float = 60.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -94,7 +96,15 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         default=None,
         help="rank workers, one per local GPU (default: all GPUs of the container on cuda, 1 on cpu)",
     )
+    p.add_argument(
+        "--max-status-wait",
+        type=float,
+        default=60.0,
+        help="seconds: the longest a GET /v1/status long-poll is held open (capped at 60)",
+    )
     a = p.parse_args(argv)
+    if not 0 < a.max_status_wait <= 60:
+        p.error("--max-status-wait must be in (0, 60]")
     if a.gpus is not None and a.gpus < 1:
         p.error("--gpus must be at least 1")
     if a.gpus is not None and a.gpus > 1:
@@ -126,4 +136,5 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         p2p_device=a.p2p_device,
         collective_timeout_s=a.collective_timeout,
         gpus=a.gpus,
+        max_status_wait_s=a.max_status_wait,
     )
