@@ -55,13 +55,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--agent-timeout", type=float, default=5.0)
     p.add_argument(
+        "--resync-interval",
+        type=float,
+        default=None,
+        help="seconds: the safety-net reconcile of a pool when no event comes (default: the planner's "
+        f"{PlannerConfig.active_requeue_s:g}s during a rollout, {PlannerConfig.idle_requeue_s:g}s idle); "
+        "rollouts move on events, never on this timer",
+    )
+    p.add_argument(
         "--gpu-sharing",
         choices=GPU_SHARING_MODES,
         default=os.environ.get("HOTSWAP_ENGINE_GPU_SHARING") or "none",
         help="how the injected engine container sees the inference container's GPUs",
     )
     p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.resync_interval is not None and a.resync_interval <= 0:
+        p.error("--resync-interval must be positive")
+    return a
+
+
+def planner_config(args: argparse.Namespace) -> PlannerConfig:
+    if args.resync_interval is None:
+        return PlannerConfig(p2p_catch_up=args.p2p_catch_up)
+    return PlannerConfig(
+        p2p_catch_up=args.p2p_catch_up,
+        active_requeue_s=args.resync_interval,
+        idle_requeue_s=args.resync_interval,
+    )
 
 
 def api_client(kubeconfig: str | None) -> client.ApiClient:
@@ -74,6 +95,7 @@ def api_client(kubeconfig: str | None) -> client.ApiClient:
 async def run(args: argparse.Namespace) -> int:
     kube = Kube(api_client(args.kubeconfig))
     metrics = OperatorMetrics()
+    kube.on_request = metrics.count_request
     if args.metrics:
         host, _, port = args.metrics.rpartition(":")
         start_http_server(int(port), addr=host, registry=metrics.registry)
@@ -85,7 +107,7 @@ async def run(args: argparse.Namespace) -> int:
         Runtime(
             kube=kube,
             metrics=metrics,
-            config=PlannerConfig(p2p_catch_up=args.p2p_catch_up),
+            config=planner_config(args),
             agent_timeout_s=args.agent_timeout,
             gpu_sharing=args.gpu_sharing,
         )

@@ -93,7 +93,9 @@ class AgentClient:
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # No connection limit (aiohttp's default is 100): every pod holds one status long-poll
+            # open, and a Stage or StartUpdate must never queue behind them.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
     async def _call(
