@@ -282,6 +282,10 @@ class UpdateProgress(_Model):
 
 class AgentStatus(_Model):
     pod: str
+    # Bumped on every change this status reports (not on byte progress); `GET /status
+    # ?waitForChangeAfter=<sequence>` answers once it moved past the given value. Starts at 0 when
+    # the agent starts.
+    sequence: int = Field(default=0, ge=0)
     serving_version: str | None  # None: serving the base checkpoint it started with
     ready: bool  # serving a fully applied version, no update or rollback running
     # The launcher answered the agent's last health check; False while vLLM is still starting, when
@@ -291,6 +295,19 @@ class AgentStatus(_Model):
     update: UpdateProgress | None = None  # the latest update, running or finished
     last_error: str | None = None
     p2p_endpoint: str | None = None  # Mooncake endpoint of this agent's staged buffers
+
+
+# The longest one status long-poll may be held open (`StatusWait.timeout_seconds`).
+MAX_STATUS_WAIT_SECONDS = 60.0
+
+
+class StatusWait(_Model):
+    """The query of `GET /status`: with `wait_for_change_after`, the agent answers as soon as its
+    `AgentStatus.sequence` differs from it (a change, or an agent that restarted and counts from 0
+    again), else after `timeout_seconds` with the unchanged status. Without it: at once."""
+
+    wait_for_change_after: int | None = Field(default=None, ge=0, le=MAX_INT64)
+    timeout_seconds: float = Field(default=30.0, gt=0, le=MAX_STATUS_WAIT_SECONDS, allow_inf_nan=False)
 
 
 class ErrorBody(_Model):

@@ -42,6 +42,7 @@ def api_client(kubeconfig: str | None) -> client.ApiClient:
 async def run(settings: OperatorSettings) -> int:
     kube = Kube(api_client(settings.kubeconfig))
     metrics = OperatorMetrics()
+    kube.on_request = metrics.count_request
     if settings.metrics:
         host, _, port = settings.metrics.rpartition(":")
         start_http_server(int(port), addr=host, registry=metrics.registry)

@@ -95,7 +95,9 @@ class AgentClient:
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # No connection limit (aiohttp's default is 100): every pod holds one status long-poll
+            # open, and a Stage or StartUpdate must never queue behind them.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
     async def _call(
@@ -136,6 +138,20 @@ class AgentClient:
 
     async def status(self, endpoint: str) -> protocol.AgentStatus:
         _, raw = await self._call("GET", endpoint, f"{protocol.API_PREFIX}/status")
+        return self._parse(protocol.AgentStatus, raw, endpoint)
+
+    async def wait_status(self, endpoint: str, after: int, timeout_s: float) -> protocol.AgentStatus:
+        """Long-poll: the status once its `sequence` differs from `after`, or after `timeout_s`
+        (unchanged then). The request's own timeout is the wait plus the usual one."""
+        wait = protocol.StatusWait(wait_for_change_after=after, timeout_seconds=timeout_s)
+        query = f"?wait_for_change_after={after}&timeout_seconds={wait.timeout_seconds}"
+        total = wait.timeout_seconds + (self._timeout.total or 10.0)
+        _, raw = await self._call(
+            "GET",
+            endpoint,
+            f"{protocol.API_PREFIX}/status{query}",
+            timeout=aiohttp.ClientTimeout(total=total),
+        )
         return self._parse(protocol.AgentStatus, raw, endpoint)
 
     async def stage(self, endpoint: str, req: protocol.StageRequest) -> protocol.StagedVersion:

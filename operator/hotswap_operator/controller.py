@@ -5,8 +5,14 @@ group an agent is told about is already recorded when it starts acting; a restar
 re-derives the same actions from the same status and the agents' own state (stage and update
 requests are idempotent or answer 409 when already running).
 
-Staging can take minutes, so Stage calls run as background tasks (at most one per pod and version);
-the loop keeps polling meanwhile. Errors from Stage and StartUpdate requests come back into every
+What a reconcile reads costs no LIST: the pool's pods and WeightVersions come from kopf's
+watch-fed indices (`watched`), each agent's status from its pod's long-poll (`agent_watch`), which
+wakes the loop when the agent's state changes. The loop therefore runs on events — a watch event,
+an agent's change, a finished Stage call — and otherwise only when the plan says a backoff or a
+deadline is due, or at the planner's long safety-net interval.
+
+Staging can take minutes, so Stage calls run as background tasks (at most one per pod and version)
+that wake the loop when they end. Errors from Stage and StartUpdate requests come back into every
 plan as `ActionFailure`s, kept per (pod, version) until such a request succeeds: permanent ones (a
 missing or mismatching checkpoint, a forbidden or invalid path) fail the WeightVersion, any other (an
 agent's 500, a timeout, an unreachable agent) is retried with exponential backoff (`planner.backoff_s`)
@@ -33,12 +39,14 @@ from typing import Any
 from hotswap_engine import protocol
 
 from hotswap_operator import planner, snapshot
+from hotswap_operator.agent_watch import LONG_POLL_S, AgentWatch
 from hotswap_operator.agents import AgentClient, AgentClientError, AgentConflict, AgentNotFound
 from hotswap_operator.kube import Kube, api_status
 from hotswap_operator.metrics import OperatorMetrics
 from hotswap_operator.planner import ActionFailure, Plan
-from hotswap_operator.resources import POOL_LABEL, READINESS_GATE, VERSION_LABEL, InferencePool
+from hotswap_operator.resources import READINESS_GATE, VERSION_LABEL, InferencePool
 from hotswap_operator.settings import OperatorSettings
+from hotswap_operator.watched import FleetReader, ListReader, ViewCache
 from hotswap_operator.workload import (
     TOKEN_KEY,
     WorkloadError,
@@ -60,6 +68,10 @@ class Runtime:
     kube: Kube
     metrics: OperatorMetrics
     settings: OperatorSettings
+    # Where pods and WeightVersions are read from: kopf's watch-fed indices once the handlers run
+    # (`handlers` sets it); LIST calls when None (a controller driven without kopf).
+    reader: FleetReader | None = None
+    agent_long_poll_s: float = LONG_POLL_S
 
 
 def spec_hash(obj: Obj) -> str:
@@ -76,14 +88,19 @@ class PoolController:
         self._staging: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._client: AgentClient | None = None
         self._token: str | None = None
+        self._watches: dict[str, AgentWatch] = {}  # by pod: its agent's status, long-polled
+        self._views = ViewCache()
 
     # ---- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Reconcile until cancelled; `wake` cuts a wait short (an event on the pool, its pods or
-        versions, or a finished staging call)."""
+        versions, an agent's change, or a finished staging call)."""
         try:
             while True:
+                # Cleared before the reconcile, not after: a wake that comes while it runs (an
+                # agent finished meanwhile) makes the next one start at once instead of being lost.
+                self.wake.clear()
                 try:
                     delay = await self.reconcile()
                 except asyncio.CancelledError:
@@ -91,7 +108,6 @@ class PoolController:
                 except Exception:
                     log.exception("reconciling pool %s/%s", self.namespace, self.name)
                     delay = 5.0
-                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=delay)
         finally:
@@ -101,12 +117,16 @@ class PoolController:
         for task in self._staging.values():
             task.cancel()
         self._staging.clear()
+        for watch in self._watches.values():
+            await watch.stop()
+        self._watches.clear()
         if self._client is not None:
             await self._client.close()
             self._client = None
 
     async def reconcile(self) -> float:
         kube = self.rt.kube
+        self.rt.metrics.reconciles.inc()
         pool = await kube.get_pool(self.namespace, self.name)
         if pool is None:
             return 30.0
@@ -122,10 +142,12 @@ class PoolController:
             return await self._invalid_template(str(e))
         await self._ensure_deployment(desired)
 
-        pods = await kube.list_pods(self.namespace, f"{POOL_LABEL}={self.name}")
-        versions = await kube.list_weight_versions(self.namespace)
-        agents = await self._poll(client, pods, parsed.spec.engine.port)
-        fleet = snapshot.fleet(pool, pods, agents, versions, datetime.now(UTC))
+        reader = self._reader()
+        pods = await reader.pods(self.namespace, self.name)
+        versions = await reader.versions(self.namespace, self.name)
+        agents = await self._agents(client, pods, parsed.spec.engine.port)
+        fleet = snapshot.fleet(pool, pods, agents, versions, datetime.now(UTC), self._views.view)
+        self._views.keep(versions)
         live = {p.name for p in fleet.pods}
         self._failures = {k: f for k, f in self._failures.items() if k[0] in live}
         plan = planner.plan(fleet, tuple(self._failures.values()), self.rt.settings)
@@ -199,7 +221,7 @@ class PoolController:
 
     async def _invalid_template(self, error: str) -> float:
         """End the pool's WeightVersions at their timeout while its template is invalid (no plan runs)."""
-        objects = await self.rt.kube.list_weight_versions(self.namespace)
+        objects = await self._reader().versions(self.namespace, self.name)
         statuses, requeue = planner.invalid_pool(
             snapshot.versions_of(self.name, objects), self.name, error, datetime.now(UTC), self.rt.settings
         )
@@ -210,20 +232,43 @@ class PoolController:
 
     # ---- agents --------------------------------------------------------------------------------
 
-    async def _poll(
+    def _reader(self) -> FleetReader:
+        return self.rt.reader if self.rt.reader is not None else ListReader(self.rt.kube)
+
+    async def _agents(
         self, client: AgentClient, pods: list[Obj], port: int
     ) -> dict[str, protocol.AgentStatus | None]:
-        async def one(pod: Obj) -> tuple[str, protocol.AgentStatus | None]:
-            name = pod["metadata"]["name"]
-            if not snapshot.pollable(pod):
-                return name, None
+        """Each pod's agent status as its watch last saw it. A pod seen for the first time is asked
+        once here (so the plan never acts on a pod it has not heard from), then watched; watches of
+        pods gone, moved or no longer pollable stop."""
+        wanted = {
+            p["metadata"]["name"]: f"http://{p['status']['podIP']}:{port}"
+            for p in pods
+            if snapshot.pollable(p)
+        }
+        for name in list(self._watches):
+            watch = self._watches[name]
+            if wanted.get(name) != watch.endpoint or watch.client is not client:
+                watch.cancel()
+                del self._watches[name]
+
+        async def first(name: str, endpoint: str) -> None:
             try:
-                return name, await client.status(f"http://{pod['status']['podIP']}:{port}")
+                st: protocol.AgentStatus | None = await client.status(endpoint)
             except AgentClientError as e:
                 log.debug("agent of %s: %s", name, e)
-                return name, None
+                st = None
+            watch = AgentWatch(client, endpoint, self.wake.set, st, self.rt.agent_long_poll_s)
+            self._watches[name] = watch
+            watch.start(f"{self.namespace}/{name}")
 
-        return dict(await asyncio.gather(*(one(p) for p in pods)))
+        await asyncio.gather(*(first(n, ep) for n, ep in wanted.items() if n not in self._watches))
+        out: dict[str, protocol.AgentStatus | None] = {}
+        for p in pods:
+            name = p["metadata"]["name"]
+            seen = self._watches.get(name)
+            out[name] = seen.status if seen is not None else None
+        return out
 
     # ---- actions -------------------------------------------------------------------------------
 

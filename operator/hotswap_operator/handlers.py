@@ -9,6 +9,9 @@
   PoolNotFound; one that never started is Accepted=False until its pool appears, and a check at its
   deadline fails it then, so none stays unfinished past its timeout.
 - A liveness probe reports how many pools are being reconciled.
+- Two kopf indices, fed by the same watches, are the loops' read path (`watched.IndexReader`): pods
+  by (namespace, pool label), WeightVersions by (namespace, poolRef). kopf runs no handler before
+  both hold their initial listing, so a loop never starts on a half-filled cache.
 
 Why event handlers and not `kopf.daemon`: kopf puts a finalizer on every object that has a daemon,
 so a pool could not be deleted (nor its namespace) while the operator is down. Nothing here needs
@@ -31,6 +34,7 @@ from hotswap_operator import snapshot
 from hotswap_operator.controller import COMPONENT, PoolController, Runtime
 from hotswap_operator.planner import deadline, orphan_status
 from hotswap_operator.resources import GROUP, POOL_LABEL, VERSION
+from hotswap_operator.watched import IndexReader, pool_of_version
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +177,31 @@ async def orphan_check(namespace: str, name: str) -> None:
     await orphan(obj)
 
 
+@kopf.index("", "v1", "pods", labels={POOL_LABEL: kopf.PRESENT})
+def pods_by_pool(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, labels[POOL_LABEL]): dict(body)}
+
+
+@kopf.index(GROUP, VERSION, "weightversions")
+def versions_by_pool(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    pool = pool_of_version(body)
+    return {(namespace, pool): dict(body)} if pool else None
+
+
+def use_indices(pods: kopf.Index[Any, Any], versions: kopf.Index[Any, Any]) -> None:
+    """Give the loops the watch-fed read path (once: kopf passes the same index objects each time)."""
+    runtime = REGISTRY.runtime
+    if runtime is not None and runtime.reader is None:
+        runtime.reader = IndexReader(pods, versions)
+
+
 @kopf.on.event(GROUP, VERSION, "inferencepools")
-async def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+async def pool_event(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
     if namespace is None:
         return
+    # kopf passes every index to every handler, by the indexing function's name
+    versions_by_pool: kopf.Index[Any, Any] = kwargs["versions_by_pool"]
+    use_indices(kwargs["pods_by_pool"], versions_by_pool)
     if type != "DELETED":
         REGISTRY.ensure(namespace, name)
         return
@@ -184,9 +209,8 @@ async def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> N
     runtime = REGISTRY.runtime
     if runtime is None or await runtime.kube.get_pool(namespace, name) is not None:
         return  # created again meanwhile: its new loop takes the versions over
-    for obj in await runtime.kube.list_weight_versions(namespace):
-        if ((obj.get("spec") or {}).get("poolRef") or {}).get("name") == name:
-            await orphan(obj)
+    for obj in list(versions_by_pool.get((namespace, name), ())):
+        await orphan(obj)
 
 
 @kopf.on.event(GROUP, VERSION, "weightversions")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -33,9 +34,16 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.coord = client.CoordinationV1Api(api)
+        # Requests sent, by client method (e.g. "list_namespaced_pod"): what a reconcile costs the
+        # apiserver, for metrics and tests. kopf's own watches are not counted (not sent here).
+        self.requests: Counter[str] = Counter()
+        self.on_request: Callable[[str], None] | None = None
 
-    @staticmethod
-    async def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        name = getattr(fn, "__name__", "call")
+        self.requests[name] += 1
+        if self.on_request is not None:
+            self.on_request(name)
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def _json(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:

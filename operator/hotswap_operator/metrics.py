@@ -48,7 +48,21 @@ class OperatorMetrics:
             ["action", "outcome"],
             registry=self.registry,
         )
+        self.apiserver_requests = Counter(
+            "hotswap_operator_apiserver_requests_total",
+            "Requests the operator sent the apiserver (not kopf's watches), by client call",
+            ["call"],
+            registry=self.registry,
+        )
+        self.reconciles = Counter(
+            "hotswap_operator_reconciles_total",
+            "Reconciles of pools (each reads from the watch-fed caches, not by LIST)",
+            registry=self.registry,
+        )
         self._seen_versions: dict[tuple[str, str], set[str]] = {}
+
+    def count_request(self, call: str) -> None:
+        self.apiserver_requests.labels(call).inc()
 
     def observe(self, namespace: str, fleet: Fleet, plan: Plan) -> None:
         before = {v.name: v.status for v in fleet.versions}

@@ -148,6 +148,10 @@ class ActionFailure:
     source: protocol.Source | None = None  # what the Stage asked for (None: a StartUpdate)
 
 
+# Planned a little after a due time, so that the deadline has passed (`now > deadline`) by then.
+DUE_SLACK_S = 0.05
+
+
 # ---- the plan ------------------------------------------------------------------------------------------
 
 
@@ -299,6 +303,12 @@ class _Round:
     current_source: SourceRef | None = None
     degraded: list[str] = field(default_factory=list)
     active: bool = False  # work is in progress: look again soon
+    wake_in: float | None = None  # seconds until a timed decision is due (a backoff ends, a deadline)
+
+    def due_in(self, seconds: float) -> None:
+        """Something this plan decided changes after `seconds` with no event: plan again then."""
+        if seconds > 0:
+            self.wake_in = seconds if self.wake_in is None else min(self.wake_in, seconds)
 
     @property
     def now(self) -> datetime:
@@ -321,7 +331,9 @@ class _Round:
     def retry_in(self, f: ActionFailure) -> float:
         """Seconds until the failed action may be sent again (0: now)."""
         due = f.at + timedelta(seconds=backoff_s(f.attempts, self.config))
-        return max(0.0, (due - self.now).total_seconds())
+        wait = max(0.0, (due - self.now).total_seconds())
+        self.due_in(wait)
+        return wait
 
     def retry_note(self, f: ActionFailure) -> str:
         """How a failed action shows in the WeightVersion's status message."""
@@ -739,6 +751,7 @@ def _drive(r: _Round, wv: VersionView) -> WeightVersionStatus:
         last = f" ({st.message})" if st.message else ""
         _fail(r, wv, st, "Timeout", f"timed out after {wv.spec.timeout} in phase {st.phase.value}{last}")
         return st
+    r.due_in((_deadline(wv, st) - r.now).total_seconds())
     if st.phase is Phase.PENDING:
         _do_pending(r, wv, st)
     elif st.phase is Phase.STAGING:
@@ -859,7 +872,9 @@ def _catch_up(
         # backoff and no p2p retry ping-pong. After a failed storage attempt the backoff applies.
         p2p_failed = u.mode is protocol.UpdateMode.P2P
         finished = u.finished_at or u.started_at
-        if not p2p_failed and (r.now - finished).total_seconds() < r.config.retry_backoff:
+        waited = (r.now - finished).total_seconds()
+        if not p2p_failed and waited < r.config.retry_backoff:
+            r.due_in(r.config.retry_backoff - waited)
             r.degraded.append(f"pod {pod.name} failed to catch up to {label}: {u.error}")
             return
     f = r.failure(pod.name, label, r.abs_source(source))
@@ -1038,6 +1053,8 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
         if st != _status_of(fleet, name)
     }
     requeue = r.config.active_requeue if r.active else r.config.idle_requeue
+    if r.wake_in is not None:
+        requeue = min(requeue, r.wake_in + DUE_SLACK_S)
     return Plan(tuple(r.actions), changed, pool_status, requeue)
 
 

@@ -51,11 +51,16 @@ class PlannerConfig(BaseModel):
         default=1.0, gt=0, description="seconds before a failed Stage/StartUpdate is sent again (doubling)"
     )
     action_backoff_max: float = Field(default=120.0, gt=0, description="cap of that backoff, seconds")
+    # Safety nets only: a rollout moves on events (the pool's pods and versions from the watch, each
+    # agent's changes from its status long-poll, a finished Stage call), and a plan that waits on
+    # time (a backoff, a deadline) asks to be looked at again exactly then (`Plan.requeue_after`).
     active_requeue: float = Field(
-        default=2.0, gt=0, description="seconds between reconciles of a pool while a rollout runs"
+        default=30.0,
+        gt=0,
+        description="seconds: safety-net reconcile of a pool during a rollout (rollouts move on events)",
     )
     idle_requeue: float = Field(
-        default=30.0, gt=0, description="seconds between reconciles of an idle pool (events wake it sooner)"
+        default=60.0, gt=0, description="seconds: safety-net reconcile of an idle pool (events wake it)"
     )
 
 

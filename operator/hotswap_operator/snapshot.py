@@ -6,7 +6,7 @@ so the parsing rules (what counts as running, ready, deleting) have unit tests o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,10 +78,10 @@ def version_view(obj: Obj) -> VersionView:
     )
 
 
-def versions_of(pool: str, objects: Iterable[Obj]) -> tuple[VersionView, ...]:
-    return tuple(
-        version_view(o) for o in objects if ((o.get("spec") or {}).get("poolRef") or {}).get("name") == pool
-    )
+def versions_of(
+    pool: str, objects: Iterable[Obj], view: Callable[[Obj], VersionView] = version_view
+) -> tuple[VersionView, ...]:
+    return tuple(view(o) for o in objects if ((o.get("spec") or {}).get("poolRef") or {}).get("name") == pool)
 
 
 def fleet(
@@ -90,7 +90,9 @@ def fleet(
     agents: Mapping[str, protocol.AgentStatus | None],
     versions: Iterable[Obj],
     now: datetime,
+    view: Callable[[Obj], VersionView] = version_view,
 ) -> Fleet:
+    """`view` parses one WeightVersion (a memoising one lets a reconcile skip the unchanged ones)."""
     pool = InferencePool.model_validate(dict(pool_obj))
     meta = pool_obj.get("metadata") or {}
     name = meta["name"]
@@ -100,6 +102,6 @@ def fleet(
         spec=pool.spec,
         status=pool.status,
         pods=tuple(pod_view(p, agents.get(p["metadata"]["name"])) for p in pods),
-        versions=versions_of(name, versions),
+        versions=versions_of(name, versions, view),
         now=now,
     )

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -122,6 +123,12 @@ class Checkpoints:
 # ---- the operator process ----------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class OperatorProcess:
     """`python -m hotswap_operator` for one namespace; can be killed and started again."""
 
@@ -131,6 +138,7 @@ class OperatorProcess:
         self.logdir = logdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.metrics = f"127.0.0.1:{free_port()}"
 
     @property
     def log_path(self) -> Path:
@@ -150,6 +158,11 @@ class OperatorProcess:
                 f"--lease-namespace={self.namespace}",
                 f"--identity=e2e-{self.starts}",
                 "--lease-duration=3",
+                # Rollouts move on events (watches, agents' long-polls): with the safety-net resync
+                # at 10 minutes, a rollout that completes proves that nothing waits on a timer.
+                "--active-requeue=600",
+                "--idle-requeue=600",
+                f"--metrics={self.metrics}",
             ],
             env=env,
             stdout=self.log_path.open("wb"),
@@ -167,6 +180,11 @@ class OperatorProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as r:
+            body: bytes = r.read()
+        return body.decode()
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

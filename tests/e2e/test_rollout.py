@@ -321,6 +321,14 @@ def test_2_weight_version_rolls_out(
     assert_pool_serves(kube, "v2", expected, n)
     pool_st = kube.pool()["status"]
     assert pool_st["targetVersion"] == "v2" and pool_st["updatedReplicas"] == n, pool_st
+    # The operator runs with a 10-minute safety-net resync (e2e_fleet.OperatorProcess): the rollout
+    # moved on events alone; and its reconciles read from the watch-fed caches, not one LIST.
+    sent = [
+        line
+        for line in operator.metrics_text().splitlines()
+        if line.startswith("hotswap_operator_apiserver_requests_total{")
+    ]
+    assert sent and not [line for line in sent if 'call="list_' in line], sent
 
 
 @pytest.mark.parametrize(

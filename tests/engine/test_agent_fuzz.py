@@ -112,6 +112,8 @@ class FuzzPod:
                 *("--control-socket", str(self.control), "--device", "cpu"),
                 *("--handoff-endpoint", f"ipc://{self.workdir / 'handoff.sock'}"),
                 *("--shm-dir", str(self.workdir / "shm"), "--collective-timeout", "20"),
+                # Long-polls the fuzzer opens (a matching wait_for_change_after) end within a second.
+                *("--max-status-wait", "1"),
             ],
             env,
         )

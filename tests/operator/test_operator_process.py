@@ -1,5 +1,6 @@
 """`python -m hotswap_operator` as a process against the local cluster: kopf wiring, liveness, metrics,
-the Lease hand-over between two replicas. No engines: the pool has no schedulable pods, so versions
+the Lease hand-over between two replicas, a read path without LIST calls, and no timer needed (the
+safety-net resync is set to 10 minutes). No engines: the pool has no schedulable pods, so versions
 complete at once (the rollout itself is covered where agents and vLLM run).
 """
 
@@ -69,6 +70,9 @@ class Operator:
                 "--lease-duration=3",
                 f"--liveness={self.liveness}",
                 f"--metrics={self.metrics}",
+                # Everything below happens on events: the safety-net timer never fires in a test.
+                "--active-requeue=600",
+                "--idle-requeue=600",
             ],
             env=env,
             stdout=log.open("wb"),
@@ -107,6 +111,14 @@ def operators(
         op.stop()
     for op in started:
         print(f"----- {op.log.name}\n{op.log.read_text()[-4000:]}")
+
+
+def sample(metrics: str, name: str) -> float:
+    """The value of an unlabelled sample in Prometheus text."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the metrics")
 
 
 def condition(obj: dict[str, Any], type_: str) -> tuple[str, str] | None:
@@ -214,6 +226,12 @@ def test_operator_process_acts_alone_and_hands_over(
     assert get("inferencepools", "chat")["status"]["currentVersion"] == "v1"
     metrics = http_get(f"http://{b.metrics}/metrics")
     assert 'hotswap_operator_rollouts_total{phase="Complete"} 1.0' in metrics
+    # The reconciles read pods and WeightVersions from kopf's watch-fed indices: not one LIST.
+    assert sample(metrics, "hotswap_operator_reconciles_total") >= 2
+    sent = [
+        line for line in metrics.splitlines() if line.startswith("hotswap_operator_apiserver_requests_total{")
+    ]
+    assert sent and not [line for line in sent if 'call="list_' in line], sent
 
     # A pool deleted while its version is in progress: the version fails within seconds.
     gone = pool_body()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from hotswap_engine import protocol, staging
@@ -278,3 +279,67 @@ async def test_staging_a_version_again_from_another_source_replaces_it(
         got = await c.stage(url, again)
         assert got.source == src(root, "v2b.safetensors")
         assert [s.source for s in (await c.status(url)).staged] == [src(root, "v2b.safetensors")]
+
+
+async def test_status_long_poll_answers_on_a_change_and_at_its_timeout(
+    agent: tuple[str, StorageOnlyRunner], root: Path
+) -> None:
+    """`wait_status` (GET /status?wait_for_change_after=N) answers as soon as the agent's state moves
+    past N — here a stage finishing, then each stage of an update — and with the unchanged status at
+    its timeout otherwise."""
+    url, runner = agent
+    async with agent_client() as c:
+        first = await c.status(url)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        same = await c.wait_status(url, first.sequence, timeout_s=0.3)
+        assert same.sequence == first.sequence and loop.time() - t0 >= 0.3  # nothing changed
+
+        # A waiter open before the stage answers because of it, long before its 30 s timeout.
+        waiter = asyncio.create_task(c.wait_status(url, first.sequence, timeout_s=30))
+        req = protocol.StageRequest(version="v2", source=src(root, "v2.safetensors"))
+        await c.stage(url, req)
+        staged = await asyncio.wait_for(waiter, 10)
+        assert staged.sequence > first.sequence and [s.version for s in staged.staged] == ["v2"]
+
+        # An update: started, then failed and rolled back: the waiter hears of its end.
+        started = await c.start_update(url, broadcast_alone("v2"))
+        await asyncio.wait_for(runner.updates_started.wait(), 10)
+        running = await c.status(url)
+        assert running.update is not None and running.update.id == started.id and not running.update.done
+        waiter = asyncio.create_task(c.wait_status(url, running.sequence, timeout_s=30))
+        runner.release.set()
+        seen = await asyncio.wait_for(waiter, 10)
+        assert seen.sequence > running.sequence
+        st = seen
+        while st.update is None or not st.update.done:  # each answer is a stage change, not a timeout
+            st = await asyncio.wait_for(c.wait_status(url, st.sequence, timeout_s=30), 10)
+        assert st.update.stage is protocol.UpdateStage.FAILED and st.ready
+
+        # A sequence the agent never had (it restarted and counts from 0 again): answered at once.
+        t0 = loop.time()
+        stale = await c.wait_status(url, st.sequence + 1000, timeout_s=30)
+        assert stale.sequence == st.sequence and loop.time() - t0 < 10
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "wait_for_change_after=-1",
+        "wait_for_change_after=x",
+        "wait_for_change_after=1&timeout_seconds=0",
+        "wait_for_change_after=1&timeout_seconds=61",
+        "wait_for_change_after=1&timeout_seconds=nan",
+        "wait_for_change_after=1&wait_for_change_after=2",
+        "unknown=1",
+    ],
+)
+async def test_bad_long_poll_queries_are_refused(agent: tuple[str, StorageOnlyRunner], query: str) -> None:
+    url, _ = agent
+    async with agent_client() as c, aiohttp.ClientSession() as http:
+        before = await c.status(url)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.get(f"{url}/v1/status?{query}", headers=headers) as resp:
+            body = protocol.ErrorBody.model_validate_json(await resp.read())
+            assert (resp.status, body.error) in {(400, "bad_request"), (422, "bad_request")}, body
+        assert (await c.status(url)).sequence == before.sequence  # and nothing changed

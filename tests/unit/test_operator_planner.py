@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hotswap_engine import protocol
 from hotswap_operator.planner import (
+    DUE_SLACK_S,
     ActionFailure,
     DropStaged,
     Emit,
@@ -555,6 +556,9 @@ def test_failed_stage_waits_out_its_backoff_and_shows_the_error(
     assert st.message.startswith("staged on 0/2 pod(s); pod llm-b: " + err), st.message
     assert f"{attempts} failed attempt(s)" in st.message
     assert ("retrying in" in st.message) is not restaged
+    if not restaged:
+        left = backoff_s(attempts, PlannerConfig()) - elapsed
+        assert p.requeue_after == pytest.approx(left + DUE_SLACK_S)
 
 
 @pytest.mark.parametrize(
@@ -578,7 +582,12 @@ def test_failed_update_request_waits_out_its_backoff_and_shows_the_error(
     assert st.message.startswith("updated 0/2 pod(s); pod llm-b: " + err), st.message
     assert f"{attempts} failed attempt(s)" in st.message
     assert ("retrying in" in st.message) is not resent
-    assert p.requeue_after == 2.0  # it keeps looking; the backoff holds only the request
+    # No event ends a backoff: the plan asks to be looked at again when it ends (a safety net else).
+    if resent:
+        assert p.requeue_after <= PlannerConfig().active_requeue
+    else:
+        left = backoff_s(attempts, PlannerConfig()) - elapsed
+        assert p.requeue_after == pytest.approx(left + DUE_SLACK_S)
 
 
 def test_failed_update_request_backs_off_from_the_first_broadcast_too() -> None:

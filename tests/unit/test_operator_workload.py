@@ -207,6 +207,7 @@ NOT_WRITTEN = {
     "advertise_address": "defaults to --host, the pod IP",
     "stage_threads": "host tuning for benchmarks, not part of a pool's spec: the agent's default",
     "stage_prefault": "host tuning for benchmarks, not part of a pool's spec: the agent's default",
+    "max_status_wait": "the operator's long-polls ask for less than the cap; tests shorten it",
 }
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from hotswap_engine import protocol
 from hotswap_engine.agent import openapi
-from hotswap_engine.agent.errors import AgentError
+from hotswap_engine.agent.errors import AgentError, BadRequest
 from hotswap_engine.agent.service import AgentService
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,19 @@ async def _body(request: web.Request, model: type[M]) -> M:
 
 async def status(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
-    await svc.check_engine()
-    return _ok(svc.status())
+    query = _query(request, protocol.StatusWait)
+    if query.wait_for_change_after is None:
+        await svc.check_engine()
+        return _ok(svc.status())
+    return _ok(await svc.wait_status(query.wait_for_change_after, query.timeout_seconds))
+
+
+def _query(request: web.Request, model: type[M]) -> M:
+    """The query string as `model` (numbers from their text; a repeated key is refused)."""
+    repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
+    if repeated:
+        raise BadRequest(f"invalid request: query parameter(s) given more than once: {', '.join(repeated)}")
+    return model.model_validate(dict(request.query))
 
 
 async def stage(request: web.Request) -> web.Response:

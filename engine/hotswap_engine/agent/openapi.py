@@ -51,6 +51,26 @@ class PathParam:
     name: str
     description: str
     schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "string", "minLength": 1})
+    location: Literal["path", "query"] = "path"
+
+    @property
+    def required(self) -> bool:
+        return self.location == "path"
+
+
+def query_params(model: type[BaseModel], descriptions: Mapping[str, str]) -> tuple[PathParam, ...]:
+    """Optional query parameters, one per field of `model` (the model the handler validates the
+    query with, so the document and the validation cannot disagree)."""
+    props = model.model_json_schema(mode="validation")["properties"]
+    out = []
+    for name, schema in props.items():
+        one = {k: v for k, v in schema.items() if k not in ("title", "default", "anyOf")}
+        # `int | None` is an optional parameter of the int's schema, not a nullable one
+        branches = [b for b in schema.get("anyOf", ()) if b.get("type") != "null"]
+        if branches:
+            one.update(branches[0])
+        out.append(PathParam(name, descriptions[name], one, "query"))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -93,8 +113,29 @@ ROUTES: tuple[Route, ...] = (
         "get",
         f"{_P}/status",
         "status",
-        "What this pod serves, what it has staged, and its latest update.",
-        {200: Reply("The agent's status.", protocol.AgentStatus), 401: UNAUTHORIZED, 500: INTERNAL},
+        "What this pod serves, what it has staged, and its latest update; a long-poll with "
+        "`wait_for_change_after`.",
+        {
+            200: Reply("The agent's status.", protocol.AgentStatus),
+            400: _error("`bad_request`: a query parameter given more than once."),
+            401: UNAUTHORIZED,
+            422: _error("`bad_request`: a query parameter out of range or of the wrong type."),
+            500: INTERNAL,
+        },
+        params=query_params(
+            protocol.StatusWait,
+            {
+                "wait_for_change_after": (
+                    "A `sequence` from an earlier status: answer as soon as the agent's sequence "
+                    "differs from it (its state changed, or the agent restarted), else after "
+                    "`timeout_seconds`. Absent: answer at once."
+                ),
+                "timeout_seconds": (
+                    "The longest to wait for a change (the agent may cap it lower); only with "
+                    "`wait_for_change_after`."
+                ),
+            },
+        ),
     ),
     Route(
         "post",
@@ -229,8 +270,8 @@ def generate(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
             op["parameters"] = [
                 {
                     "name": p.name,
-                    "in": "path",
-                    "required": True,
+                    "in": p.location,
+                    "required": p.required,
                     "description": p.description,
                     "schema": p.schema,
                 }

@@ -12,11 +12,13 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hotswap_engine import protocol
+from hotswap_engine.agent.changes import ENGINE_CHECK_S, MAX_WAIT_S, ChangeFeed
 from hotswap_engine.agent.errors import (
     BadRequest,
     CheckpointMismatchError,
@@ -60,6 +62,16 @@ class UpdateRecord:
     error: str | None = None
     peer_bytes: dict[str, int] = field(default_factory=dict)  # p2p: bytes served by each peer
     peers_failed: list[str] = field(default_factory=list)  # p2p: peers given up on
+    # Called after `stage` changes (the runner moves it along): the agent's change feed, so a
+    # long-polling operator hears of every stage, not of byte progress.
+    on_change: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "stage":
+            hook = self.__dict__.get("on_change")
+            if hook is not None:
+                hook()
 
     def to_model(self) -> protocol.UpdateProgress:
         return protocol.UpdateProgress(
@@ -97,6 +109,8 @@ class AgentService:
         # pod still starting vLLM) cannot apply anything: the operator must not send it an update,
         # which could only time out waiting for the engine's workers.
         self._engine_up = False
+        self.max_wait_s = min(cfg.max_status_wait, MAX_WAIT_S)  # the longest a long-poll is held
+        self.changes = ChangeFeed()  # bumped on every change `status()` reports (see `changes`)
 
     # ---- status -------------------------------------------------------------------------------
 
@@ -107,6 +121,7 @@ class AgentService:
     def status(self) -> protocol.AgentStatus:
         return protocol.AgentStatus(
             pod=self.cfg.pod_name,
+            sequence=self.changes.sequence,
             serving_version=self._serving,
             ready=self._consistent and not self.busy,
             engine_up=self._engine_up,
@@ -125,9 +140,28 @@ class AgentService:
 
         try:
             health = await launcher_client.healthz(str(self.cfg.control_socket), timeout=2.0)
-            self._engine_up = bool(health.get("engine_alive", True))
+            up = bool(health.get("engine_alive", True))
         except launcher_client.LauncherUnreachable:
-            self._engine_up = False
+            up = False
+        if up != self._engine_up:
+            self._engine_up = up
+            self.changes.bump()
+
+    async def wait_status(self, after: int, timeout_s: float) -> protocol.AgentStatus:
+        """The status once it changed past sequence `after`, or at `timeout_s` (capped at
+        `changes.MAX_WAIT_S`). While the engine is not up, its health is checked every
+        `ENGINE_CHECK_S` meanwhile, so that its coming up is a change like any other."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(0.0, timeout_s), self.max_wait_s)
+        await self.check_engine()
+        while not self.changes.changed_since(after):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            step = remaining if self._engine_up or self.busy else min(remaining, ENGINE_CHECK_S)
+            if not await self.changes.wait(after, step):
+                await self.check_engine()
+        return self.status()
 
     # ---- staging ------------------------------------------------------------------------------
 
@@ -170,6 +204,7 @@ class AgentService:
             self.metrics.stage_seconds.labels("staging").observe(seconds)
             self.metrics.bytes_moved.labels("staging").inc(data.nbytes)
             self._update_staged_gauge()
+            self.changes.bump()
             fut.set_result(entry)
             return meta
         except Exception as e:
@@ -189,6 +224,7 @@ class AgentService:
         self.runner.withdraw(version)
         self._staged.pop(version).data.release()
         self._update_staged_gauge()
+        self.changes.bump()
 
     def _update_staged_gauge(self) -> None:
         self.metrics.staged_bytes.set(sum(e.meta.bytes for e in self._staged.values()))
@@ -221,10 +257,13 @@ class AgentService:
                     f"version {req.version} is staged here as part {entry.meta.part}, "
                     f"but the group assigns this pod part {me.part}"
                 )
-        rec = UpdateRecord(id=uuid.uuid4().hex[:12], version=req.version, mode=req.mode)
+        rec = UpdateRecord(
+            id=uuid.uuid4().hex[:12], version=req.version, mode=req.mode, on_change=self.changes.bump
+        )
         self._updates[rec.id] = rec
         self._latest = rec
         self._task = asyncio.create_task(self._run(req, rec, entry))
+        self.changes.bump()
         return rec.to_model()
 
     async def _run(self, req: protocol.UpdateRequest, rec: UpdateRecord, entry: StagedEntry | None) -> None:
@@ -317,10 +356,13 @@ class AgentService:
         if not health.get("paused"):
             return
         log.warning("engine is paused after an unfinished update (%s): restoring the base", health)
-        rec = UpdateRecord(id="recover", version="base", mode=protocol.UpdateMode.BROADCAST)
+        rec = UpdateRecord(
+            id="recover", version="base", mode=protocol.UpdateMode.BROADCAST, on_change=self.changes.bump
+        )
         self._consistent = False
         self._latest = rec
         self._task = asyncio.create_task(self._restore_base(rec))
+        self.changes.bump()
 
     async def _restore_base(self, rec: UpdateRecord) -> None:
         await self._roll_back(None, rec)

@@ -89,6 +89,12 @@ class AgentSettings(BaseSettings):
         default=False,
         description="map every page of a fresh unpinned staging buffer on all threads before reading it",
     )
+    max_status_wait: float = Field(
+        default=60.0,
+        gt=0,
+        le=60,
+        description="seconds: the longest a GET /v1/status long-poll is held open (tests shorten it)",
+    )
     gpus: int | None = Field(
         default=None,
         ge=1,
