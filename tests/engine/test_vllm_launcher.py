@@ -96,6 +96,7 @@ async def test_apply_serves_exactly_what_a_fresh_engine_on_the_new_checkpoint_se
     assert texts(launcher) == models.variant_texts
     health = await launcher_client.healthz(launcher.control)
     assert health["version"] == "v1" and health["paused"] is False
+    assert health["weight_version"] == "v1"  # vLLM's own get_weight_version, set by finish_weight_update
     # nothing the reload replaced was left off the tensors captured code reads (graph_safety)
     assert result.workers[0]["moved"] == [], result.workers[0]
     # the weights vLLM keeps in checkpoint format are the checkpoint's bytes (on CPU the linear
@@ -122,6 +123,7 @@ async def test_aborted_handoff_fails_apply_and_resending_base_restores_it(
     # half-applied weights are never served: generation stays paused until a complete version lands
     assert health["paused"] is True and "HandoffAborted" in health["last_error"]
     assert health["engine_alive"] is True
+    assert health["weight_version"] != "v-broken"  # a failed update sets no version
 
     result, _ = await apply(launcher, models.base, "base")
     assert result.ok, result

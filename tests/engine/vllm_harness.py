@@ -6,12 +6,14 @@ Helpers only (no fixtures), shared by test_vllm_launcher.py and test_vllm_tp.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ import torch
 from hotswap_engine import launcher_client
 from hotswap_engine.handoff import HandoffSender, create_slots
 from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket
+from hotswap_testing.package_metadata import write_dist_info
 from hotswap_testing.tiny_model import weight_files
 from hotswap_testing.waiting import wait_for
 from safetensors.torch import load_file
@@ -45,10 +48,17 @@ START_TIMEOUT_S = 600
 Tensors = Sequence[tuple[str, torch.Tensor]]
 
 
+@functools.cache
+def _dist_info_dir() -> str:
+    """This checkout's package metadata (its vLLM plugin entry point) for the engine processes."""
+    return str(write_dist_info(Path(tempfile.mkdtemp(prefix="hotswap-dist-info-"))))
+
+
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
+    source = [str(REPO / p) for p in ("engine", "operator", "cluster", "testing")]
     env.update(
-        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "operator", "cluster", "testing")),
+        PYTHONPATH=os.pathsep.join([_dist_info_dir(), *source]),
         HF_HUB_OFFLINE="1",
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_OMP_THREADS_BIND="nobind",  # do not pin the shared machine's cores
