@@ -9,12 +9,15 @@ The OpenAI server is vLLM's own (the same calls `vllm serve` makes for a single 
 and the worker extension hotswap_engine.vllm_ext. Next to the server, in the same event loop, an
 aiohttp server on a unix socket (never TCP) offers:
 
-  POST /apply  {"endpoint": str, "version": str, "policy": "keep"|"wait"|"abort", "timeout": float?}
+  POST /apply  {"endpoint": str, "version": str, "policy": "keep"|"wait"|"abort", "timeout": float?,
+                "digests": bool?}
                pause generation (vLLM's pause_generation with that mode, caches cleared: prefix blocks
                computed with the old weights must not serve the new ones), then vLLM's weight-transfer
                lifecycle through the engine client: start_weight_update, update_weights (every worker
                receives the version from the agent's hand-off endpoint), finish_weight_update with the
-               version (vLLM's get_weight_version then reports it), resume.
+               version (vLLM's get_weight_version then reports it), resume. With "digests": true each
+               worker's result carries `received` {tensor: fingerprint} of the bytes it received
+               (hotswap_engine.received_digests compares them with the version's manifest).
                200 {"ok": true, "version", "seconds", "workers": [...]}; 409 while another apply runs;
                400 for a bad body; 500 {"ok": false, "error"} when the update failed. After a failure
                generation stays PAUSED: the weights may be half new, and serving them would break the
@@ -88,6 +91,7 @@ class ApplyRequest:
     version: str
     policy: str
     timeout: float
+    digests: bool = False  # workers fingerprint each tensor as received (hotswap_engine.received_digests)
 
     @classmethod
     def from_json(cls, raw: bytes) -> ApplyRequest:
@@ -106,7 +110,7 @@ class ApplyRequest:
         """A decoded JSON body. Raises `BadApplyRequest` (a ValueError) and nothing else."""
         if not isinstance(body, dict):
             raise BadApplyRequest("body must be a JSON object")
-        unknown = set(body) - {"endpoint", "version", "policy", "timeout"}
+        unknown = set(body) - {"endpoint", "version", "policy", "timeout", "digests"}
         if unknown:
             raise BadApplyRequest(f"unknown fields {sorted(unknown)[:10]}")
         endpoint, version = body.get("endpoint"), body.get("version")
@@ -128,7 +132,10 @@ class ApplyRequest:
         # can wait for: all refused here rather than failing inside the workers mid-apply.
         if not 0 < timeout <= MAX_APPLY_TIMEOUT_S or not math.isfinite(timeout):
             raise BadApplyRequest(f"`timeout` must be in (0, {MAX_APPLY_TIMEOUT_S:.0f}] seconds")
-        return cls(endpoint, version, policy, float(timeout))
+        digests = body.get("digests", False)
+        if not isinstance(digests, bool):
+            raise BadApplyRequest("`digests` must be true or false")
+        return cls(endpoint, version, policy, float(timeout), digests)
 
 
 class ControlServer:
@@ -239,6 +246,8 @@ class ControlServer:
         await asyncio.wait_for(self.engine.start_weight_update(), RPC_MARGIN_S)
         self._session_maybe_open = True
         info = {"endpoint": req.endpoint, "version": req.version, "timeout": req.timeout}
+        if req.digests:
+            info["digests"] = True
         # The workers' hand-off timeout bounds every wait inside; this deadline only catches a hang.
         await asyncio.wait_for(
             self.engine.update_weights(update_request(update_info=info)),

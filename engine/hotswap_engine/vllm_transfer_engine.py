@@ -43,6 +43,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
 from . import graph_safety
+from .digest import fingerprint
 from .handoff import HandoffError, HandoffReceiver
 from .handoff.sender import DEFAULT_TIMEOUT_S
 
@@ -64,12 +65,17 @@ class HotswapUpdateInfo(WeightTransferUpdateInfo):
     endpoint: str  # the agent's HandoffSender; `{rank}` is replaced with this worker's rank
     version: str  # what the agent must be sending (checked against its `begin`)
     timeout: float = DEFAULT_TIMEOUT_S  # per hand-off wait
+    # Fingerprint every whole tensor as received (hotswap_engine.received_digests): reported as
+    # `received` in this worker's result.
+    digests: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or not isinstance(self.version, str) or not self.version:
             raise ValueError("hotswap update_info needs string `endpoint` and `version`")
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float) or self.timeout <= 0:
             raise ValueError("hotswap update_info `timeout` must be a positive number of seconds")
+        if not isinstance(self.digests, bool):
+            raise ValueError("hotswap update_info `digests` must be true or false")
 
 
 class HotswapWeightTransferEngine(WeightTransferEngine[HotswapInitInfo, HotswapUpdateInfo]):
@@ -115,7 +121,7 @@ class HotswapWeightTransferEngine(WeightTransferEngine[HotswapInitInfo, HotswapU
             sent = rx.wait_begin()
             if sent != version:
                 raise HandoffError(f"the agent is sending version {sent!r}, /apply asked for {version!r}")
-            counted = _Counter(rx.weights())
+            counted = _Counter(rx.weights(), update_info.digests)
             model: Any = self.model  # a vLLM model: load_weights maps checkpoint names, takes the slice
             with set_current_vllm_config(self.vllm_config):  # vLLM 0.26's worker does not set it
                 model.load_weights(counted)
@@ -130,6 +136,8 @@ class HotswapWeightTransferEngine(WeightTransferEngine[HotswapInitInfo, HotswapU
             # vLLM passes only the message back through collective_rpc: keep the type in it.
             raise HotswapApplyError(message) from e
         self._report.update(version=version, tensors=counted.tensors, bytes=counted.nbytes)
+        if counted.fingerprints is not None:
+            self._report.update(received=counted.fingerprints, digest_seconds=counted.digest_seconds)
 
     def finish_weight_update(self) -> None:
         if not self._finalized:  # a session without update_weights (the launcher closing a stale one)
@@ -203,13 +211,22 @@ class HotswapWeightTransferEngine(WeightTransferEngine[HotswapInitInfo, HotswapU
 
 
 class _Counter:
-    def __init__(self, it: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Counts what passes to the model, and fingerprints each tensor as received when asked (before
+    vLLM's loaders and post-processing see it: the bytes that came over the hand-off)."""
+
+    def __init__(self, it: Iterator[tuple[str, torch.Tensor]], digests: bool = False) -> None:
         self._it = it
         self.tensors = 0
         self.nbytes = 0
+        self.fingerprints: dict[str, str] | None = {} if digests else None
+        self.digest_seconds = 0.0
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in self._it:
             self.tensors += 1
             self.nbytes += t.numel() * t.element_size()
+            if self.fingerprints is not None:
+                t0 = time.perf_counter()
+                self.fingerprints[name] = fingerprint(t)
+                self.digest_seconds += time.perf_counter() - t0
             yield name, t

@@ -218,6 +218,7 @@ async def apply(
     timeout: float = 60,
     pushers: Sequence[Pusher] | None = None,
     endpoint: str | None = None,
+    digests: bool = False,
 ) -> tuple[launcher_client.ApplyResult, list[Pusher]]:
     """POST /apply while `pushers` (default: one sender for one worker) push `model` from threads."""
     pushers = list(pushers) if pushers is not None else [Pusher(launcher.workdir)]
@@ -229,7 +230,9 @@ async def apply(
                 threads.append(threading.Thread(target=p.push, args=(version, tensors, abort_after)))
                 threads[-1].start()
         target = endpoint or pushers[0].sender.endpoint
-        result = await launcher_client.apply(launcher.control, target, version, policy, timeout)
+        result = await launcher_client.apply(
+            launcher.control, target, version, policy, timeout, digests=digests
+        )
         for t in threads:
             await asyncio.to_thread(t.join, 60)
     finally:
