@@ -287,7 +287,7 @@ class _UpdateRequest:
 
 def _lifecycle_requests() -> tuple[Any, Any]:
     """vLLM's request types for init_weight_transfer_engine and update_weights; stand-ins with the
-    same fields where vLLM is not installed (hotswap_testing.plain_launcher's engine without vLLM)."""
+    same fields where vLLM is not installed (the tests' plain launcher, an engine without vLLM)."""
     try:
         from vllm.distributed.weight_transfer.base import (
             WeightTransferInitRequest,

@@ -87,3 +87,22 @@ def test_launcher_refuses_a_vllm_without_the_lifecycle_naming_the_minimum(tmp_pa
 @pytest.mark.parametrize("version", ["0.10.1", "?"])
 def test_message_is_one_line(version: str) -> None:
     assert "\n" not in vllm_plugin.unsupported_message(version, ["a", "b"])
+
+
+def test_the_engine_images_package_metadata_matches_pyproject() -> None:
+    """images/engine copies the source without pip, plus a static .dist-info: it must say what
+    pyproject.toml says (name, version, the vLLM plugin entry point)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    info = REPO / "images" / "engine" / "hotswap.dist-info"
+    metadata = dict(
+        line.split(": ", 1) for line in (info / "METADATA").read_text().splitlines() if ": " in line
+    )
+    assert (metadata["Name"], metadata["Version"]) == (project["name"], project["version"])
+    dockerfile = (REPO / "images" / "engine" / "Dockerfile").read_text()
+    assert f"/opt/hotswap/{project['name']}-{project['version']}.dist-info" in dockerfile
+    lines = [ln.strip() for ln in (info / "entry_points.txt").read_text().splitlines() if ln.strip()]
+    assert lines == ["[vllm.general_plugins]"] + [
+        f"{k} = {v}" for k, v in entry_points()["vllm.general_plugins"].items()
+    ]
