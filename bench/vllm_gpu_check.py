@@ -6,7 +6,8 @@ On a one-GPU device machine with vLLM 0.26 installed (bench/vllm_gpu_install.sh)
 
 What runs, all as separate processes, as in a pod:
 - `python -m hotswap_engine.vllm_launcher` (vLLM's OpenAI server, compiled with CUDA graphs unless
-  --eager, plus the control socket; the worker extension is our receiving side, as in the image);
+  --eager, plus the control socket; the hotswap weight-transfer engine is our receiving side, as in
+  the image, driven through vLLM's start_weight_update/update_weights/finish_weight_update);
 - `python -m hotswap_engine.agent --device cuda --gpus 1` (HTTP API, staging into pinned memory,
   one rank worker: host→GPU, CUDA IPC hand-off into the vLLM worker).
 References: a fresh launcher started on each checkpoint, same flags, queried the same way.

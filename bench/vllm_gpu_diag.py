@@ -9,8 +9,9 @@ subprocesses (one engine each, offline `LLM`, TP=1, tokenizer-free prompts):
 - "fresh" engines on each checkpoint, compiled (vLLM's default: torch.compile + CUDA graphs,
   FULL_AND_PIECEWISE) and eager: the references;
 - one compiled "serve" engine started on base and updated in place with the worker's
-  `reload_weights(weights_iterator=..., is_checkpoint_format=True)` (what the worker extension
-  calls), then with other variants of the update, each followed by greedy generation with logprobs;
+  `reload_weights(weights_iterator=..., is_checkpoint_format=True)` (the same layerwise reload the
+  transfer engine runs through start/update/finish_weight_update), then with other variants of the
+  update, each followed by greedy generation with logprobs;
 - one eager "serve" engine doing the same.
 After every step it records the greedy tokens and logprobs of every prompt, and a digest + data
 pointer of every tensor reachable from the model (parameters, buffers, plain tensor attributes of
@@ -207,7 +208,7 @@ def _device(worker: Any) -> Any:
 
 
 def reload_layerwise(worker: Any, path: str, sync: bool) -> float:
-    """What the worker extension does: vLLM's layerwise reload from an iterator of GPU tensors."""
+    """vLLM's layerwise reload from an iterator of GPU tensors (what the transfer engine runs)."""
     import torch
 
     t0 = time.perf_counter()
@@ -218,7 +219,7 @@ def reload_layerwise(worker: Any, path: str, sync: bool) -> float:
 
 
 def reload_guarded(worker: Any, path: str) -> list[str]:
-    """The reload inside hotswap_engine.graph_safety's snapshot/restore (what the worker extension
+    """The reload inside hotswap_engine.graph_safety's snapshot/restore (what the transfer engine
     does): tensors the reload replaced go back onto their original storage."""
     import torch
     from hotswap_engine import graph_safety

@@ -34,11 +34,20 @@ def _connector(socket_path: str) -> aiohttp.UnixConnector:
 
 
 async def apply(
-    socket_path: str, endpoint: str, version: str, policy: str = "keep", timeout: float = 300.0
+    socket_path: str,
+    endpoint: str,
+    version: str,
+    policy: str = "keep",
+    timeout: float = 300.0,
+    *,
+    digests: bool = False,
 ) -> ApplyResult:
     """POST /apply and wait for every worker to finish. A refused/failed apply is an ApplyResult with
-    ok=False; only an unreachable or silent launcher raises (LauncherUnreachable)."""
-    body = {"endpoint": endpoint, "version": version, "policy": policy, "timeout": timeout}
+    ok=False; only an unreachable or silent launcher raises (LauncherUnreachable). `digests`: each
+    worker reports the fingerprints of the tensors it received (`received`, see received_digests)."""
+    body: dict[str, Any] = {"endpoint": endpoint, "version": version, "policy": policy, "timeout": timeout}
+    if digests:
+        body["digests"] = True
     client_timeout = aiohttp.ClientTimeout(total=timeout * 2 + CLIENT_MARGIN_S)
     try:
         async with (

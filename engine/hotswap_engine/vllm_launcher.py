@@ -4,26 +4,36 @@
 
 The OpenAI server is vLLM's own (the same calls `vllm serve` makes for a single API server:
 `setup_server`, `build_async_engine_client`, `build_and_serve`), so every `vllm serve` flag
-(`--host`, `--port`, ...) works unchanged. Next to it, in the same event loop, an aiohttp server on a
-unix socket (never TCP) offers:
+(`--host`, `--port`, ...) works unchanged. The launcher adds `--weight-transfer-config
+'{"backend": "hotswap"}'` (hotswap_engine.vllm_transfer_engine, registered by hotswap_engine.vllm_plugin)
+and the worker extension hotswap_engine.vllm_ext. Next to the server, in the same event loop, an
+aiohttp server on a unix socket (never TCP) offers:
 
-  POST /apply  {"endpoint": str, "version": str, "policy": "keep"|"wait"|"abort", "timeout": float?}
+  POST /apply  {"endpoint": str, "version": str, "policy": "keep"|"wait"|"abort", "timeout": float?,
+                "digests": bool?}
                pause generation (vLLM's pause_generation with that mode, caches cleared: prefix blocks
-               computed with the old weights must not serve the new ones), run `hotswap_apply` in
-               every worker via collective_rpc (the engine core runs it between steps), resume.
+               computed with the old weights must not serve the new ones), then vLLM's weight-transfer
+               lifecycle through the engine client: start_weight_update, update_weights (every worker
+               receives the version from the agent's hand-off endpoint), finish_weight_update with the
+               version (vLLM's get_weight_version then reports it), resume. With "digests": true each
+               worker's result carries `received` {tensor: fingerprint} of the bytes it received
+               (hotswap_engine.received_digests compares them with the version's manifest).
                200 {"ok": true, "version", "seconds", "workers": [...]}; 409 while another apply runs;
                400 for a bad body; 500 {"ok": false, "error"} when the update failed. After a failure
                generation stays PAUSED: the weights may be half new, and serving them would break the
                promise that no request runs on half-applied weights. The next successful /apply
                (normally the agent re-sending the previous version) resumes it.
-  GET  /healthz {"ok", "engine_alive", "paused", "applying", "version", "last_error"}
+  GET  /healthz {"ok", "engine_alive", "paused", "applying", "version", "weight_version", "last_error"}
+               (`weight_version`: vLLM's get_weight_version, null on a vLLM without it)
   GET  /digests  {"version", "workers": [{"param:<name>": fingerprint, "buffer:<name>": ...}, ...]}
                fingerprints (hotswap_engine.digest) of every parameter and buffer of each worker's
                model; 409 while an apply runs.
 
 The socket lives in a volume shared only with the engine container; its file mode (0660) is the
-access control. vLLM's development routes (`VLLM_SERVER_DEV_MODE`: /collective_rpc, /pause, ...)
-would expose the same powers on the public port, so the launcher refuses to start with them on.
+access control. vLLM's development routes (`VLLM_SERVER_DEV_MODE`: /collective_rpc, /pause, and the
+weight-transfer routes) would expose the same powers on the public port, so the launcher refuses to
+start with them on. A vLLM without the weight-transfer lifecycle (older than
+vllm_plugin.MIN_VLLM_VERSION) is refused at start with a message naming the minimum version.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -45,11 +56,14 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
+from . import vllm_plugin
+
 # Under "vllm." so vLLM's logging setup (handler, format, VLLM_LOGGING_LEVEL) covers these lines.
 log = logging.getLogger("vllm.hotswap.launcher")
 
 DEFAULT_CONTROL_SOCKET = "/run/hotswap/control.sock"
 EXTENSION = "hotswap_engine.vllm_ext.HotswapWorkerExtension"
+WEIGHT_TRANSFER_CONFIG = {"backend": vllm_plugin.BACKEND}
 POLICIES = ("keep", "wait", "abort")
 DEFAULT_APPLY_TIMEOUT_S = 300.0
 # collective_rpc's own deadline sits past the workers' hand-off timeout, so a stuck hand-off
@@ -77,6 +91,7 @@ class ApplyRequest:
     version: str
     policy: str
     timeout: float
+    digests: bool = False  # workers fingerprint each tensor as received (hotswap_engine.received_digests)
 
     @classmethod
     def from_json(cls, raw: bytes) -> ApplyRequest:
@@ -95,7 +110,7 @@ class ApplyRequest:
         """A decoded JSON body. Raises `BadApplyRequest` (a ValueError) and nothing else."""
         if not isinstance(body, dict):
             raise BadApplyRequest("body must be a JSON object")
-        unknown = set(body) - {"endpoint", "version", "policy", "timeout"}
+        unknown = set(body) - {"endpoint", "version", "policy", "timeout", "digests"}
         if unknown:
             raise BadApplyRequest(f"unknown fields {sorted(unknown)[:10]}")
         endpoint, version = body.get("endpoint"), body.get("version")
@@ -117,7 +132,10 @@ class ApplyRequest:
         # can wait for: all refused here rather than failing inside the workers mid-apply.
         if not 0 < timeout <= MAX_APPLY_TIMEOUT_S or not math.isfinite(timeout):
             raise BadApplyRequest(f"`timeout` must be in (0, {MAX_APPLY_TIMEOUT_S:.0f}] seconds")
-        return cls(endpoint, version, policy, float(timeout))
+        digests = body.get("digests", False)
+        if not isinstance(digests, bool):
+            raise BadApplyRequest("`digests` must be true or false")
+        return cls(endpoint, version, policy, float(timeout), digests)
 
 
 class ControlServer:
@@ -130,6 +148,11 @@ class ControlServer:
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
+        # vLLM 0.26 has no weight version: finish_weight_update takes no argument there.
+        self._versioned = "weight_version" in inspect.signature(engine.finish_weight_update).parameters
+        # An update session a failed or timed-out apply may have left open in some worker: vLLM
+        # refuses to start another until it is finished, so the next apply finishes it first.
+        self._session_maybe_open = False
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -139,6 +162,9 @@ class ControlServer:
         return app
 
     async def start(self) -> None:
+        init_request, _ = _lifecycle_requests()
+        # Nothing to rendezvous (each update names its hand-off endpoint); vLLM requires the call.
+        await self.engine.init_weight_transfer_engine(init_request(init_info={}))
         path = Path(self.socket_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -162,15 +188,19 @@ class ControlServer:
             await self.engine.check_health()
         except Exception:
             alive = False
-        paused = None
+        paused = weight_version = None
         with contextlib.suppress(Exception):
             paused = bool(await self.engine.is_paused())
+        if self._versioned:
+            with contextlib.suppress(Exception):
+                weight_version = await self.engine.get_weight_version()
         body = {
             "ok": alive,
             "engine_alive": alive,
             "paused": paused,
             "applying": self._lock.locked(),
             "version": self.version,
+            "weight_version": weight_version,
             "last_error": self.last_error,
         }
         return web.json_response(body, status=200 if alive else 503)
@@ -207,15 +237,65 @@ class ControlServer:
             )
 
     async def apply(self, req: ApplyRequest) -> list[Any]:
+        _, update_request = _lifecycle_requests()
         # pause_generation returns once the engine is idle under the policy ("wait" drains in-flight
-        # requests first), so nothing runs on the weights while they change; the RPC itself is
-        # executed by the engine core between steps.
+        # requests first), so nothing runs on the weights while they change; the lifecycle's calls
+        # are executed by the engine core between steps.
         await asyncio.wait_for(self.engine.pause_generation(mode=req.policy, clear_cache=True), req.timeout)
-        result = await self.engine.collective_rpc(
-            "hotswap_apply", timeout=req.timeout + RPC_MARGIN_S, args=(req.endpoint, req.version, req.timeout)
+        await self._finish_stale_session()
+        await asyncio.wait_for(self.engine.start_weight_update(), RPC_MARGIN_S)
+        self._session_maybe_open = True
+        info = {"endpoint": req.endpoint, "version": req.version, "timeout": req.timeout}
+        if req.digests:
+            info["digests"] = True
+        # The workers' hand-off timeout bounds every wait inside; this deadline only catches a hang.
+        await asyncio.wait_for(
+            self.engine.update_weights(update_request(update_info=info)),
+            req.timeout + RPC_MARGIN_S,
         )
+        if self._versioned:
+            finish = self.engine.finish_weight_update(weight_version=req.version)
+        else:
+            finish = self.engine.finish_weight_update()
+        await asyncio.wait_for(finish, RPC_MARGIN_S)
+        self._session_maybe_open = False
+        reports = await self.engine.collective_rpc("hotswap_report", timeout=RPC_MARGIN_S)
         await self.engine.resume_generation()
-        return list(result) if isinstance(result, list | tuple) else [result]
+        return list(reports) if isinstance(reports, list | tuple) else [reports]
+
+    async def _finish_stale_session(self) -> None:
+        if not self._session_maybe_open:
+            return
+        # Workers whose update raised have no session (vLLM ended it) and refuse; the others finish
+        # theirs. Either way every worker is then outside a session.
+        try:
+            await asyncio.wait_for(self.engine.finish_weight_update(), RPC_MARGIN_S)
+        except Exception as e:
+            log.info("finishing the update session a failed apply left: %s", e)
+        self._session_maybe_open = False
+
+
+@dataclass(frozen=True)
+class _InitRequest:
+    init_info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _UpdateRequest:
+    update_info: dict[str, Any]
+
+
+def _lifecycle_requests() -> tuple[Any, Any]:
+    """vLLM's request types for init_weight_transfer_engine and update_weights; stand-ins with the
+    same fields where vLLM is not installed (the tests' plain launcher, an engine without vLLM)."""
+    try:
+        from vllm.distributed.weight_transfer.base import (
+            WeightTransferInitRequest,
+            WeightTransferUpdateRequest,
+        )
+    except ImportError:
+        return _InitRequest, _UpdateRequest
+    return WeightTransferInitRequest, WeightTransferUpdateRequest
 
 
 def _serve_api() -> Any:
@@ -265,6 +345,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.worker_extension_cls and args.worker_extension_cls != EXTENSION:
         parser.error(f"--worker-extension-cls must be {EXTENSION} (or left out)")
     args.worker_extension_cls = EXTENSION
+    backend = getattr(args.weight_transfer_config, "backend", vllm_plugin.BACKEND)
+    if args.weight_transfer_config is not None and backend != vllm_plugin.BACKEND:
+        parser.error(f"--weight-transfer-config must name backend {vllm_plugin.BACKEND!r} (or be left out)")
+    args.weight_transfer_config = dict(WEIGHT_TRANSFER_CONFIG)
     if args.headless or (args.api_server_count or 1) != 1:
         parser.error("the launcher runs exactly one API server (no --headless / --api-server-count)")
     validate_parsed_serve_args(args)
@@ -307,6 +391,10 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     if os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0"):
         sys.exit("refusing to start: VLLM_SERVER_DEV_MODE exposes weight/pause routes on the public port")
+    try:
+        vllm_plugin.check_vllm()
+    except vllm_plugin.UnsupportedVllm as e:
+        sys.exit(f"refusing to start: {e}")
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 

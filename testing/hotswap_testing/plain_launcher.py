@@ -4,7 +4,8 @@ one plain receiver per tensor-parallel rank, each owning preallocated parameters
     python -m hotswap_testing.plain_launcher --control-socket S --base CKPT --tp 2 --device cuda
 
 Same protocol as `vllm_launcher` (its `ControlServer`: `POST /apply`, `GET /healthz`, paused after a
-failed apply until a successful one), so the real agent drives it unchanged: on /apply every rank r
+failed apply until a successful one), so the real agent drives it unchanged. `PlainEngine` offers the
+weight-transfer lifecycle the way vLLM 0.26 does (no weight version): on update_weights every rank r
 connects a `HandoffReceiver` to the endpoint with `{rank}` → r (device cuda:r, or cpu), fills its
 parameters (poisoned first, so a chunk that never arrives cannot pass a check) and says done.
 One more route for tests: `GET /verify?checkpoint=PATH` compares every rank's parameters byte for
@@ -42,6 +43,8 @@ class PlainEngine:
         self.params = [allocate(base, d) for d in self.devices]
         self.paused = False
         self.applies = 0
+        self.session = False
+        self.reports: list[dict[str, Any]] = []
 
     async def check_health(self) -> None:
         return None
@@ -55,12 +58,34 @@ class PlainEngine:
     async def resume_generation(self) -> None:
         self.paused = False
 
-    async def collective_rpc(
-        self, method: str, timeout: float | None = None, args: tuple[Any, ...] = ()
-    ) -> list[dict[str, Any]]:
-        assert method == "hotswap_apply", method
-        endpoint, version, wait = args
-        return await asyncio.to_thread(self._apply_all, str(endpoint), str(version), float(wait))
+    # vLLM's weight-transfer lifecycle as the launcher calls it (vLLM 0.26's signatures).
+    async def init_weight_transfer_engine(self, request: Any) -> None:
+        self.session = False
+
+    async def start_weight_update(self) -> None:
+        if self.session:
+            raise RuntimeError("start_weight_update called while a weight update is already active")
+        self.session = True
+        self.reports = []
+
+    async def update_weights(self, request: Any) -> None:
+        info = request.update_info
+        try:
+            self.reports = await asyncio.to_thread(
+                self._apply_all, str(info["endpoint"]), str(info["version"]), float(info["timeout"])
+            )
+        except BaseException:
+            self.session = False  # as vLLM's worker: a failed update_weights ends the session
+            raise
+
+    async def finish_weight_update(self) -> None:
+        if not self.session:
+            raise RuntimeError("finish_weight_update called without a matching start_weight_update")
+        self.session = False
+
+    async def collective_rpc(self, method: str, timeout: float | None = None) -> list[dict[str, Any]]:
+        assert method == "hotswap_report", method
+        return self.reports
 
     def _apply_all(self, endpoint: str, version: str, timeout: float) -> list[dict[str, Any]]:
         results: list[dict[str, Any] | BaseException] = [RuntimeError("no result")] * len(self.devices)

@@ -142,6 +142,7 @@ def test_launcher_refuses_a_burst_of_malformed_requests_and_stays_healthy(
         "paused": False,  # nothing malformed ever reached the engine
         "applying": False,
         "version": None,
+        "weight_version": None,  # the plain engine is a vLLM 0.26 (no weight version)
         "last_error": None,
     }
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from hotswap_engine import launcher_client
+import torch
+from hotswap_engine import launcher_client, received_digests
 from hotswap_engine.digest import fingerprint
 from hotswap_testing.tiny_model import build_tiny_model, make_variant
 from hotswap_testing.waiting import wait_for_async
@@ -96,6 +97,7 @@ async def test_apply_serves_exactly_what_a_fresh_engine_on_the_new_checkpoint_se
     assert texts(launcher) == models.variant_texts
     health = await launcher_client.healthz(launcher.control)
     assert health["version"] == "v1" and health["paused"] is False
+    assert health["weight_version"] == "v1"  # vLLM's own get_weight_version, set by finish_weight_update
     # nothing the reload replaced was left off the tensors captured code reads (graph_safety)
     assert result.workers[0]["moved"] == [], result.workers[0]
     # the weights vLLM keeps in checkpoint format are the checkpoint's bytes (on CPU the linear
@@ -106,6 +108,31 @@ async def test_apply_serves_exactly_what_a_fresh_engine_on_the_new_checkpoint_se
 
     result, _ = await apply(launcher, models.base, "base")
     assert result.ok, result
+    assert texts(launcher) == launcher.base_texts
+
+
+async def test_received_digests_match_the_manifest_and_catch_a_corrupted_byte(
+    launcher: Launcher, models: Models
+) -> None:
+    clean = load_tensors(models.variant)
+    manifest = {n: fingerprint(t) for n, t in clean}
+    result, _ = await apply(launcher, clean, "v-digests", digests=True)
+    assert result.ok, result
+    assert result.workers[0]["received"] == manifest
+    assert received_digests.mismatches(manifest, result.workers) == []
+
+    # one byte of one tensor flipped on its way (as storage corruption would): named exactly
+    corrupted = [(n, t.clone()) for n, t in clean]
+    name, victim = corrupted[len(corrupted) // 2]
+    victim.view(-1).view(torch.uint8)[7] ^= 0x10
+    result, _ = await apply(launcher, corrupted, "v-digests", digests=True)
+    assert result.ok, result
+    (bad,) = received_digests.mismatches(manifest, result.workers)
+    assert (bad.rank, bad.tensor, bad.expected) == (0, name, manifest[name])
+    assert bad.received == fingerprint(victim) != manifest[name]
+
+    result, _ = await apply(launcher, models.base, "base")  # without digests: no `received`
+    assert result.ok and "received" not in result.workers[0]
     assert texts(launcher) == launcher.base_texts
 
 
@@ -122,6 +149,7 @@ async def test_aborted_handoff_fails_apply_and_resending_base_restores_it(
     # half-applied weights are never served: generation stays paused until a complete version lands
     assert health["paused"] is True and "HandoffAborted" in health["last_error"]
     assert health["engine_alive"] is True
+    assert health["weight_version"] != "v-broken"  # a failed update sets no version
 
     result, _ = await apply(launcher, models.base, "base")
     assert result.ok, result
@@ -169,6 +197,7 @@ async def test_second_apply_while_one_runs_gets_409(launcher: Launcher, models: 
         {"endpoint": "ipc:///x"},
         {"endpoint": "ipc:///x", "version": "v", "timeout": -1},
         {"endpoint": "ipc:///x", "version": "v", "surprise": 1},
+        {"endpoint": "ipc:///x", "version": "v", "digests": "yes"},
         ["not", "an", "object"],
     ],
 )

@@ -6,12 +6,14 @@ Helpers only (no fixtures), shared by test_vllm_launcher.py and test_vllm_tp.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ import torch
 from hotswap_engine import launcher_client
 from hotswap_engine.handoff import HandoffSender, create_slots
 from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket
+from hotswap_testing.package_metadata import write_dist_info
 from hotswap_testing.tiny_model import weight_files
 from hotswap_testing.waiting import wait_for
 from safetensors.torch import load_file
@@ -45,10 +48,17 @@ START_TIMEOUT_S = 600
 Tensors = Sequence[tuple[str, torch.Tensor]]
 
 
+@functools.cache
+def _dist_info_dir() -> str:
+    """This checkout's package metadata (its vLLM plugin entry point) for the engine processes."""
+    return str(write_dist_info(Path(tempfile.mkdtemp(prefix="hotswap-dist-info-"))))
+
+
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
+    source = [str(REPO / p) for p in ("engine", "operator", "cluster", "testing")]
     env.update(
-        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "operator", "cluster", "testing")),
+        PYTHONPATH=os.pathsep.join([_dist_info_dir(), *source]),
         HF_HUB_OFFLINE="1",
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_OMP_THREADS_BIND="nobind",  # do not pin the shared machine's cores
@@ -208,6 +218,7 @@ async def apply(
     timeout: float = 60,
     pushers: Sequence[Pusher] | None = None,
     endpoint: str | None = None,
+    digests: bool = False,
 ) -> tuple[launcher_client.ApplyResult, list[Pusher]]:
     """POST /apply while `pushers` (default: one sender for one worker) push `model` from threads."""
     pushers = list(pushers) if pushers is not None else [Pusher(launcher.workdir)]
@@ -219,7 +230,9 @@ async def apply(
                 threads.append(threading.Thread(target=p.push, args=(version, tensors, abort_after)))
                 threads[-1].start()
         target = endpoint or pushers[0].sender.endpoint
-        result = await launcher_client.apply(launcher.control, target, version, policy, timeout)
+        result = await launcher_client.apply(
+            launcher.control, target, version, policy, timeout, digests=digests
+        )
         for t in threads:
             await asyncio.to_thread(t.join, 60)
     finally:

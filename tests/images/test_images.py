@@ -308,6 +308,16 @@ def test_engine_image_python_layer(tmp_path: Path) -> None:
     assert "--control-socket" in out.stdout
     out = r.python("-c", "import hotswap_engine; print(hotswap_engine.__path__[0])")
     assert Path(out.stdout.strip()).is_relative_to(r.root)
+    # vLLM finds our plugin through the image's own package metadata (not the base's).
+    probe = (
+        "from importlib.metadata import entry_points\n"
+        "(ep,) = entry_points(group='vllm.general_plugins', name='hotswap')\n"
+        "print(ep.value); print(ep.dist.locate_file(''))\n"
+    )
+    out = r.python("-c", probe)
+    assert out.returncode == 0, out.stderr
+    value, where = out.stdout.split()
+    assert value == "hotswap_engine.vllm_plugin:register" and Path(where).is_relative_to(r.root)
     # The test harnesses are not in the image (nor left inside the engine package).
     probe = (
         "import importlib.util as u\n"

@@ -1,7 +1,9 @@
-"""Drives HotswapWorkerExtension inside an offline vLLM engine and reports what it saw as JSON.
+"""Drives the hotswap weight-transfer engine through vLLM's lifecycle in an offline engine, with no
+launcher and no worker extension (the plugin comes only from the package's entry point), and
+reports what it saw as JSON.
 
-Run as a subprocess by test_vllm_ext.py (vLLM initialises torch.distributed in its process, which must
-not leak into the test process): python vllm_ext_probe.py BASE_DIR VARIANT_DIR WORKDIR
+Run as a subprocess by test_vllm_transfer_engine.py (vLLM initialises torch.distributed in its
+process, which must not leak into the test process): python vllm_transfer_engine_probe.py BASE VARIANT WORKDIR
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ def main(base: str, variant: str, workdir: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.model_executor.model_loader.reload import layerwise
 
-    extension = "hotswap_engine.vllm_ext.HotswapWorkerExtension"
-    llm = LLM(model=base, worker_extension_cls=extension, **ENGINE_KWARGS)
+    llm = LLM(model=base, weight_transfer_config={"backend": "hotswap"}, **ENGINE_KWARGS)
+    llm.init_weight_transfer_engine({"init_info": {}})
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    worker = llm.llm_engine.model_executor.driver_worker.worker
+    model = worker.model_runner.get_model()
 
     def generate() -> str:
         llm.reset_prefix_cache()  # the launcher's pause does this; here we call it by hand
@@ -45,11 +48,16 @@ def main(base: str, variant: str, workdir: str) -> None:
     sender = HandoffSender(f"ipc://{workdir}/handoff.sock", 1, timeout=20)
     slots = create_slots(2, 96 << 10, torch.device("cpu"), workdir)
 
-    def rpc(version: str, push: Any) -> tuple[Any, str | None]:
+    def update(version: str, push: Any) -> tuple[Any, str | None]:
+        """The launcher's sequence: start, update_weights (the whole stream), finish with the version."""
         thread = threading.Thread(target=push)
         thread.start()
         try:
-            return llm.collective_rpc("hotswap_apply", args=(sender.endpoint, version, 20.0)), None
+            llm.start_weight_update()
+            info = {"endpoint": sender.endpoint, "version": version, "timeout": 20.0}
+            llm.update_weights({"update_info": info})
+            llm.finish_weight_update(weight_version=version)
+            return worker.weight_transfer_engine.last_report, None
         except Exception as e:
             return None, str(e)
         finally:
@@ -67,16 +75,17 @@ def main(base: str, variant: str, workdir: str) -> None:
 
         return push
 
-    report: dict[str, Any] = {"base": generate()}
-    result, error = rpc("v1", lambda: push_tensors(sender, "v1", slots, tensors(variant)))
-    report.update(v1_result=result, v1_error=error, v1=generate())
+    report: dict[str, Any] = {"base": generate(), "engine": type(worker.weight_transfer_engine).__name__}
+    result, error = update("v1", lambda: push_tensors(sender, "v1", slots, tensors(variant)))
+    report.update(v1_result=result, v1_error=error, v1=generate(), v1_version=llm.get_weight_version())
 
-    _, report["abort_error"] = rpc("v-broken", aborting("v-broken", variant, 3))
+    _, report["abort_error"] = update("v-broken", aborting("v-broken", variant, 3))
     report["meta_params"] = [n for n, p in model.named_parameters() if p.is_meta]
     report["pending_layers"] = sum(1 for m in model.modules() if layerwise.get_layerwise_info(m).can_load())
     report["after_abort"] = generate()  # must run: no layer may be left on the meta device
+    report["after_abort_version"] = llm.get_weight_version()
 
-    result, error = rpc("base", lambda: push_tensors(sender, "base", slots, tensors(base)))
+    result, error = update("base", lambda: push_tensors(sender, "base", slots, tensors(base)))
     report.update(restore_error=error, restored=generate())
 
     def wrong_version() -> None:
@@ -86,7 +95,8 @@ def main(base: str, variant: str, workdir: str) -> None:
         except Exception:
             sender.abort("probe: expected failure")
 
-    _, report["mismatch_error"] = rpc("v2", wrong_version)
+    _, report["mismatch_error"] = update("v2", wrong_version)
+    report["after_mismatch"] = generate()
     sender.close()
     for s in slots:
         s.close()

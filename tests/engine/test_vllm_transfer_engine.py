@@ -1,5 +1,7 @@
-"""HotswapWorkerExtension in a real (offline, single-process) vLLM engine, without the launcher:
-apply, an aborted stream, the model's state after it, restore, and a version mismatch."""
+"""The hotswap weight-transfer engine in a real (offline, single-process) vLLM engine, found through
+the package's `vllm.general_plugins` entry point alone and driven by vLLM's own lifecycle methods
+(start_weight_update, update_weights, finish_weight_update): apply, an aborted stream, the model's
+state after it, restore, and a version mismatch."""
 
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("ext")
+    root = tmp_path_factory.mktemp("engine")
     base = build_tiny_model(root / "base", seed=0)
     variant = make_variant(base, root / "variant", seed=1)
     work = root / "work"
     work.mkdir()
-    script = Path(__file__).with_name("vllm_ext_probe.py")
+    script = Path(__file__).with_name("vllm_transfer_engine_probe.py")
     out = subprocess.run(
         [sys.executable, str(script), str(base), str(variant), str(work)],
         env=engine_env(),
@@ -36,11 +38,16 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return report
 
 
-def test_apply_changes_the_answer(probe: dict[str, Any]) -> None:
+def test_the_entry_point_plugs_the_engine_into_vllm(probe: dict[str, Any]) -> None:
+    assert probe["engine"] == "HotswapWeightTransferEngine"
+
+
+def test_apply_changes_the_answer_and_sets_the_weight_version(probe: dict[str, Any]) -> None:
     assert probe["v1_error"] is None
-    (worker,) = probe["v1_result"]
+    worker = probe["v1_result"]
     assert worker["rank"] == 0 and worker["version"] == "v1" and worker["tensors"] == 25
     assert probe["v1"] != probe["base"]
+    assert probe["v1_version"] == "v1"
 
 
 def test_aborted_stream_leaves_a_runnable_model_and_base_restores_exactly(probe: dict[str, Any]) -> None:
@@ -50,10 +57,12 @@ def test_aborted_stream_leaves_a_runnable_model_and_base_restores_exactly(probe:
     # vLLM's layerwise reload had moved unfinished layers to the meta device: they are back
     assert probe["meta_params"] == [] and probe["pending_layers"] == 0
     assert probe["after_abort"]  # a forward pass ran
+    assert probe["after_abort_version"] == "v1"  # a failed update sets no version
     assert probe["restore_error"] is None
     assert probe["restored"] == probe["base"]
 
 
-def test_version_mismatch_is_refused(probe: dict[str, Any]) -> None:
+def test_version_mismatch_is_refused_and_changes_nothing(probe: dict[str, Any]) -> None:
     assert "is sending version 'other'" in probe["mismatch_error"]
     assert "asked for 'v2'" in probe["mismatch_error"]
+    assert probe["after_mismatch"] == probe["base"]
