@@ -39,6 +39,11 @@ if [ ! -f "$work/wheels/.complete" ]; then
     py-cpuinfo setproctitle ijson python-json-logger
   touch "$work/wheels/.complete"
 fi
+# The engine's own settings (pydantic-settings) came later: fetched into a warm cache too.
+if [ ! -f "$work/wheels/.settings" ]; then
+  "${pip[@]}" -d "$work/wheels" "pydantic-settings==2.16.3" python-dotenv
+  touch "$work/wheels/.settings"
+fi
 rm -rf .carry/1 .carry/2 && mkdir -p .carry/1 .carry/2
 half=$(( ($(stat -c %s "$work/vllm.tar.xz") + 1) / 2 ))
 split -b "$half" -d -a 1 "$work/vllm.tar.xz" "$work/vllm.tar.xz.part"
