@@ -22,8 +22,8 @@ The first update on a new group would pay NCCL's lazy connection set-up for larg
 its first buckets; `warm_up` (called by `run` once per group, or by the caller right after the group
 was formed) broadcasts one slot from every rank first.
 
-On CPU (gloo) the same loop runs with shared-memory slots: copies are plain memcpy and the
-broadcast runs on gloo's threads.
+On CPU (gloo) the same loop and the same per-bucket step run with shared-memory slots: copies are
+plain memcpy and the broadcast runs on gloo's threads (`_HostMover` beside `_CudaMover`).
 
 Any failure (a collective's error or timeout, a worker's error, a member that signalled abort)
 aborts the hand-off session and the group, and raises `BroadcastError` within the op timeout.
@@ -40,7 +40,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -197,6 +197,30 @@ def complete_version(staged: StagedCheckpoint, filled: Mapping[int, HostBuffer])
     return StagedCheckpoint(staged.specs, staged.assignment, staged.part_count, segments, staged.alignment)
 
 
+def _bucket_jobs(
+    rank: int, staged: StagedCheckpoint, plan: buckets.BucketPlan, owners: Mapping[int, int]
+) -> list[_BucketJob]:
+    """Every bucket with the rank that broadcasts it; refuses a plan this member cannot serve."""
+    if staged.part_count != len(plan.parts):
+        raise BroadcastError(f"staged as {staged.part_count} parts, but the plan has {len(plan.parts)}")
+    jobs = [
+        _BucketJob(b, owners[b.owner], e)
+        for b, e in zip(plan.buckets, bucket_entries(plan, staged), strict=True)
+    ]
+    for job in jobs:
+        if job.root == rank and job.bucket.owner not in staged.segments:
+            raise BroadcastError(f"rank {rank} broadcasts part {job.bucket.owner} but has not staged it")
+    return jobs
+
+
+def _check_full_out(
+    staged: StagedCheckpoint, plan: buckets.BucketPlan, full_out: Mapping[int, HostBuffer]
+) -> None:
+    for p in plan.parts:
+        if p.part not in staged.segments and p.part in full_out and full_out[p.part].nbytes < p.nbytes:
+            raise BroadcastError(f"full-version buffer for part {p.part} is smaller than the part")
+
+
 class _Deadline:
     def __init__(self, seconds: float, group: Group) -> None:
         self.seconds = seconds
@@ -304,21 +328,9 @@ class BroadcastTransport:
         """
         t_entry = time.perf_counter()
         stats = BroadcastStats(bucket_bytes=plan.bucket_bytes, slots=slots)
-        jobs = [
-            _BucketJob(b, owners[b.owner], e)
-            for b, e in zip(plan.buckets, bucket_entries(plan, staged), strict=True)
-        ]
-        if staged.part_count != len(plan.parts):
-            raise BroadcastError(f"staged as {staged.part_count} parts, but the plan has {len(plan.parts)}")
-        for job in jobs:
-            if job.root == group.rank and job.bucket.owner not in staged.segments:
-                raise BroadcastError(
-                    f"rank {group.rank} broadcasts part {job.bucket.owner} but has not staged it"
-                )
+        jobs = _bucket_jobs(group.rank, staged, plan, owners)
         full_out = dict(full_out or {})
-        for p in plan.parts:
-            if p.part not in staged.segments and p.part in full_out and full_out[p.part].nbytes < p.nbytes:
-                raise BroadcastError(f"full-version buffer for part {p.part} is smaller than the part")
+        _check_full_out(staged, plan, full_out)
         slot_list = self.slots(slots, plan.bucket_bytes)
         deadline = _Deadline(op_timeout, group)
         inline_full = {} if trail_full else full_out
@@ -326,11 +338,8 @@ class BroadcastTransport:
         try:
             if begin:  # else the caller began the session with `self.slots(...)` already
                 sender.begin(version, slot_list, timeout=op_timeout)
-            if self.cuda:
-                stats.warmup_seconds = self.warm_up(group, plan.bucket_bytes)
-                self._run_cuda(group, staged, jobs, slot_list, sender, inline_full, progress, deadline, stats)
-            else:
-                self._run_cpu(group, staged, jobs, slot_list, sender, inline_full, progress, deadline, stats)
+            stats.warmup_seconds = self.warm_up(group, plan.bucket_bytes)
+            self._handoff_pass(group, staged, jobs, slot_list, sender, inline_full, progress, deadline, stats)
             stats.seconds = time.perf_counter() - t0
             if end:
                 t1 = time.perf_counter()
@@ -339,10 +348,7 @@ class BroadcastTransport:
             stats.handoff_seconds = time.perf_counter() - t_entry
             if trail_full:
                 t2 = time.perf_counter()
-                if self.cuda:
-                    self._fill_cuda(group, staged, jobs, slot_list, full_out, deadline, stats)
-                else:
-                    self._fill_cpu(group, staged, jobs, slot_list, full_out, deadline, stats)
+                self._trailing_pass(group, staged, jobs, slot_list, full_out, deadline, stats)
                 stats.trail_seconds = time.perf_counter() - t2
         except BaseException as e:
             reason = f"rank {group.rank}: {type(e).__name__}: {e}"
@@ -357,9 +363,25 @@ class BroadcastTransport:
             raise
         return stats
 
-    # ---- CPU: gloo, shared-memory slots -------------------------------------------------------
+    # ---- the passes: one per-bucket step, one loop per pass, on CPU and CUDA alike ------------------
+    #
+    # What differs by device sits in a `_BucketMover` (`_HostMover` for gloo and shared-memory slots,
+    # `_CudaMover` for NCCL and CUDA IPC slots): `move` is the per-bucket step (the owner's copy into
+    # the slot, the broadcast, the copy kept for the full version), `landed`/`settle` say when the
+    # workers may be told. What stays split, and why: on CUDA the whole step is enqueued on streams
+    # (host→slot on the copy stream, the broadcast on the comm stream, slot→host on the d2h stream,
+    # ordered by events) and the host only polls the arrival event, so the full-version copy never
+    # delays an announcement; on CPU the copies are the host's own memcpy, so the full-version copy
+    # runs when the bucket has landed (in `settle`), before it is announced.
 
-    def _run_cpu(
+    def _mover(
+        self, group: Group, slot_list: Sequence[Slot], stats: BroadcastStats, *, trail: bool
+    ) -> _BucketMover:
+        if self.cuda:
+            return _CudaMover(self, group, len(slot_list), stats, trail=trail)
+        return _HostMover(group, stats, trail=trail)
+
+    def _handoff_pass(
         self,
         group: Group,
         staged: StagedCheckpoint,
@@ -371,173 +393,57 @@ class BroadcastTransport:
         deadline: _Deadline,
         stats: BroadcastStats,
     ) -> None:
-        pending: collections.deque[tuple[int, _BucketJob, dist.Work | None]] = collections.deque()
-
-        def finish(index: int, job: _BucketJob, work: dist.Work | None) -> None:
-            slot = index % len(slot_list)
-            view = slot_list[slot].tensor[: job.bucket.nbytes]
-            if work is not None:
-                stats.wait_ready_seconds += deadline.wait(work.is_completed, f"bucket {index}'s broadcast")
-                work.wait()  # completed already: returns at once, or raises the backend's error
-            dst = full_out.get(job.bucket.owner)
-            if dst is not None and job.bucket.nbytes:
-                t = time.perf_counter()
-                dst.tensor[job.bucket.host_offset : job.bucket.host_offset + job.bucket.nbytes].copy_(view)
-                stats.slot_to_host_seconds += time.perf_counter() - t
-            sender.send_bucket(slot, job.entries)
-            stats.buckets += 1
-            stats.bytes += job.bucket.nbytes
-            if progress is not None:
-                progress(stats.bytes)
-
-        for index, job in enumerate(jobs):
-            slot = index % len(slot_list)
-            while pending and (pending[0][0] <= index - len(slot_list) or pending[0][2] is None):
-                finish(*pending.popleft())
-            if index >= len(slot_list):
-                t = time.perf_counter()
-                sender.wait_slot_free(slot, timeout=deadline.seconds)
-                stats.wait_free_seconds += time.perf_counter() - t
-            view = slot_list[slot].tensor[: job.bucket.nbytes]
-            if job.root == group.rank and job.bucket.nbytes:
-                t = time.perf_counter()
-                src = staged.segments[job.bucket.owner].tensor
-                view.copy_(src[job.bucket.host_offset : job.bucket.host_offset + job.bucket.nbytes])
-                stats.host_to_slot_seconds += time.perf_counter() - t
-                stats.owned_bytes += job.bucket.nbytes
-            work = (
-                group.broadcast(view, job.root) if job.bucket.nbytes and group.spec.world_size > 1 else None
-            )
-            pending.append((index, job, work))
-            while pending and (pending[0][2] is None or pending[0][2].is_completed()):
-                finish(*pending.popleft())
-        while pending:
-            finish(*pending.popleft())
-        for slot in range(len(slot_list)):
-            sender.wait_slot_free(slot, timeout=deadline.seconds)
-
-    def _fill_cpu(
-        self,
-        group: Group,
-        staged: StagedCheckpoint,
-        jobs: Sequence[_BucketJob],
-        slot_list: Sequence[Slot],
-        full_out: Mapping[int, HostBuffer],
-        deadline: _Deadline,
-        stats: BroadcastStats,
-    ) -> None:
-        """The trailing full-version pass on CPU: broadcast every bucket again, keep what is missing."""
-        for index, job in enumerate(jobs):
-            b = job.bucket
-            if not b.nbytes:
-                continue
-            view = slot_list[index % len(slot_list)].tensor[: b.nbytes]
-            if job.root == group.rank:
-                view.copy_(staged.segments[b.owner].tensor[b.host_offset : b.host_offset + b.nbytes])
-            if group.spec.world_size > 1:
-                work = group.broadcast(view, job.root)
-                deadline.wait(work.is_completed, f"bucket {index}'s trailing broadcast")
-                work.wait()
-            dst = full_out.get(b.owner)
-            if dst is not None and job.root != group.rank:
-                dst.tensor[b.host_offset : b.host_offset + b.nbytes].copy_(view)
-
-    # ---- GPU: NCCL, CUDA IPC slots, three streams ---------------------------------------------
-
-    def _run_cuda(
-        self,
-        group: Group,
-        staged: StagedCheckpoint,
-        jobs: Sequence[_BucketJob],
-        slot_list: Sequence[Slot],
-        sender: HandoffSender,
-        full_out: Mapping[int, HostBuffer],
-        progress: Callable[[int], None] | None,
-        deadline: _Deadline,
-        stats: BroadcastStats,
-    ) -> None:
+        """Every bucket into the workers (and `full_out`): up to `len(slot_list)` buckets in flight,
+        a slot refilled once the workers acknowledged it."""
         nslots = len(slot_list)
-        # free[s]: the last use of slot s on this device finished (broadcast, and the device→host
-        # copy where there is one); the next writer of the slot waits on it.
-        free = [torch.cuda.Event() for _ in range(nslots)]
-        for ev in free:
-            ev.record(self.comm_stream)
-        self.copy_stream.wait_stream(self.comm_stream)
-        origin = _record(self.copy_stream)  # the timeline's zero
-        host_origin = time.perf_counter()
-        timing: list[_CudaTimes] = []
-        pending: collections.deque[tuple[int, _BucketJob, _CudaTimes]] = collections.deque()
-        multi = group.spec.world_size > 1
+        mover = self._mover(group, slot_list, stats, trail=False)
+        pending: collections.deque[_Moved] = collections.deque()
 
-        def finish(index: int, job: _BucketJob, times: _CudaTimes) -> None:
+        def announce(moved: _Moved) -> None:
             # A collective that failed is aborted by our deadline (or NCCL's watchdog at the same
             # timeout), which raises here before the bucket is announced.
-            if not times.arrived.query():
-                stats.wait_ready_seconds += deadline.wait(times.arrived.query, f"bucket {index}'s broadcast")
+            stats.wait_ready_seconds += mover.settle(moved, deadline)
             t = time.perf_counter()
-            sender.send_bucket(index % nslots, job.entries)
-            times.announced = t - host_origin
+            sender.send_bucket(moved.index % nslots, moved.job.entries)
+            mover.announced(moved, t)
             stats.send_seconds += time.perf_counter() - t
             stats.buckets += 1
-            stats.bytes += job.bucket.nbytes
+            stats.bytes += moved.job.bucket.nbytes
             if progress is not None:
                 progress(stats.bytes)
 
         for index, job in enumerate(jobs):
             slot = index % nslots
-            while pending and pending[0][0] <= index - nslots:
-                finish(*pending.popleft())
+            while pending and pending[0].index <= index - nslots:
+                announce(pending.popleft())
             if index >= nslots and not sender.slot_free(slot):
                 t = time.perf_counter()
                 sender.wait_slot_free(slot, timeout=deadline.seconds)
                 stats.wait_free_seconds += time.perf_counter() - t
             b = job.bucket
-            view = slot_list[slot].tensor[: b.nbytes]
-            times = _CudaTimes(index=index, root=job.root, nbytes=b.nbytes)
-            if job.root == group.rank and b.nbytes:
-                src = staged.segments[b.owner].tensor[b.host_offset : b.host_offset + b.nbytes]
-                self.copy_stream.wait_event(free[slot])
-                times.h2d_start = _record(self.copy_stream)
-                with torch.cuda.stream(self.copy_stream):
-                    view.copy_(src, non_blocking=True)
-                times.h2d_end = _record(self.copy_stream)
-                self.comm_stream.wait_event(times.h2d_end)
+            owned = job.root == group.rank and b.nbytes > 0
+            if owned:
                 stats.owned_bytes += b.nbytes
-            else:
-                self.comm_stream.wait_event(free[slot])
-            times.bcast_start = _record(self.comm_stream)
-            if b.nbytes and multi:
-                with torch.cuda.stream(self.comm_stream):
-                    group.broadcast(view, job.root).wait()  # the comm stream waits; the host does not
-            # Arrival is marked on the comm stream, so a bucket's hand-off never waits behind the
-            # device→host copy of an earlier one.
-            times.arrived = _record(self.comm_stream)
-            dst = full_out.get(b.owner)
-            if dst is not None and b.nbytes:
-                self.d2h_stream.wait_event(times.arrived)
-                with torch.cuda.stream(self.d2h_stream):
-                    dst.tensor[b.host_offset : b.host_offset + b.nbytes].copy_(view, non_blocking=True)
-                times.d2h_end = _record(self.d2h_stream)
-                free[slot].record(self.d2h_stream)
-            else:
-                free[slot].record(self.comm_stream)
-            timing.append(times)
-            pending.append((index, job, times))
-            while pending and pending[0][2].arrived.query():
-                finish(*pending.popleft())
+            pending.append(
+                mover.move(
+                    index,
+                    job,
+                    slot_list[slot].tensor[: b.nbytes],
+                    src=_part_slice(staged.segments[b.owner], b) if owned else None,
+                    keep=full_out.get(b.owner) if b.nbytes else None,
+                )
+            )
+            while pending and mover.landed(pending[0]):
+                announce(pending.popleft())
         while pending:
-            finish(*pending.popleft())
+            announce(pending.popleft())
         t = time.perf_counter()
         for slot in range(nslots):
             sender.wait_slot_free(slot, timeout=deadline.seconds)
         stats.drain_seconds = time.perf_counter() - t
-        # The full-version copies must have landed before the caller uses the buffers.
-        done = _record(self.d2h_stream)
-        deadline.wait(done.query, "the last device→host copies")
-        self.comm_stream.synchronize()
-        _summarize(origin, timing, stats, trail=False)
+        mover.finish(deadline, "the last device→host copies")
 
-    def _fill_cuda(
+    def _trailing_pass(
         self,
         group: Group,
         staged: StagedCheckpoint,
@@ -547,52 +453,22 @@ class BroadcastTransport:
         deadline: _Deadline,
         stats: BroadcastStats,
     ) -> None:
-        """The trailing full-version pass: every bucket broadcast again and copied into `full_out`,
-        ordered by CUDA events alone (no acks, no host waits until the end)."""
-        nslots = len(slot_list)
-        free = [torch.cuda.Event() for _ in range(nslots)]
-        for ev in free:
-            ev.record(self.comm_stream)
-        self.copy_stream.wait_stream(self.comm_stream)
-        origin = _record(self.copy_stream)
-        timing: list[_CudaTimes] = []
-        multi = group.spec.world_size > 1
+        """The trailing full-version pass: every bucket broadcast again and kept where this member
+        lacks it; no acks (the workers are done), and on CUDA no host wait until the end."""
+        mover = self._mover(group, slot_list, stats, trail=True)
         for index, job in enumerate(jobs):
             b = job.bucket
             if not b.nbytes:
                 continue
-            slot = index % nslots
-            view = slot_list[slot].tensor[: b.nbytes]
-            times = _CudaTimes(index=index, root=job.root, nbytes=b.nbytes)
-            if job.root == group.rank:
-                src = staged.segments[b.owner].tensor[b.host_offset : b.host_offset + b.nbytes]
-                self.copy_stream.wait_event(free[slot])
-                times.h2d_start = _record(self.copy_stream)
-                with torch.cuda.stream(self.copy_stream):
-                    view.copy_(src, non_blocking=True)
-                times.h2d_end = _record(self.copy_stream)
-                self.comm_stream.wait_event(times.h2d_end)
-            else:
-                self.comm_stream.wait_event(free[slot])
-            times.bcast_start = _record(self.comm_stream)
-            if multi:
-                with torch.cuda.stream(self.comm_stream):
-                    group.broadcast(view, job.root).wait()
-            times.arrived = _record(self.comm_stream)
-            dst = full_out.get(b.owner)
-            if dst is not None and job.root != group.rank:
-                self.d2h_stream.wait_event(times.arrived)
-                with torch.cuda.stream(self.d2h_stream):
-                    dst.tensor[b.host_offset : b.host_offset + b.nbytes].copy_(view, non_blocking=True)
-                times.d2h_end = _record(self.d2h_stream)
-                free[slot].record(self.d2h_stream)
-            else:
-                free[slot].record(self.comm_stream)
-            timing.append(times)
-        self.d2h_stream.wait_stream(self.comm_stream)
-        done = _record(self.d2h_stream)
-        deadline.wait(done.query, "the trailing full-version pass")
-        _summarize(origin, timing, stats, trail=True)
+            moved = mover.move(
+                index,
+                job,
+                slot_list[index % len(slot_list)].tensor[: b.nbytes],
+                src=_part_slice(staged.segments[b.owner], b) if job.root == group.rank else None,
+                keep=full_out.get(b.owner) if job.root != group.rank else None,
+            )
+            mover.trail(moved, deadline)
+        mover.finish(deadline, "the trailing full-version pass")
 
 
 @dataclass
@@ -606,6 +482,196 @@ class _CudaTimes:
     arrived: torch.cuda.Event = field(default_factory=torch.cuda.Event)
     d2h_end: torch.cuda.Event | None = None
     announced: float = -1.0  # host seconds from the pass's start when the workers were told
+
+
+def _part_slice(buffer: HostBuffer, b: buckets.Bucket) -> torch.Tensor:
+    return buffer.tensor[b.host_offset : b.host_offset + b.nbytes]
+
+
+@dataclass
+class _Moved:
+    """A bucket on its way: broadcast started, maybe landed."""
+
+    index: int
+    job: _BucketJob
+    view: torch.Tensor  # the slot's bytes
+    keep: HostBuffer | None  # the full-version buffer to copy it into (CPU: when it landed)
+    work: dist.Work | None = None  # CPU: the broadcast in flight
+    times: _CudaTimes | None = None  # CUDA: its events
+
+
+class _BucketMover(Protocol):
+    def move(
+        self,
+        index: int,
+        job: _BucketJob,
+        view: torch.Tensor,
+        *,
+        src: torch.Tensor | None,
+        keep: HostBuffer | None,
+    ) -> _Moved:
+        """Owner: copy `src` into the slot; all: broadcast it from the root; keep a copy in `keep`."""
+
+    def landed(self, moved: _Moved) -> bool:
+        """Whether the bucket is in the slot (polls, never blocks)."""
+
+    def settle(self, moved: _Moved, deadline: _Deadline) -> float:
+        """Wait until it landed (and on CPU keep its copy); the seconds waited."""
+
+    def announced(self, moved: _Moved, at: float) -> None: ...
+
+    def trail(self, moved: _Moved, deadline: _Deadline) -> None:
+        """After a trailing-pass move: what must happen before the slot is reused."""
+
+    def finish(self, deadline: _Deadline, what: str) -> None:
+        """The pass's copies landed; its stats are in."""
+
+
+class _HostMover:
+    """gloo and shared-memory slots: the copies are the host's memcpy, the broadcast runs on gloo's
+    threads (polled, so several buckets are in flight)."""
+
+    def __init__(self, group: Group, stats: BroadcastStats, *, trail: bool) -> None:
+        self.group = group
+        self.stats = stats
+        self.trailing = trail  # the trailing pass keeps no timings
+
+    def move(
+        self,
+        index: int,
+        job: _BucketJob,
+        view: torch.Tensor,
+        *,
+        src: torch.Tensor | None,
+        keep: HostBuffer | None,
+    ) -> _Moved:
+        if src is not None:
+            t = time.perf_counter()
+            view.copy_(src)
+            if not self.trailing:
+                self.stats.host_to_slot_seconds += time.perf_counter() - t
+        work = (
+            self.group.broadcast(view, job.root)
+            if job.bucket.nbytes and self.group.spec.world_size > 1
+            else None
+        )
+        return _Moved(index, job, view, keep, work=work)
+
+    def landed(self, moved: _Moved) -> bool:
+        return moved.work is None or bool(moved.work.is_completed())
+
+    def settle(self, moved: _Moved, deadline: _Deadline) -> float:
+        waited = 0.0
+        if moved.work is not None:
+            what = f"bucket {moved.index}'s {'trailing ' if self.trailing else ''}broadcast"
+            waited = deadline.wait(moved.work.is_completed, what)
+            moved.work.wait()  # completed already: returns at once, or raises the backend's error
+        if moved.keep is not None:
+            b = moved.job.bucket
+            t = time.perf_counter()
+            moved.keep.tensor[b.host_offset : b.host_offset + b.nbytes].copy_(moved.view)
+            if not self.trailing:
+                self.stats.slot_to_host_seconds += time.perf_counter() - t
+        return waited
+
+    def announced(self, moved: _Moved, at: float) -> None:
+        pass
+
+    def trail(self, moved: _Moved, deadline: _Deadline) -> None:
+        self.settle(moved, deadline)  # one bucket at a time: the slot is reused right away
+
+    def finish(self, deadline: _Deadline, what: str) -> None:
+        pass
+
+
+class _CudaMover:
+    """NCCL and CUDA IPC slots on three streams: host→slot (copy stream), broadcast (comm
+    stream), slot→host (d2h stream), ordered by events; the host never synchronises per bucket."""
+
+    def __init__(
+        self, transport: BroadcastTransport, group: Group, nslots: int, stats: BroadcastStats, *, trail: bool
+    ) -> None:
+        self.t = transport
+        self.group = group
+        self.stats = stats
+        self.trailing = trail
+        self.multi = group.spec.world_size > 1
+        # free[s]: the last use of slot s on this device finished (broadcast, and the device→host
+        # copy where there is one); the next writer of the slot waits on it.
+        self.free = [torch.cuda.Event() for _ in range(nslots)]
+        for ev in self.free:
+            ev.record(transport.comm_stream)
+        transport.copy_stream.wait_stream(transport.comm_stream)
+        self.origin = _record(transport.copy_stream)  # the timeline's zero
+        self.host_origin = time.perf_counter()
+        self.timing: list[_CudaTimes] = []
+
+    def move(
+        self,
+        index: int,
+        job: _BucketJob,
+        view: torch.Tensor,
+        *,
+        src: torch.Tensor | None,
+        keep: HostBuffer | None,
+    ) -> _Moved:
+        t, b = self.t, job.bucket
+        slot = index % len(self.free)
+        times = _CudaTimes(index=index, root=job.root, nbytes=b.nbytes)
+        if src is not None:
+            t.copy_stream.wait_event(self.free[slot])
+            times.h2d_start = _record(t.copy_stream)
+            with torch.cuda.stream(t.copy_stream):
+                view.copy_(src, non_blocking=True)
+            times.h2d_end = _record(t.copy_stream)
+            t.comm_stream.wait_event(times.h2d_end)
+        else:
+            t.comm_stream.wait_event(self.free[slot])
+        times.bcast_start = _record(t.comm_stream)
+        if b.nbytes and self.multi:
+            with torch.cuda.stream(t.comm_stream):
+                self.group.broadcast(view, job.root).wait()  # the comm stream waits; the host does not
+        # Arrival is marked on the comm stream, so a bucket's hand-off never waits behind the
+        # device→host copy of an earlier one.
+        times.arrived = _record(t.comm_stream)
+        if keep is not None:
+            t.d2h_stream.wait_event(times.arrived)
+            with torch.cuda.stream(t.d2h_stream):
+                keep.tensor[b.host_offset : b.host_offset + b.nbytes].copy_(view, non_blocking=True)
+            times.d2h_end = _record(t.d2h_stream)
+            self.free[slot].record(t.d2h_stream)
+        else:
+            self.free[slot].record(t.comm_stream)
+        self.timing.append(times)
+        return _Moved(index, job, view, keep, times=times)
+
+    def landed(self, moved: _Moved) -> bool:
+        assert moved.times is not None
+        return bool(moved.times.arrived.query())
+
+    def settle(self, moved: _Moved, deadline: _Deadline) -> float:
+        assert moved.times is not None
+        if moved.times.arrived.query():
+            return 0.0
+        return deadline.wait(moved.times.arrived.query, f"bucket {moved.index}'s broadcast")
+
+    def announced(self, moved: _Moved, at: float) -> None:
+        assert moved.times is not None
+        moved.times.announced = at - self.host_origin
+
+    def trail(self, moved: _Moved, deadline: _Deadline) -> None:
+        pass  # stream-ordered: the next writer of the slot waits on its `free` event
+
+    def finish(self, deadline: _Deadline, what: str) -> None:
+        t = self.t
+        # The full-version copies must have landed before the caller uses the buffers.
+        if self.trailing:
+            t.d2h_stream.wait_stream(t.comm_stream)
+        done = _record(t.d2h_stream)
+        deadline.wait(done.query, what)
+        if not self.trailing:
+            t.comm_stream.synchronize()
+        _summarize(self.origin, self.timing, self.stats, trail=self.trailing)
 
 
 def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:

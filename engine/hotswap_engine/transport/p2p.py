@@ -7,13 +7,14 @@ and a small JSON copy of its tensor table, and returns a `PeerSource`: everythin
 its status; the operator passes it on to readers. `withdraw(version)` unregisters before the
 buffers are released.
 
-Reader side: `holders(sources, dest_layout)` contacts every peer at once, reads each one's table
-through Mooncake (checked against its digest) and turns it into a planning `Holder`;
-`p2p_plan.plan_reads` makes the plan; and `pull(plan, dest, sources)` runs it: one driver thread
-keeps `parallel` reads in flight per peer (each read its own single-entry Mooncake batch, polled
-without blocking, so one completion or failure is attributed to exactly one read and one peer), lets
-an idle peer take queued reads of a busy one, and, when a peer fails (a read returns an error or
-makes no progress in time), re-plans that peer's unfinished ranges onto the others
+Reader side (the building blocks any source of registered host memory reuses, e.g. a trainer's):
+`holders(sources, dest_layout)` contacts every peer at once, reads each one's table through
+Mooncake (checked against its digest) and turns it into a planning `Holder`;
+`p2p_plan.plan_reads` makes the plan; and `pull(plan, dest, sources)` runs it (`_PullDriver`): one
+driver thread keeps `parallel` reads in flight per peer (each read its own single-entry Mooncake
+batch, polled without blocking, so one completion or failure is attributed to exactly one read and
+one peer), lets an idle peer take queued reads of a busy one, and, when a peer fails (a read
+returns an error or makes no progress in time), re-plans that peer's unfinished ranges onto the others
 (`p2p_plan.replan`), or raises `NoHolderLeft` when some bytes are held by nobody left.
 
 Why not the blocking batch calls in threads: Mooncake's synchronous calls spin on the status
@@ -507,172 +508,33 @@ class P2PEndpoint:
         missing = [h.name for h in plan.holders if h.name not in sources]
         if missing:
             raise ValueError(f"no peer source for holders {missing}")
-        registered_here = False
         with self._lock:
             covered = self._covered(dest_addr, dest_size)
         if not covered:  # RDMA needs the local side registered too; TCP does not mind
             self.register(dest)
-            registered_here = True
-
-        state = _PullState(
-            queues={h.name: collections.deque() for h in plan.holders},
-            live={h.name for h in plan.holders},
+        driver = _PullDriver(
+            self._engine,
+            plan,
+            dest_addr,
+            sources,
+            _PullOptions(parallel, stall_timeout_s, min_rate, poll_interval_s, steal),
+            progress=progress,
+            on_range=on_range,
         )
-        for t in plan.tasks:
-            state.queues[t.holder].append(t)
-        holders = {h.name: h for h in plan.holders}
-        current = plan
-        total = plan.total_bytes
-        started = time.monotonic()
-        engine = self._engine
-
-        def submit(task: ReadTask) -> bool:
-            src = sources[task.holder]
-            buf = src.buffer(task.buffer)
-            if task.offset + task.length > buf.nbytes:
-                raise P2PError(f"{task.holder}: read past the end of its buffer {task.buffer}")
-            bid = engine.batch_transfer_async_read(
-                src.endpoint, [dest_addr + task.start], [buf.address + task.offset], [task.length]
-            )
-            if bid in _BAD_BATCH_IDS or bid < 0:
-                return False
-            deadline = time.monotonic() + stall_timeout_s + task.length * parallel / min_rate
-            state.inflight[bid] = _Flight(task, deadline)
-            state.per_holder[task.holder] += 1
-            return True
-
-        def fail_holder(name: str, why: str, pending: list[ReadTask]) -> None:
-            nonlocal current
-            log.warning("p2p: giving up on holder %s: %s", name, why)
-            state.live.discard(name)
-            state.failed.append(name)
-            remaining = [t.range for t in pending] + [t.range for t in state.queues.pop(name, ())]
-            for bid, flight in list(state.inflight.items()):
-                if flight.task.holder == name:
-                    del state.inflight[bid]
-                    state.per_holder[name] -= 1
-                    remaining.append(flight.task.range)
-                    state.zombies.add(bid)
-            if not remaining:
-                return
-            # replan() may raise NoHolderLeft; the caller drains in-flight reads first.
-            current = replan(current, remaining, state.failed)
-            state.replans += 1
-            for t in current.tasks:
-                state.queues[t.holder].append(t)
-
-        def steal_for(name: str) -> bool:
-            """Move one queued read of the busiest other holder to idle `name`, if it holds those bytes."""
-            victims = sorted(
-                (n for n in state.live if n != name and state.queues.get(n)),
-                key=lambda n: (-sum(t.length for t in state.queues[n]), n),
-            )
-            for victim in victims:
-                queue = state.queues[victim]
-                if len(queue) == 0:
-                    continue
-                task = queue[-1]
-                pieces = holders[name].locate(task.start, task.length)
-                if pieces is not None:
-                    queue.pop()
-                    state.queues[name].extend(pieces)
-                    state.stolen += 1
-                    return True
-            return False
-
-        def poll_zombies() -> None:
-            for bid in list(state.zombies):
-                if engine.transfer_check_status(bid) in (1, -1):  # finished either way: freed
-                    state.zombies.discard(bid)
-
-        def drain() -> None:
-            """Wait for reads still writing into `dest`; abandon those past their deadline."""
-            while state.inflight:
-                now = time.monotonic()
-                for bid, flight in list(state.inflight.items()):
-                    status = engine.transfer_check_status(bid)
-                    if status != 0 or now > flight.deadline:
-                        del state.inflight[bid]
-                        if status not in (1, -1):  # not finished (Mooncake frees only those)
-                            state.zombies.add(bid)
-                if state.inflight:
-                    time.sleep(poll_interval_s)
-
         try:
-            while True:
-                if cancel is not None and cancel.is_set():
-                    raise P2PError("p2p pull cancelled")
-                if timeout_s is not None and time.monotonic() - started > timeout_s:
-                    raise P2PError(
-                        f"p2p pull timed out after {timeout_s:.1f}s ({state.done_bytes}/{total} bytes)"
-                    )
-                # Fill every live holder's window.
-                for name in sorted(state.live):
-                    while name in state.live and state.per_holder[name] < parallel:
-                        queue = state.queues[name]
-                        if not queue and not (steal and steal_for(name)):
-                            break
-                        task = queue.popleft()
-                        if not submit(task):
-                            fail_holder(name, "Mooncake refused the read (peer unreachable?)", [task])
-                if not state.inflight:
-                    if any(state.queues[n] for n in state.live):
-                        continue  # a replan just queued work
-                    break
-                progressed = False
-                now = time.monotonic()
-                for bid, flight in list(state.inflight.items()):
-                    if bid not in state.inflight:
-                        continue  # dropped by a fail_holder() earlier in this sweep
-                    status = engine.transfer_check_status(bid)
-                    if status == 0 and now <= flight.deadline:
-                        continue
-                    progressed = True
-                    task = flight.task
-                    del state.inflight[bid]
-                    state.per_holder[task.holder] -= 1
-                    if status == 1:
-                        state.done_bytes += task.length
-                        state.done_by_holder[task.holder] += task.length
-                        state.reads += 1
-                        if on_range is not None:
-                            on_range(task.start, task.length)
-                        if progress is not None:
-                            progress(state.done_bytes, total)
-                    elif status == 0:
-                        state.zombies.add(bid)
-                        fail_holder(
-                            task.holder, f"read of {task.length} bytes made no progress in time", [task]
-                        )
-                    else:
-                        if status != -1:  # a timeout status: the batch may still be live
-                            state.zombies.add(bid)
-                        fail_holder(task.holder, f"read failed (Mooncake status {status})", [task])
-                if state.zombies:
-                    poll_zombies()
-                if not progressed:
-                    time.sleep(poll_interval_s)
+            driver.run(timeout_s, cancel)
         except BaseException:
-            drain()
+            driver.drain()
             raise
         finally:
-            poll_zombies()
-            if state.zombies:
-                state.abandoned = len(state.zombies)
+            driver.poll_zombies()
+            if driver.state.zombies:
+                driver.state.abandoned = len(driver.state.zombies)
                 with self._lock:
                     self._quarantine.append(_keepalive(dest))
-            elif registered_here:
+            elif not covered:
                 self.unregister(dest, grace_s=0.0)
-        return PullResult(
-            bytes=state.done_bytes,
-            seconds=time.monotonic() - started,
-            reads=state.reads,
-            bytes_by_holder=dict(state.done_by_holder),
-            failed_holders=tuple(state.failed),
-            replans=state.replans,
-            stolen_reads=state.stolen,
-            abandoned_reads=state.abandoned,
-        )
+        return driver.result()
 
     def close(self) -> None:
         """Unregister everything. The engine itself goes with the last reference to this object."""
@@ -688,3 +550,227 @@ class P2PEndpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---- the reader's driver -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PullOptions:
+    parallel: int  # reads in flight per holder
+    stall_timeout_s: float
+    min_rate: float
+    poll_interval_s: float
+    steal: bool  # an idle holder takes queued reads of a busy one
+
+
+# Mooncake's `transfer_check_status` answers.
+_PENDING, _COMPLETED, _FAILED = 0, 1, -1
+
+
+class _PullDriver:
+    """One `P2PEndpoint.pull`: keeps each live holder's window of reads full, collects finished
+    reads, and moves a failed holder's ranges to the others. Runs on the caller's thread."""
+
+    def __init__(
+        self,
+        engine: Any,
+        plan: ReadPlan,
+        dest_addr: int,
+        sources: Mapping[str, PeerSource],
+        options: _PullOptions,
+        *,
+        progress: Callable[[int, int], None] | None,
+        on_range: Callable[[int, int], None] | None,
+    ) -> None:
+        self.engine = engine
+        self.plan = plan  # the current plan: replaced by each replan
+        self.dest_addr = dest_addr
+        self.sources = sources
+        self.options = options
+        self.progress = progress
+        self.on_range = on_range
+        self.holders = {h.name: h for h in plan.holders}
+        self.total = plan.total_bytes
+        self.started = time.monotonic()
+        self.state = _PullState(
+            queues={h.name: collections.deque() for h in plan.holders},
+            live={h.name for h in plan.holders},
+        )
+        self._enqueue(plan.tasks)
+
+    def run(self, timeout_s: float | None, cancel: threading.Event | None) -> None:
+        """Until every range landed; `NoHolderLeft` or `P2PError` otherwise (reads may be in flight)."""
+        while True:
+            self._check_still_wanted(timeout_s, cancel)
+            self._fill_windows()
+            if not self.state.inflight:
+                if any(self.state.queues[n] for n in self.state.live):
+                    continue  # a replan just queued work
+                return
+            progressed = self._collect()
+            if self.state.zombies:
+                self.poll_zombies()
+            if not progressed:
+                time.sleep(self.options.poll_interval_s)
+
+    def result(self) -> PullResult:
+        s = self.state
+        return PullResult(
+            bytes=s.done_bytes,
+            seconds=time.monotonic() - self.started,
+            reads=s.reads,
+            bytes_by_holder=dict(s.done_by_holder),
+            failed_holders=tuple(s.failed),
+            replans=s.replans,
+            stolen_reads=s.stolen,
+            abandoned_reads=s.abandoned,
+        )
+
+    # ---- one sweep ------------------------------------------------------------------------------
+
+    def _check_still_wanted(self, timeout_s: float | None, cancel: threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise P2PError("p2p pull cancelled")
+        if timeout_s is not None and time.monotonic() - self.started > timeout_s:
+            raise P2PError(
+                f"p2p pull timed out after {timeout_s:.1f}s ({self.state.done_bytes}/{self.total} bytes)"
+            )
+
+    def _fill_windows(self) -> None:
+        """Submit reads until every live holder has `parallel` in flight (or nothing left to read)."""
+        state = self.state
+        for name in sorted(state.live):
+            while name in state.live and state.per_holder[name] < self.options.parallel:
+                queue = state.queues[name]
+                if not queue and not (self.options.steal and self._steal_for(name)):
+                    break
+                task = queue.popleft()
+                if not self._submit(task):
+                    self._fail_holder(name, "Mooncake refused the read (peer unreachable?)", [task])
+
+    def _submit(self, task: ReadTask) -> bool:
+        src = self.sources[task.holder]
+        buf = src.buffer(task.buffer)
+        if task.offset + task.length > buf.nbytes:
+            raise P2PError(f"{task.holder}: read past the end of its buffer {task.buffer}")
+        bid = self.engine.batch_transfer_async_read(
+            src.endpoint, [self.dest_addr + task.start], [buf.address + task.offset], [task.length]
+        )
+        if bid in _BAD_BATCH_IDS or bid < 0:
+            return False
+        opts = self.options
+        deadline = time.monotonic() + opts.stall_timeout_s + task.length * opts.parallel / opts.min_rate
+        self.state.inflight[bid] = _Flight(task, deadline)
+        self.state.per_holder[task.holder] += 1
+        return True
+
+    def _collect(self) -> bool:
+        """Settle every read that finished or ran past its deadline; whether any did."""
+        state = self.state
+        progressed = False
+        now = time.monotonic()
+        for bid, flight in list(state.inflight.items()):
+            if bid not in state.inflight:
+                continue  # dropped by a _fail_holder() earlier in this sweep
+            status = self.engine.transfer_check_status(bid)
+            if status == _PENDING and now <= flight.deadline:
+                continue
+            progressed = True
+            del state.inflight[bid]
+            state.per_holder[flight.task.holder] -= 1
+            if status == _COMPLETED:
+                self._landed(flight.task)
+            elif status == _PENDING:
+                state.zombies.add(bid)
+                self._fail_holder(
+                    flight.task.holder,
+                    f"read of {flight.task.length} bytes made no progress in time",
+                    [flight.task],
+                )
+            else:
+                if status != _FAILED:  # a timeout status: the batch may still be live
+                    state.zombies.add(bid)
+                self._fail_holder(
+                    flight.task.holder, f"read failed (Mooncake status {status})", [flight.task]
+                )
+        return progressed
+
+    def _landed(self, task: ReadTask) -> None:
+        state = self.state
+        state.done_bytes += task.length
+        state.done_by_holder[task.holder] += task.length
+        state.reads += 1
+        if self.on_range is not None:
+            self.on_range(task.start, task.length)
+        if self.progress is not None:
+            self.progress(state.done_bytes, self.total)
+
+    # ---- failures and balancing -------------------------------------------------------------------
+
+    def _enqueue(self, tasks: Iterable[ReadTask]) -> None:
+        for t in tasks:
+            self.state.queues[t.holder].append(t)
+
+    def _fail_holder(self, name: str, why: str, pending: list[ReadTask]) -> None:
+        """Give up on `name`: its queued and in-flight ranges are planned onto the holders left
+        (`replan` raises `NoHolderLeft` when nobody holds some of them)."""
+        state = self.state
+        log.warning("p2p: giving up on holder %s: %s", name, why)
+        state.live.discard(name)
+        state.failed.append(name)
+        remaining = [t.range for t in pending] + [t.range for t in state.queues.pop(name, ())]
+        for bid, flight in list(state.inflight.items()):
+            if flight.task.holder == name:
+                del state.inflight[bid]
+                state.per_holder[name] -= 1
+                remaining.append(flight.task.range)
+                state.zombies.add(bid)
+        if not remaining:
+            return
+        # replan() may raise NoHolderLeft; `pull` drains the reads in flight first.
+        self.plan = replan(self.plan, remaining, state.failed)
+        state.replans += 1
+        self._enqueue(self.plan.tasks)
+
+    def _steal_for(self, name: str) -> bool:
+        """Move one queued read of the busiest other holder to idle `name`, if it holds those bytes."""
+        state = self.state
+        victims = sorted(
+            (n for n in state.live if n != name and state.queues.get(n)),
+            key=lambda n: (-sum(t.length for t in state.queues[n]), n),
+        )
+        for victim in victims:
+            queue = state.queues[victim]
+            if len(queue) == 0:
+                continue
+            task = queue[-1]
+            pieces = self.holders[name].locate(task.start, task.length)
+            if pieces is not None:
+                queue.pop()
+                state.queues[name].extend(pieces)
+                state.stolen += 1
+                return True
+        return False
+
+    # ---- reads still writing into the destination ---------------------------------------------------
+
+    def poll_zombies(self) -> None:
+        """Forget abandoned reads that finished (Mooncake frees a batch only once it finished)."""
+        for bid in list(self.state.zombies):
+            if self.engine.transfer_check_status(bid) in (_COMPLETED, _FAILED):
+                self.state.zombies.discard(bid)
+
+    def drain(self) -> None:
+        """Wait for reads still writing into the destination; abandon those past their deadline."""
+        state = self.state
+        while state.inflight:
+            now = time.monotonic()
+            for bid, flight in list(state.inflight.items()):
+                status = self.engine.transfer_check_status(bid)
+                if status != _PENDING or now > flight.deadline:
+                    del state.inflight[bid]
+                    if status not in (_COMPLETED, _FAILED):  # not finished (Mooncake frees only those)
+                        state.zombies.add(bid)
+            if state.inflight:
+                time.sleep(self.options.poll_interval_s)
