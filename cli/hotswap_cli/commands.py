@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from hotswap_operator.resources import (
+from hotswap_api.resources import (
     API_VERSION,
     POOL_LABEL,
     Phase,

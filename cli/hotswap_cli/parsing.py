@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import NoReturn
 
-from hotswap_operator.resources import (
+from hotswap_api.resources import (
     BASE_VERSION,
     DURATION_PATTERN,
     VERSION_PATTERN,

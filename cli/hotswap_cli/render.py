@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from hotswap_operator.resources import (
+from hotswap_api.resources import (
     BASE_VERSION,
     READINESS_GATE,
     VERSION_LABEL,

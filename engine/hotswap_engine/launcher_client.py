@@ -82,7 +82,7 @@ async def healthz(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
 
 
 async def digests(socket_path: str, timeout: float = 120.0) -> list[dict[str, str]]:
-    """GET /digests: per worker, the fingerprint (hotswap_engine.digest) of every parameter
+    """GET /digests: per worker, the fingerprint (hotswap_engine.inference.digest) of every parameter
     ("param:<name>") and buffer ("buffer:<name>") as vLLM keeps it."""
     try:
         async with (

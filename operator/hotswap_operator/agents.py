@@ -1,4 +1,4 @@
-"""Async client for the agent's HTTP API (models from `hotswap_engine.protocol`).
+"""Async client for the agent's HTTP API (models from `hotswap_api.protocol`).
 
 Every call carries the pool's bearer token and a timeout; an answer the agent refuses becomes an
 `AgentError` carrying the agent's own `ErrorBody` message, and a connection that fails becomes an
@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
-from hotswap_engine import protocol
+from hotswap_api import protocol
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)

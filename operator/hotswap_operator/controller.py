@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hotswap_engine import protocol
+from hotswap_api import protocol
+from hotswap_api.resources import POOL_LABEL, READINESS_GATE, VERSION_LABEL, InferencePool
 
 from hotswap_operator import planner, snapshot
 from hotswap_operator.agents import AgentClient, AgentClientError, AgentConflict, AgentNotFound
 from hotswap_operator.kube import Kube, api_status
 from hotswap_operator.metrics import OperatorMetrics
 from hotswap_operator.planner import ActionFailure, Plan, PlannerConfig
-from hotswap_operator.resources import POOL_LABEL, READINESS_GATE, VERSION_LABEL, InferencePool
 from hotswap_operator.workload import (
     TOKEN_KEY,
     WorkloadError,

@@ -45,9 +45,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from hotswap_engine import protocol
-
-from hotswap_operator.resources import (
+from hotswap_api import protocol
+from hotswap_api.resources import (
     BASE_VERSION,
     POOL_LABEL,
     Condition,

@@ -28,7 +28,7 @@ import base64
 import copy
 from typing import Any
 
-from hotswap_operator.resources import (
+from hotswap_api.resources import (
     API_VERSION,
     BASE_VERSION,
     POOL_LABEL,
@@ -198,7 +198,7 @@ def build_pod_template(spec: InferencePoolSpec, pool: str, gpu_sharing: str = "n
 
     idx = inference_container_index(spec)
     inference = containers[idx]
-    inference["command"] = ["python", "-m", "hotswap_engine.vllm_launcher"]
+    inference["command"] = ["python", "-m", "hotswap_engine.inference.vllm_launcher"]
     inference["args"] = _launcher_args(spec, inference.get("args") or [])
 
     mounts: list[Obj] = [

@@ -109,7 +109,11 @@ def hotswap_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
         [sys.executable, "-m", "hotswap_cli", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("cli", "operator")), **env},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("cli", "api", "operator")),
+            **env,
+        },
         timeout=120,
     )
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def env(hotswap_cluster: Any, cli_crds: None) -> dict[str, str]:
     # the CLI runs as a process; the checkout's packages, as `make` sets them
-    path = os.pathsep.join(str(REPO / d) for d in ("cli", "operator", "engine"))
+    path = os.pathsep.join(str(REPO / d) for d in ("cli", "api", "operator", "engine"))
     return {**os.environ, "KUBECONFIG": hotswap_cluster.kubeconfig, "PYTHONPATH": path}
 
 

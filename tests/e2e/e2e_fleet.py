@@ -139,7 +139,7 @@ class OperatorProcess:
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "operator already running"
         self.starts += 1
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}/engine:{ROOT}/operator")
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}/api:{ROOT}/engine:{ROOT}/operator")
         self.proc = subprocess.Popen(
             [
                 sys.executable,

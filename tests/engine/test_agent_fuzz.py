@@ -86,7 +86,7 @@ class FuzzPod:
     def start(self) -> None:
         env = dict(os.environ)
         env.update(
-            PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "testing")),
+            PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("api", "engine", "testing")),
             PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS="1",
             HOTSWAP_AGENT_TOKEN=TOKEN,

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from hotswap_engine import launcher_client
-from hotswap_engine.digest import fingerprint
+from hotswap_engine.inference.digest import fingerprint
 from hotswap_testing.tiny_model import build_tiny_model, make_variant
 from hotswap_testing.waiting import wait_for_async
 from vllm_harness import (
@@ -237,7 +237,7 @@ async def test_request_policy_for_in_flight_requests(
 def test_launcher_refuses_dev_mode(models: Models) -> None:
     env = engine_env() | {"VLLM_SERVER_DEV_MODE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "hotswap_engine.vllm_launcher", str(models.base)],
+        [sys.executable, "-m", "hotswap_engine.inference.vllm_launcher", str(models.base)],
         env=env,
         capture_output=True,
         timeout=120,

@@ -32,7 +32,7 @@ def main(base: str, variant: str, workdir: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.model_executor.model_loader.reload import layerwise
 
-    extension = "hotswap_engine.vllm_ext.HotswapWorkerExtension"
+    extension = "hotswap_engine.inference.vllm_ext.HotswapWorkerExtension"
     llm = LLM(model=base, worker_extension_cls=extension, **ENGINE_KWARGS)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()

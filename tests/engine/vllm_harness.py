@@ -48,7 +48,9 @@ Tensors = Sequence[tuple[str, torch.Tensor]]
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "operator", "cluster", "testing")),
+        PYTHONPATH=os.pathsep.join(
+            str(REPO / p) for p in ("api", "engine", "operator", "cluster", "testing")
+        ),
         HF_HUB_OFFLINE="1",
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_OMP_THREADS_BIND="nobind",  # do not pin the shared machine's cores
@@ -81,7 +83,14 @@ def start_launcher(model_dir: Path, workdir: Path, extra_args: Sequence[str] = (
     port = free_port()
     log = workdir / "launcher.log"
     control = str(workdir / "run" / "control.sock")
-    cmd = [sys.executable, "-m", "hotswap_engine.vllm_launcher", "--control-socket", control, str(model_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hotswap_engine.inference.vllm_launcher",
+        "--control-socket",
+        control,
+        str(model_dir),
+    ]
     cmd += ["--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS, *extra_args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -291,7 +291,7 @@ def test_engine_image_python_layer(tmp_path: Path) -> None:
     out = r.python("-m", "hotswap_engine.agent", "--help")
     assert out.returncode == 0, out.stderr
     assert "--control-socket" in out.stdout
-    out = r.python("-m", "hotswap_engine.vllm_launcher", "--help", timeout=600)
+    out = r.python("-m", "hotswap_engine.inference.vllm_launcher", "--help", timeout=600)
     assert out.returncode == 0, out.stderr
     assert "--control-socket" in out.stdout
     out = r.python("-c", "import hotswap_engine; print(hotswap_engine.__path__[0])")

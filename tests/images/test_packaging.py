@@ -78,7 +78,7 @@ def test_wheel_holds_the_shipped_packages_only(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy2(REPO / "pyproject.toml", src)
-    for d in ("engine", "operator", "cli"):
+    for d in ("api", "engine", "operator", "cli"):
         shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     wheels = tmp_path / "wheels"
     out = subprocess.run(
@@ -103,10 +103,10 @@ def test_wheel_holds_the_shipped_packages_only(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("hotswap-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert roots == {"hotswap_engine", "hotswap_operator", "hotswap_cli"}, roots
-    for must in ("hotswap_cli/__main__.py", "hotswap_operator/resources.py", "hotswap_engine/protocol.py"):
+    assert roots == {"hotswap_api", "hotswap_engine", "hotswap_operator", "hotswap_cli"}, roots
+    for must in ("hotswap_cli/__main__.py", "hotswap_api/resources.py", "hotswap_api/protocol.py"):
         assert must in names, must
-    assert "hotswap_engine/py.typed" in names and "hotswap_operator/py.typed" in names
+    assert all(f"{p}/py.typed" in names for p in ("hotswap_api", "hotswap_engine", "hotswap_operator"))
     assert not [n for n in names if "testing" in n or "selftest" in n], "a test harness is in the wheel"
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "hotswap = hotswap_cli.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
+from hotswap_api.resources import Strategy
 from hotswap_cli.__main__ import run
 from hotswap_cli.commands import Io
 from hotswap_cli.errors import CliError, ExitCode
 from hotswap_cli.parsing import Publish, Rollback, Status, parse, parse_wait_timeout
-from hotswap_operator.resources import Strategy
 
 
 def test_publish_defaults() -> None:

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hotswap_api.resources import InferencePool, SourceRef, Strategy, WeightVersion
 from hotswap_cli import render
 from hotswap_cli.commands import Io, follow, verdict, weight_version_body
 from hotswap_cli.errors import CliError, ExitCode
-from hotswap_operator.resources import InferencePool, SourceRef, Strategy, WeightVersion
 
 
 def pod(name: str, version: str, ready: bool, ip: str = "", node: str = "node-1") -> dict[str, Any]:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hotswap_api.resources import InferencePool, WeightVersion
 from hotswap_operator import crdgen
-from hotswap_operator.resources import InferencePool, WeightVersion
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 

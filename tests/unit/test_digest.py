@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotswap_engine import digest
+from hotswap_engine.inference import digest
 
 
 def test_same_bytes_same_fingerprint_any_chunking(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hotswap_engine import protocol
+from hotswap_api import protocol
 from hotswap_engine.agent import openapi
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "agent-openapi.json"

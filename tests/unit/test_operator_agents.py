@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from hotswap_engine import protocol, staging
+from hotswap_api import protocol
+from hotswap_engine import staging
 from hotswap_engine.agent.api import build_app
 from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.agent.errors import BadRequest

@@ -8,7 +8,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hotswap_engine import protocol
+from hotswap_api import protocol
+from hotswap_api.resources import (
+    ConditionStatus,
+    InferencePoolSpec,
+    InferencePoolStatus,
+    Phase,
+    SourceRef,
+    WeightVersionSpec,
+    WeightVersionStatus,
+)
 from hotswap_operator.planner import (
     ActionFailure,
     DropStaged,
@@ -31,15 +40,6 @@ from hotswap_operator.planner import (
     plan,
     prune_versions,
     set_condition,
-)
-from hotswap_operator.resources import (
-    ConditionStatus,
-    InferencePoolSpec,
-    InferencePoolStatus,
-    Phase,
-    SourceRef,
-    WeightVersionSpec,
-    WeightVersionStatus,
 )
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hotswap_engine import protocol
-from hotswap_operator.resources import (
+from hotswap_api import protocol
+from hotswap_api.resources import (
     PATH_PATTERN,
     InferencePool,
     InferencePoolStatus,

@@ -6,7 +6,7 @@ import base64
 from typing import Any
 
 import pytest
-from hotswap_operator.resources import InferencePoolSpec
+from hotswap_api.resources import InferencePoolSpec
 from hotswap_operator.workload import (
     ENGINE_CONTAINER,
     WorkloadError,
@@ -82,7 +82,7 @@ def test_deployment_is_owned_by_the_pool_and_selects_its_pods() -> None:
 
 def test_inference_container_runs_the_launcher_with_model_flags_then_user_args() -> None:
     c = containers(build_deployment(spec(), "chat", "ml", UID))["vllm"]
-    assert c["command"] == ["python", "-m", "hotswap_engine.vllm_launcher"]
+    assert c["command"] == ["python", "-m", "hotswap_engine.inference.vllm_launcher"]
     assert c["args"] == [
         "--control-socket",
         "/run/hotswap/control.sock",
@@ -156,7 +156,7 @@ def test_building_twice_is_stable_and_does_not_touch_the_spec() -> None:
 def test_first_container_is_the_default_and_engine_image_override() -> None:
     s = spec(inferenceContainer=None, engine={"image": "registry/hotswap-engine:2"})
     cs = containers(build_deployment(s, "chat", "ml", UID))
-    assert cs["sidecar"]["command"] == ["python", "-m", "hotswap_engine.vllm_launcher"]
+    assert cs["sidecar"]["command"] == ["python", "-m", "hotswap_engine.inference.vllm_launcher"]
     assert cs[ENGINE_CONTAINER]["image"] == "registry/hotswap-engine:2"
 
 

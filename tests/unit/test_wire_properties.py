@@ -19,9 +19,9 @@ from typing import Any
 
 import msgpack
 import pytest
-from hotswap_engine import protocol
+from hotswap_api import protocol
 from hotswap_engine.agent import ranks
-from hotswap_engine.vllm_launcher import MAX_APPLY_TIMEOUT_S, ApplyRequest, BadApplyRequest
+from hotswap_engine.inference.vllm_launcher import MAX_APPLY_TIMEOUT_S, ApplyRequest, BadApplyRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError

@@ -15,10 +15,10 @@ from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from hotswap_api import protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from hotswap_engine import protocol
 from hotswap_engine.agent import openapi
 from hotswap_engine.agent.errors import AgentError
 from hotswap_engine.agent.service import AgentService

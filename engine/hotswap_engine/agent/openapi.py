@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hotswap_api import protocol
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
-
-from hotswap_engine import protocol
 
 OPENAPI_PATH = "/openapi.json"
 TITLE = "hotswap agent"
@@ -257,7 +256,7 @@ def generate(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
             "version": DOC_VERSION,
             "description": (
                 "The in-pod agent of hotswap (one per inference pod): stages checkpoints and runs "
-                "weight updates. Generated from hotswap_engine.protocol and the route table in "
+                "weight updates. Generated from hotswap_api.protocol and the route table in "
                 "hotswap_engine.agent.openapi; do not edit by hand (`make openapi`)."
             ),
         },

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from hotswap_engine import buckets, launcher_client, protocol, staging
+from hotswap_api import protocol
+
+from hotswap_engine import buckets, launcher_client, staging
 from hotswap_engine.agent import ranks
 from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.agent.rank_pool import RankPool, failures

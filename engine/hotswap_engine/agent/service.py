@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from hotswap_engine import protocol
+from hotswap_api import protocol
+
 from hotswap_engine.agent.config import AgentConfig
 from hotswap_engine.agent.errors import (
     BadRequest,

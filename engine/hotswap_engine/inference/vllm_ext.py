@@ -1,6 +1,6 @@
 """vLLM worker extension: receive a version over the hand-off and apply it with vLLM's layerwise reload.
 
-Started with `--worker-extension-cls hotswap_engine.vllm_ext.HotswapWorkerExtension`; vLLM appends
+Started with `--worker-extension-cls hotswap_engine.inference.vllm_ext.HotswapWorkerExtension`; vLLM appends
 the class to its worker's bases, so `self` is the worker (CPUWorker / GPU Worker). The launcher's
 control socket triggers `hotswap_apply` through `engine_client.collective_rpc`, which the engine core
 runs between steps in every worker at once (one per TP rank).
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from . import graph_safety
-from .digest import fingerprint
-from .handoff import HandoffError, HandoffReceiver
+from hotswap_engine.handoff import HandoffError, HandoffReceiver
+from hotswap_engine.inference import graph_safety
+from hotswap_engine.inference.digest import fingerprint
 
 # Under "vllm." so vLLM's logging setup (handler, format, VLLM_LOGGING_LEVEL) covers these lines.
 log = logging.getLogger("vllm.hotswap.worker")
@@ -100,7 +100,7 @@ class HotswapWorkerExtension:
         }
 
     def hotswap_digests(self) -> dict[str, str]:
-        """Fingerprints (hotswap_engine.digest) of every parameter and buffer of this worker's model,
+        """Fingerprints (`digest`) of every parameter and buffer of this worker's model,
         in the format vLLM keeps them (after loading and processing): comparable across pods of one
         configuration, and with a checkpoint wherever vLLM keeps checkpoint bytes."""
         worker: Any = self

@@ -1,6 +1,7 @@
 """Inference container entry point: vLLM's OpenAI server plus a private control socket.
 
-    python -m hotswap_engine.vllm_launcher --control-socket /run/hotswap/control.sock MODEL [vllm serve args]
+    python -m hotswap_engine.inference.vllm_launcher --control-socket /run/hotswap/control.sock \
+        MODEL [vllm serve args]
 
 The OpenAI server is vLLM's own (the same calls `vllm serve` makes for a single API server:
 `setup_server`, `build_async_engine_client`, `build_and_serve`), so every `vllm serve` flag
@@ -18,7 +19,7 @@ unix socket (never TCP) offers:
                (normally the agent re-sending the previous version) resumes it.
   GET  /healthz {"ok", "engine_alive", "paused", "applying", "version", "last_error"}
   GET  /digests  {"version", "workers": [{"param:<name>": fingerprint, "buffer:<name>": ...}, ...]}
-               fingerprints (hotswap_engine.digest) of every parameter and buffer of each worker's
+               fingerprints (hotswap_engine.inference.digest) of every parameter and buffer of each worker's
                model; 409 while an apply runs.
 
 The socket lives in a volume shared only with the engine container; its file mode (0660) is the
@@ -49,7 +50,7 @@ from aiohttp import web
 log = logging.getLogger("vllm.hotswap.launcher")
 
 DEFAULT_CONTROL_SOCKET = "/run/hotswap/control.sock"
-EXTENSION = "hotswap_engine.vllm_ext.HotswapWorkerExtension"
+EXTENSION = "hotswap_engine.inference.vllm_ext.HotswapWorkerExtension"
 POLICIES = ("keep", "wait", "abort")
 DEFAULT_APPLY_TIMEOUT_S = 300.0
 # collective_rpc's own deadline sits past the workers' hand-off timeout, so a stuck hand-off

@@ -23,7 +23,7 @@ VersionName = Annotated[
 ]
 
 # A file path as the API takes it: no C0 control characters and no DEL (an embedded NUL byte is a
-# path no file can have). The CRDs use the same pattern (`hotswap_operator.resources.PATH_PATTERN`).
+# path no file can have). The CRDs use the same pattern (`hotswap_api.resources.PATH_PATTERN`).
 PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 # Integers travel on to msgpack frames and native code (Mooncake addresses): bounded to what those
