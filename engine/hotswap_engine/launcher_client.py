@@ -1,4 +1,5 @@
-"""The agent's client for the inference container's control socket (see vllm_launcher).
+"""The agent's client for the inference container's control socket (served by
+`hotswap_engine.inference.vllm_launcher`; its messages are `hotswap_api.launcher`'s).
 
 Torch-free and vLLM-free: the agent imports it without pulling in the inference stack.
 """
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from hotswap_api.launcher import DEFAULT_APPLY_TIMEOUT_S, ApplyRequest
+from hotswap_api.policy import RequestPolicy
 
 # The agent's own deadline sits past the launcher's (pause + hand-off + RPC margin), so the
 # launcher's precise error normally arrives before the client gives up.
@@ -34,11 +37,16 @@ def _connector(socket_path: str) -> aiohttp.UnixConnector:
 
 
 async def apply(
-    socket_path: str, endpoint: str, version: str, policy: str = "keep", timeout: float = 300.0
+    socket_path: str,
+    endpoint: str,
+    version: str,
+    policy: RequestPolicy = RequestPolicy.KEEP,
+    timeout: float = DEFAULT_APPLY_TIMEOUT_S,
 ) -> ApplyResult:
     """POST /apply and wait for every worker to finish. A refused/failed apply is an ApplyResult with
     ok=False; only an unreachable or silent launcher raises (LauncherUnreachable)."""
-    body = {"endpoint": endpoint, "version": version, "policy": policy, "timeout": timeout}
+    request = ApplyRequest(endpoint=endpoint, version=version, policy=policy, timeout=timeout)
+    body = request.model_dump(mode="json")
     client_timeout = aiohttp.ClientTimeout(total=timeout * 2 + CLIENT_MARGIN_S)
     try:
         async with (

@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hotswap_api import protocol
-from hotswap_api.resources import POOL_LABEL, READINESS_GATE, VERSION_LABEL, InferencePool
+from hotswap_api.labels import POOL_LABEL, READINESS_GATE, SPEC_HASH, VERSION_LABEL
+from hotswap_api.resources import InferencePool
 
 from hotswap_operator import planner, snapshot
 from hotswap_operator.agents import AgentClient, AgentClientError, AgentConflict, AgentNotFound
@@ -48,7 +49,6 @@ from hotswap_operator.workload import (
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
-SPEC_HASH = "hotswap.dev/spec-hash"
 COMPONENT = "hotswap-operator"
 
 

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hotswap_api.resources import GROUP, VERSION, CrdInfo, InferencePool, WeightVersion
+from hotswap_api.labels import GROUP
+from hotswap_api.resources import (
+    VERSION,
+    CrdInfo,
+    InferencePool,
+    WeightVersion,
+)
 from pydantic import BaseModel
 
 RESOURCES: tuple[type[InferencePool] | type[WeightVersion], ...] = (InferencePool, WeightVersion)

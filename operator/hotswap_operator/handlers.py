@@ -26,7 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from hotswap_api.resources import GROUP, POOL_LABEL, VERSION
+from hotswap_api.labels import GROUP, POOL_LABEL
+from hotswap_api.resources import VERSION
 
 from hotswap_operator import snapshot
 from hotswap_operator.controller import COMPONENT, PoolController, Runtime

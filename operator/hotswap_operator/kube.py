@@ -15,7 +15,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from hotswap_api.resources import GROUP, VERSION
+from hotswap_api.labels import GROUP
+from hotswap_api.resources import VERSION
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 

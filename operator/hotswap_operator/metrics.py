@@ -6,7 +6,8 @@ the numbers are the ones written into the statuses (no second bookkeeping to dri
 
 from __future__ import annotations
 
-from hotswap_api.resources import BASE_VERSION, Phase
+from hotswap_api.labels import BASE_VERSION
+from hotswap_api.resources import Phase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from hotswap_operator.planner import Fleet, Plan

@@ -11,9 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hotswap_api import protocol
+from hotswap_api.labels import READINESS_GATE, VERSION_LABEL
 from hotswap_api.resources import (
-    READINESS_GATE,
-    VERSION_LABEL,
     InferencePool,
     WeightVersion,
 )

@@ -140,7 +140,7 @@ def pool_body(name: str) -> Obj:
             "template": {"spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.32.0"}]}},
             "model": {"path": "models/base"},
             "checkpointVolume": {"source": {"emptyDir": {}}},
-            "engine": {"device": "cpu"},
+            "engine": {"device": "CPU"},
         },
     }
 

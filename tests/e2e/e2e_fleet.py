@@ -185,7 +185,7 @@ def pool_body(checkpoint_dir: Path, replicas: int = 2) -> dict[str, Any]:
             "replicas": replicas,
             "model": {"path": "models/base", "servedModelName": "tiny"},
             "checkpointVolume": {"source": {"hostPath": {"path": str(checkpoint_dir)}}, "mountPath": MOUNT},
-            "engine": {"device": "cpu", "port": AGENT_PORT, "transport": {"collectiveTimeoutSeconds": 30}},
+            "engine": {"device": "CPU", "port": AGENT_PORT, "transport": {"collectiveTimeoutSeconds": 30}},
             "template": {
                 "spec": {
                     "containers": [

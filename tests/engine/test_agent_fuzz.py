@@ -253,7 +253,7 @@ def test_every_guarded_route_refuses_a_missing_or_wrong_token(pod: FuzzPod) -> N
         for token in (None, "wrong", ""):
             code, body = pod.api(route.method.upper(), path, token=token)
             if route.auth:
-                assert (code, body["error"]) == (401, "unauthorized"), (route.path, token, body)
+                assert (code, body["error"]) == (401, "Unauthorized"), (route.path, token, body)
             else:
                 assert code in route.replies, (route.path, code)
 
@@ -261,9 +261,9 @@ def test_every_guarded_route_refuses_a_missing_or_wrong_token(pod: FuzzPod) -> N
 @pytest.mark.parametrize(
     ("method", "path", "status", "error"),
     [
-        ("GET", "/v1/nothing-here", 404, "not_found"),
-        ("PUT", "/v1/status", 405, "bad_request"),
-        ("DELETE", "/v1/staged/", 404, "not_found"),
+        ("GET", "/v1/nothing-here", 404, "NotFound"),
+        ("PUT", "/v1/status", 405, "BadRequest"),
+        ("DELETE", "/v1/staged/", 404, "NotFound"),
     ],
 )
 def test_aiohttp_answers_are_error_bodies(
@@ -276,4 +276,4 @@ def test_aiohttp_answers_are_error_bodies(
 def test_body_larger_than_the_limit_is_a_413_error_body(pod: FuzzPod) -> None:
     big = {"version": "x", "source": {"path": "a" * (2 << 20)}}
     code, body = pod.api("POST", "/v1/stage", big)
-    assert (code, body["error"]) == (413, "bad_request"), body
+    assert (code, body["error"]) == (413, "BadRequest"), body

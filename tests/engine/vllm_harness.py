@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hotswap_api.policy import RequestPolicy
 from hotswap_engine import launcher_client
 from hotswap_engine.handoff import HandoffSender, create_slots
 from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket
@@ -211,7 +212,7 @@ async def apply(
     launcher: Launcher,
     model: Path | Tensors | None,
     version: str,
-    policy: str = "keep",
+    policy: RequestPolicy = RequestPolicy.KEEP,
     *,
     abort_after: int | None = None,
     timeout: float = 60,

@@ -16,7 +16,7 @@ def test_publish_defaults() -> None:
     cmd = parse(["publish", "pool-a", "--version", "v2", "--path", "ckpt/step-200"])
     assert isinstance(cmd, Publish)
     assert (cmd.pool, cmd.version, cmd.path, cmd.sha256_manifest) == ("pool-a", "v2", "ckpt/step-200", None)
-    assert cmd.strategy is Strategy.AUTO and cmd.timeout == "10m"
+    assert cmd.strategy is Strategy.BROADCAST and cmd.timeout == "10m"
     assert not cmd.wait.enabled and cmd.wait.timeout_s is None
     assert cmd.target.namespace is None and cmd.target.kubeconfig is None
 
@@ -29,7 +29,7 @@ def test_publish_all_flags() -> None:
             "--version=v3.1",
             "--path=a/b",
             "--sha256-manifest=a/b/manifest.json",
-            "--strategy=p2p",
+            "--strategy=P2P",
             "--timeout=90s",
             "-n",
             "team",

@@ -224,7 +224,7 @@ def test_weight_version_rules() -> None:
     assert spec["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
     assert "immutable" in spec["x-kubernetes-validations"][0]["message"]
     assert set(spec["required"]) == {"poolRef", "version", "source"}
-    assert at(schema, ".spec.strategy")["enum"] == ["auto", "broadcast", "p2p"]
+    assert at(schema, ".spec.strategy")["enum"] == ["Broadcast", "P2P"]
     rules = [r["rule"] for r in at(schema, ".spec.source.path")["x-kubernetes-validations"]]
     assert rules == ["!self.startsWith('/')", "!self.matches('(^|/)[.][.](/|$)')"]
     (name_rule,) = schema["x-kubernetes-validations"]

@@ -44,7 +44,7 @@ POOL = {
         "template": {"spec": {"containers": [{"name": "vllm", "image": "i"}]}},
         "model": {"path": "base"},
         "checkpointVolume": {"source": {"hostPath": {"path": "/data"}}},
-        "engine": {"device": "cpu"},
+        "engine": {"device": "CPU"},
     },
     "status": {"currentVersion": "v1", "currentSource": {"path": "ckpts/v1"}, "conditions": []},
 }

@@ -6,7 +6,7 @@ import base64
 from typing import Any
 
 import pytest
-from hotswap_api.resources import InferencePoolSpec
+from hotswap_api.resources import Device, InferencePoolSpec
 from hotswap_operator.workload import (
     ENGINE_CONTAINER,
     WorkloadError,
@@ -46,8 +46,8 @@ def spec(**over: Any) -> InferencePoolSpec:
         },
         "engine": {
             "port": 8700,
-            "device": "cpu",
-            "transport": {"p2pProtocol": "rdma", "p2pDevice": "mlx5_0"},
+            "device": "CPU",
+            "transport": {"p2pProtocol": "RDMA", "p2pDevice": "mlx5_0"},
         },
     }
     raw.update(over)
@@ -232,7 +232,7 @@ def test_gpu_sharing_modes_give_the_engine_the_inference_containers_gpus() -> No
     assert "claims" not in plain.get("resources", {})
     assert "--gpus=2" not in plain["args"]  # this spec's engine runs on cpu
     cuda = spec(template=tpl)
-    cuda.engine.device = "cuda"
+    cuda.engine.device = Device.CUDA
     gpu_args = containers(build_deployment(cuda, "chat", "ns", UID, "dra"))[ENGINE_CONTAINER]["args"]
     assert "--device=cuda" in gpu_args and "--gpus=2" in gpu_args  # a rank worker per TP GPU
     assert all(e["name"] != "NVIDIA_VISIBLE_DEVICES" for e in plain["env"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from hotswap_api import protocol
+from hotswap_api.policy import RequestPolicy
 
 from hotswap_engine import buckets, launcher_client, staging
 from hotswap_engine.agent import ranks
@@ -218,10 +219,10 @@ class UpdateRunner:
         from hotswap_engine.agent.service import UpdateRecord
 
         rec = UpdateRecord(id="local", version=version or "base", mode=protocol.UpdateMode.BROADCAST)
-        await self._apply_alone(version or "base", full, rec, protocol.RequestPolicy.KEEP)
+        await self._apply_alone(version or "base", full, rec, RequestPolicy.KEEP)
 
     async def _apply_alone(
-        self, rec_version: str, full: StagedCheckpoint, rec: UpdateRecord, policy: protocol.RequestPolicy
+        self, rec_version: str, full: StagedCheckpoint, rec: UpdateRecord, policy: RequestPolicy
     ) -> None:
         host = self.cfg.advertise_address
         alone = _Membership((self.cfg.pod_name,), host, _free_port(host))
@@ -243,7 +244,7 @@ class UpdateRunner:
     async def _transfer(
         self,
         version: str,
-        policy: protocol.RequestPolicy,
+        policy: RequestPolicy,
         members: _Membership,
         pod_rank: int,
         pod_parts: dict[int, tuple[int, int] | None],
@@ -346,9 +347,7 @@ class UpdateRunner:
         # The launcher runs the receiving side inside vLLM (between engine steps, engine paused);
         # it answers only when every worker finished the reload, or failed.
         apply = asyncio.create_task(
-            launcher_client.apply(
-                str(cfg.control_socket), endpoint, version, policy.value, timeout=timeout * 4
-            )
+            launcher_client.apply(str(cfg.control_socket), endpoint, version, policy, timeout=timeout * 4)
         )
         t1 = time.perf_counter()
         results = await pool.acall_all(lambda lr: message, timeout=timeout * 2 + 30, on_event=progress)
