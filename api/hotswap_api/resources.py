@@ -92,6 +92,18 @@ class _FreeForm(BaseModel):
     )
 
 
+class _Renamed(StrEnum):
+    """An enum whose values were once spelled in lower case (before the CamelCase of the Kubernetes
+    API conventions). The CRD schema accepts only the new spelling, so no new object carries an old
+    one; objects stored before still parse (`_missing_`), so the operator keeps reading them."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> _Renamed | None:
+        if not isinstance(value, str):
+            return None
+        return next((m for m in cls if m.value.lower() == value), None)
+
+
 # ---- conditions ------------------------------------------------------------------------------------
 
 
@@ -181,7 +193,7 @@ class CheckpointVolume(_Api):
     """Where the volume appears in the pods; WeightVersion paths are relative to it."""
 
 
-class P2PProtocol(StrEnum):
+class P2PProtocol(_Renamed):
     TCP = "TCP"
     RDMA = "RDMA"
 
@@ -207,7 +219,7 @@ class TransportSpec(_Api):
     hardware goes), for fleets whose network is shared with training traffic."""
 
 
-class Device(StrEnum):
+class Device(_Renamed):
     CPU = "CPU"
     CUDA = "CUDA"
 
@@ -381,9 +393,15 @@ class PoolRef(_Api):
     """Name of the InferencePool (same namespace)."""
 
 
-class Strategy(StrEnum):
+class Strategy(_Renamed):
     BROADCAST = "Broadcast"
     P2P = "P2P"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Strategy | None:
+        # `auto` meant Broadcast and decided nothing else: stored objects that say it read as Broadcast.
+        found = super()._missing_("broadcast" if value == "auto" else value)
+        return found if isinstance(found, Strategy) else None
 
 
 class WeightVersionSpec(_Api):

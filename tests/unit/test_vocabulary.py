@@ -76,3 +76,18 @@ def test_permanent_error_codes() -> None:
         ErrorCode.FORBIDDEN_PATH,
         ErrorCode.UNAUTHORIZED,
     }
+
+
+def test_objects_stored_with_the_old_spellings_still_parse() -> None:
+    spec = resources.WeightVersionSpec.model_validate(
+        {"poolRef": {"name": "p"}, "version": "v1", "source": {"path": "c"}, "strategy": "auto"}
+    )
+    assert spec.strategy is resources.Strategy.BROADCAST
+    assert resources.Strategy("p2p") is resources.Strategy.P2P
+    engine = resources.EngineSpec.model_validate({"device": "cpu", "transport": {"p2pProtocol": "rdma"}})
+    assert (
+        engine.device is resources.Device.CPU and engine.transport.p2p_protocol is resources.P2PProtocol.RDMA
+    )
+    # ... but the CRD schema, and so every new write, knows only the new spelling.
+    schema = resources.WeightVersionSpec.model_json_schema()
+    assert schema["$defs"]["Strategy"]["enum"] == ["Broadcast", "P2P"]
