@@ -52,8 +52,8 @@ def third_party_imports(package: Path) -> set[str]:
 
 
 def test_base_install_covers_what_the_cli_and_operator_import() -> None:
-    """Every distribution the CLI, the operator or the wire protocol imports is a base dependency or
-    a requirement of one (urllib3 comes with kubernetes)."""
+    """Every distribution the CLI, the operator or the shared vocabulary (hotswap_api) imports is a
+    base dependency or a requirement of one (urllib3 comes with kubernetes)."""
     base = base_dists()
     covered = set(base)
     for name in base:
@@ -61,7 +61,7 @@ def test_base_install_covers_what_the_cli_and_operator_import() -> None:
     providers = md.packages_distributions()
     imported = third_party_imports(REPO / "cli" / "hotswap_cli")
     imported |= third_party_imports(REPO / "operator" / "hotswap_operator")
-    imported |= third_party_imports(REPO / "engine" / "hotswap_engine" / "protocol.py")
+    imported |= third_party_imports(REPO / "api" / "hotswap_api")
     for module in sorted(imported):
         dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
         assert dists & covered, f"{module} ({dists}) is imported but not installed by `pip install ./`"
@@ -70,7 +70,9 @@ def test_base_install_covers_what_the_cli_and_operator_import() -> None:
 def test_entry_point_and_package_roots() -> None:
     assert PROJECT["scripts"] == {"hotswap": "hotswap_cli.__main__:main"}
     where = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"]
-    assert sorted(where) == ["cli", "engine", "operator"], "testing/, cluster/, tests/ are not installed"
+    assert sorted(where) == ["api", "cli", "engine", "operator"], (
+        "testing/, cluster/, tests/ are not installed"
+    )
 
 
 @pytest.mark.timeout(300)
