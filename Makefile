@@ -4,7 +4,7 @@ export HOTSWAP_CACHE ?= $(HOME)/.cache/hotswap
 VENV := .venv
 PY := $(VENV)/bin/python
 # testing/ holds the test harnesses (hotswap_testing): on the path for tests, bench and demo, never shipped.
-export PYTHONPATH := $(CURDIR)/engine:$(CURDIR)/operator:$(CURDIR)/cluster:$(CURDIR)/cli:$(CURDIR)/sdk:$(CURDIR)/testing
+export PYTHONPATH := $(CURDIR)/api:$(CURDIR)/engine:$(CURDIR)/operator:$(CURDIR)/cluster:$(CURDIR)/cli:$(CURDIR)/sdk:$(CURDIR)/testing
 export HF_HUB_OFFLINE := 1
 export VLLM_HOST_IP := 127.0.0.1
 
@@ -14,12 +14,12 @@ venv:
 	@bash scripts/setup-venv.sh >/dev/null
 
 lint: venv
-	$(PY) -m ruff check engine operator cluster cli sdk testing tests bench examples
-	$(PY) -m ruff format --check engine operator cluster cli sdk testing tests bench examples
+	$(PY) -m ruff check api engine operator cluster cli sdk testing tests bench examples
+	$(PY) -m ruff format --check api engine operator cluster cli sdk testing tests bench examples
 	$(VENV)/bin/lint-imports
 
 typecheck: venv
-	$(PY) -m mypy engine/hotswap_engine operator/hotswap_operator cluster/hotswap_kubelet cluster/hotswap_cluster cli/hotswap_cli sdk/hotswap_trainer testing/hotswap_testing
+	$(PY) -m mypy api/hotswap_api engine/hotswap_engine operator/hotswap_operator cluster/hotswap_kubelet cluster/hotswap_cluster cli/hotswap_cli sdk/hotswap_trainer testing/hotswap_testing
 
 # Fast and offline: no pip, no wheel builds, no cluster, no engines.
 test-unit: venv
@@ -47,7 +47,7 @@ cluster-up: venv
 cluster-down:
 	@bash cluster/scripts/down.sh
 
-# CRD YAML in crds/ is generated from operator/hotswap_operator/resources.py (a unit test fails when stale).
+# CRD YAML in crds/ is generated from api/hotswap_api/resources.py (a unit test fails when stale).
 .PHONY: crds
 crds: venv
 	$(PY) -m hotswap_operator.crdgen --out crds

@@ -3,7 +3,7 @@
 On a machine with 2 GPUs (the device tool's nvidia-h200-x2), from the repository root:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD/engine:$PWD/testing
+    export PYTHONPATH=/tmp/site:$PWD/api:$PWD/engine:$PWD/testing
     python3 bench/agent_gpu_check.py --device cuda --gpus 2 --kill --out $OUT
 
 What it runs, per pod: `python -m hotswap_testing.plain_launcher` (the launcher's control
@@ -97,7 +97,7 @@ class PodProcs:
         env = dict(os.environ)
         env.update(
             PYTHONPATH=os.pathsep.join(
-                [str(REPO / "engine"), str(REPO / "testing"), env.get("PYTHONPATH", "")]
+                [str(REPO / "api"), str(REPO / "engine"), str(REPO / "testing"), env.get("PYTHONPATH", "")]
             )
         )
         env.update(PYTHONUNBUFFERED="1", HOTSWAP_AGENT_TOKEN=TOKEN)

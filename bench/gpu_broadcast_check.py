@@ -3,7 +3,7 @@ receiver process per GPU, byte-exact checks, timings against the host→GPU boun
 
 Run on a machine with 2 GPUs (the device tool's nvidia-h200-x2), from the repository root:
 
-    PYTHONPATH=engine:testing python3 bench/gpu_broadcast_check.py --out $OUT
+    PYTHONPATH=api:engine:testing python3 bench/gpu_broadcast_check.py --out $OUT
 
 Phases: (1) pinned host→GPU bandwidth with both GPUs copying at once; (2) for each checkpoint
 shape (a small mixed one, and Qwen3-8B-shaped bf16), write a synthetic sharded safetensors
@@ -107,7 +107,7 @@ def run_group(
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(
-            [str(REPO / "engine"), str(REPO / "testing"), os.environ.get("PYTHONPATH", "")]
+            [str(REPO / "api"), str(REPO / "engine"), str(REPO / "testing"), os.environ.get("PYTHONPATH", "")]
         ),
     }
     port = free_port()

@@ -4,7 +4,7 @@ memory into the other GPU, over Mooncake, timed and verified byte for byte.
 Run on the device tool's nvidia-h200-x2 from the repository root (wheels carried in `.whl/`,
 mooncake-transfer-engine-non-cuda among them):
 
-    PYTHONPATH=/tmp/site:$PWD/engine:$PWD/testing python3 bench/p2p_gpu_catchup.py --out $OUT/p2p
+    PYTHONPATH=/tmp/site:$PWD/api:$PWD/engine:$PWD/testing python3 bench/p2p_gpu_catchup.py --out $OUT/p2p
 
 What runs, all through the project's own code:
   * process A ("holder", CUDA device 0): `staging.stage` of the whole checkpoint (page-cached

@@ -13,7 +13,7 @@ Medians are reported; the ratio is catch-up over the best raw variant. The desti
 checked byte for byte after the last catch-up.
 
 CPU (loopback TCP):
-    PYTHONPATH=engine .venv/bin/python bench/p2p_throughput.py --holders 3 --layers 2
+    PYTHONPATH=api:engine .venv/bin/python bench/p2p_throughput.py --holders 3 --layers 2
 GPU (`--gpu`): holders' buffers and the destination are pinned; each range is copied to
 `--device` as soon as it lands (overlapping the network), and the GPU copy is what gets checked.
 Full Qwen3-8B shape (15.3 GiB): `--layers 36 --vocab 151936 --gpu --device cuda:1 --holders 1`.

@@ -89,7 +89,7 @@ def pool_body(checkpoints: Path, replicas: int) -> dict[str, Any]:
                 "source": {"hostPath": {"path": str(checkpoints)}},
                 "mountPath": "/checkpoints",
             },
-            "engine": {"device": "cpu", "transport": {"collectiveTimeoutSeconds": 30}},
+            "engine": {"device": "CPU", "transport": {"collectiveTimeoutSeconds": 30}},
             "template": {
                 "spec": {
                     "containers": [
@@ -140,7 +140,7 @@ class Bench:
         self.operator: subprocess.Popen[bytes] | None = None
 
     def start_operator(self, log_path: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=f"{self.repo}/engine:{self.repo}/operator")
+        env = dict(os.environ, PYTHONPATH=f"{self.repo}/api:{self.repo}/engine:{self.repo}/operator")
         self.operator = subprocess.Popen(
             [
                 sys.executable,

@@ -4,7 +4,7 @@ it (`stage_from_trainer`: table reads, one-sided Mooncake TCP reads over loopbac
 on the host), for the whole version and for part 0 of 2. Several rounds: the first pays the slot's
 allocation and pinning, later ones reuse it (the SDK's steady state).
 
-    PYTHONPATH=$PWD/engine:$PWD/operator:$PWD/sdk python3 bench/trainer_publish_gpu.py --out $OUT/trainer
+    PYTHONPATH=$PWD/api:$PWD/engine:$PWD/sdk python3 bench/trainer_publish_gpu.py --out $OUT/trainer
 
 Prints one JSON line per round and writes them to <out>/results.json. No apiserver is involved
 (the WeightVersion's creation is a single small API call).
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from hotswap_engine import protocol
+from hotswap_api import protocol
 from hotswap_engine.hostmem import HostBufferPool
 from hotswap_engine.transport.p2p import P2PEndpoint
 from hotswap_engine.transport.trainer_source import stage_from_trainer

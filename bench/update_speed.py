@@ -3,7 +3,7 @@
 Run on the device tool's nvidia-h200-x2 from the repository root (wheels carried in `.whl/`):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD/engine:$PWD/testing python3 bench/update_speed.py --out $OUT/raw \
+    PYTHONPATH=/tmp/site:$PWD/api:$PWD/engine:$PWD/testing python3 bench/update_speed.py --out $OUT/raw \
         --shapes qwen3-8b --configs 64x16tf,128x8,64x16nf --updates 4 --ce
 
 Configs `BxS`: S slots of B MiB per GPU; suffix none = full-version device→host copy inline, `tf` =
@@ -164,7 +164,7 @@ def host_facts() -> dict[str, Any]:
 
 def stage_probe(args: argparse.Namespace) -> int:
     """One rank's cold staging of its half (fresh pinned buffer), as the members do it."""
-    from hotswap_engine.protocol import PartSpec
+    from hotswap_api.protocol import PartSpec
     from hotswap_engine.staging import stage
 
     torch.cuda.set_device(args.rank)

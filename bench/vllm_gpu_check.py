@@ -2,12 +2,12 @@
 
 On a one-GPU device machine with vLLM 0.26 installed (bench/vllm_gpu_install.sh), from the repo root:
 
-    PYTHONPATH=/tmp/site:$PWD/engine python3 bench/vllm_gpu_check.py --shape small --out $OUT
+    PYTHONPATH=/tmp/site:$PWD/api:$PWD/engine python3 bench/vllm_gpu_check.py --shape small --out $OUT
 
 What runs, all as separate processes, as in a pod:
-- `python -m hotswap_engine.vllm_launcher` (vLLM's OpenAI server, compiled with CUDA graphs unless
-  --eager, plus the control socket; the hotswap weight-transfer engine is our receiving side, as in
-  the image, driven through vLLM's start_weight_update/update_weights/finish_weight_update);
+- `python -m hotswap_engine.inference.vllm_launcher` (vLLM's OpenAI server, compiled with CUDA graphs
+  unless --eager, plus the control socket; the hotswap weight-transfer engine is our receiving side, as in the
+  image, driven through vLLM's start_weight_update/update_weights/finish_weight_update);
 - `python -m hotswap_engine.agent --device cuda --gpus 1` (HTTP API, staging into pinned memory,
   one rank worker: host→GPU, CUDA IPC hand-off into the vLLM worker).
 References: a fresh launcher started on each checkpoint, same flags, queried the same way.
@@ -159,7 +159,13 @@ class Server(_Process):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.control = Path("/tmp") / f"hs-{os.getpid()}-{name}.sock"
         self.port = free_port()
-        argv = [sys.executable, "-m", "hotswap_engine.vllm_launcher", "--control-socket", str(self.control)]
+        argv = [
+            sys.executable,
+            "-m",
+            "hotswap_engine.inference.vllm_launcher",
+            "--control-socket",
+            str(self.control),
+        ]
         argv += [str(model), "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "m"]
         argv += ["--kv-cache-memory-bytes", str(args.kv_bytes)]
         if args.device == "cuda":
@@ -168,7 +174,9 @@ class Server(_Process):
         if args.eager:
             argv += ["--enforce-eager"]
         env = dict(os.environ, PYTHONUNBUFFERED="1", VLLM_USE_FLASHINFER_SAMPLER="0")
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "engine"), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO / "api"), str(REPO / "engine"), env.get("PYTHONPATH", "")]
+        )
         self.log = self.dir / "launcher.log"
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -231,7 +239,9 @@ class Agent(_Process):
         ]
         argv += ["--collective-timeout", "20"]
         env = dict(os.environ, PYTHONUNBUFFERED="1", HOTSWAP_AGENT_TOKEN=TOKEN)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "engine"), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO / "api"), str(REPO / "engine"), env.get("PYTHONPATH", "")]
+        )
         self.log = self.dir / "agent.log"
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"

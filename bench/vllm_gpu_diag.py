@@ -171,7 +171,7 @@ def state_digest(worker: Any) -> dict[str, Any]:
     """Every tensor reachable from the model: parameters, buffers and plain tensor attributes of each
     module and of its quant_method / impl helpers (where derived state could hide)."""
     import torch
-    from hotswap_engine import graph_safety
+    from hotswap_engine.inference import graph_safety
 
     model = worker.model_runner.get_model()
     out: dict[str, Any] = {}
@@ -219,10 +219,10 @@ def reload_layerwise(worker: Any, path: str, sync: bool) -> float:
 
 
 def reload_guarded(worker: Any, path: str) -> list[str]:
-    """The reload inside hotswap_engine.graph_safety's snapshot/restore (what the transfer engine
+    """The reload inside hotswap_engine.inference.graph_safety's snapshot/restore (what the transfer engine
     does): tensors the reload replaced go back onto their original storage."""
     import torch
-    from hotswap_engine import graph_safety
+    from hotswap_engine.inference import graph_safety
 
     slots = graph_safety.snapshot(worker.model_runner.get_model())
     worker.reload_weights(weights_iterator=_weights(path, _device(worker)), is_checkpoint_format=True)

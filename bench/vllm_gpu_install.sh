@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device side of bench/vllm_gpu_carry.sh: keeps the parts this call carried under /tmp/hotswap-carry
 # and, once both are there, installs vLLM 0.26 and the wheels into /tmp/site (idempotent).
-# Usage (every call): bash bench/vllm_gpu_install.sh && export PYTHONPATH=/tmp/site:$PWD/engine:$PWD/testing
+# Usage (every call): bash bench/vllm_gpu_install.sh && export PYTHONPATH=/tmp/site:$PWD/api:$PWD/engine:$PWD/testing
 set -euo pipefail
 dst=/tmp/hotswap-carry
 mkdir -p "$dst"

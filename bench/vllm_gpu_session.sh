@@ -6,7 +6,7 @@
 set -uo pipefail
 res="${1:-/tmp/gpu-results}"
 mkdir -p "$res"
-export PYTHONPATH="/tmp/site:$PWD/engine:$PWD/testing:$PWD/bench" PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+export PYTHONPATH="/tmp/site:$PWD/api:$PWD/engine:$PWD/testing:$PWD/bench" PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
 export HF_HUB_OFFLINE=1 VLLM_HOST_IP=127.0.0.1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 # many engines compile at once in phase A: a few Inductor workers each, not one per core each
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}

@@ -44,7 +44,7 @@ def latest_update(namespace: str, pool: str, ip: str) -> dict[str, Any]:
 def how(u: dict[str, Any]) -> str:
     if not u:
         return "serves the checkpoint it started with"
-    if u.get("mode") != "p2p":
+    if u.get("mode") != "P2P":
         return f"{u['version']} by broadcast ({u['stage']})"
     peers = ", ".join(f"{n} {b / 1e6:.2f} MB" for n, b in sorted((u.get("peer_bytes") or {}).items()))
     failed = f"; gave up on {', '.join(u['peers_failed'])}" if u.get("peers_failed") else ""

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 HOTSWAP=.venv/bin/hotswap  # the command line, installed into the venv by `make venv`
-export PYTHONPATH="$PWD/engine:$PWD/operator:$PWD/cli:$PWD/cluster:$PWD/testing${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/api:$PWD/api:$PWD/engine:$PWD/operator:$PWD/cli:$PWD/cluster:$PWD/testing${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 NS=hotswap-demo
 POOL=demo

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from hotswap_operator.resources import (
+from hotswap_api.labels import CREATED_BY, POOL_LABEL, ROLLBACK_OF
+from hotswap_api.resources import (
     API_VERSION,
-    POOL_LABEL,
     Phase,
     SourceRef,
     Strategy,
@@ -34,8 +34,6 @@ from hotswap_cli.rollback import plan_rollback
 # marks the version Failed at its timeout, and the display should show that verdict, not time out first.
 WAIT_GRACE_S = 60.0
 POLL_S = 1.0
-CREATED_BY = "hotswap.dev/created-by"
-ROLLBACK_OF = "hotswap.dev/rollback-of"
 
 
 @dataclass
@@ -175,7 +173,7 @@ def follow(read: Callable[[], WeightVersion], limit_s: float, io: Io) -> WeightV
             raise CliError(
                 ExitCode.TIMEOUT,
                 f"gave up waiting after {render.seconds(elapsed)}: {wv.metadata.get('name')} is still "
-                f"{wv.status.phase.value} ({wv.status.updated_pods}/{wv.status.target_pods} pods updated); "
+                f"{wv.status.phase.value} ({wv.status.updated_replicas}/{wv.status.replicas} pods updated); "
                 "the rollout continues",
             )
         io.sleep(min(POLL_S, max(0.0, limit_s - elapsed)))

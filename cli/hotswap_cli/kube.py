@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3
-from hotswap_operator.resources import GROUP, POOL_LABEL, VERSION, InferencePool, WeightVersion
+from hotswap_api.labels import GROUP, POOL_LABEL
+from hotswap_api.resources import (
+    VERSION,
+    InferencePool,
+    WeightVersion,
+)
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException

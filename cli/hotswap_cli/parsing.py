@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import NoReturn
 
-from hotswap_operator.resources import (
-    BASE_VERSION,
+from hotswap_api.labels import BASE_VERSION
+from hotswap_api.resources import (
     DURATION_PATTERN,
     VERSION_PATTERN,
     Strategy,
@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rollout = _Parser(add_help=False)
     rollout.add_argument(
-        "--strategy", choices=[s.value for s in Strategy], default=Strategy.AUTO.value, help="default: auto"
+        "--strategy",
+        choices=[s.value for s in Strategy],
+        default=Strategy.BROADCAST.value,
+        help=f"default: {Strategy.BROADCAST.value}",
     )
     rollout.add_argument(
         "--timeout", default="10m", help="how long the rollout may take, e.g. 90s, 10m (default 10m)"

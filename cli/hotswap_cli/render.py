@@ -7,10 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from hotswap_operator.resources import (
-    BASE_VERSION,
-    READINESS_GATE,
-    VERSION_LABEL,
+from hotswap_api.labels import BASE_VERSION, READINESS_GATE, VERSION_LABEL
+from hotswap_api.resources import (
     InferencePool,
     Phase,
     StageDurations,
@@ -39,9 +37,9 @@ def stage_summary(d: StageDurations | None) -> str:
 def progress_line(wv: WeightVersion, elapsed_s: float) -> str:
     """One line for the live display: phase, pods, stage durations, time waited."""
     st = wv.status
-    pods = f"{st.updated_pods}/{st.target_pods} pods updated"
-    if st.failed_pods:
-        pods += f", {st.failed_pods} failed"
+    pods = f"{st.updated_replicas}/{st.replicas} pods updated"
+    if st.failed_replicas:
+        pods += f", {st.failed_replicas} failed"
     line = f"{st.phase.value:<10} {pods}  ({stage_summary(st.stage_durations)})  [{seconds(elapsed_s)}]"
     if st.message and st.phase != Phase.COMPLETE:
         line += f"  {st.message}"
@@ -54,9 +52,9 @@ def progress_key(wv: WeightVersion) -> tuple[Any, ...]:
     d = st.stage_durations or StageDurations()
     return (
         st.phase,
-        st.updated_pods,
-        st.target_pods,
-        st.failed_pods,
+        st.updated_replicas,
+        st.replicas,
+        st.failed_replicas,
         d.staging,
         d.transfer,
         d.reload,
@@ -70,7 +68,7 @@ def outcome_line(pool: str, wv: WeightVersion) -> str:
     if st.start_time and st.completion_time:
         took = f" in {seconds((st.completion_time - st.start_time).total_seconds())}"
     return (
-        f"{pool} {wv.spec.version}: {st.phase.value}{took}, {st.updated_pods}/{st.target_pods} pods "
+        f"{pool} {wv.spec.version}: {st.phase.value}{took}, {st.updated_replicas}/{st.replicas} pods "
         f"({stage_summary(st.stage_durations)})"
     )
 
@@ -159,9 +157,9 @@ def status_text(pool: InferencePool, pods: Sequence[Obj], versions: Sequence[Wei
 
 _ROLLOUT_FIELDS = {
     "phase",
-    "target_pods",
-    "updated_pods",
-    "failed_pods",
+    "replicas",
+    "updated_replicas",
+    "failed_replicas",
     "stage_durations",
     "message",
     "start_time",

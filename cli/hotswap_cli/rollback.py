@@ -17,7 +17,13 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from hotswap_operator.resources import BASE_VERSION, Phase, SourceRef, WeightVersion, version_order
+from hotswap_api.labels import BASE_VERSION
+from hotswap_api.resources import (
+    Phase,
+    SourceRef,
+    WeightVersion,
+    version_order,
+)
 
 from hotswap_cli.errors import CliError, ExitCode
 

@@ -113,7 +113,7 @@ venv_py="$repo/.venv/bin/python"
 if ! proc_alive kubelet; then
   # Pod processes inherit this PATH and PYTHONPATH: `python -m x` in a container runs the project venv.
   # testing/ (hotswap_testing: tiny models, plain launcher...) is there for test pods; images lack it.
-  PATH="$repo/.venv/bin:$PATH" PYTHONPATH="$repo/engine:$repo/operator:$repo/cluster:$repo/testing${PYTHONPATH:+:$PYTHONPATH}" \
+  PATH="$repo/.venv/bin:$PATH" PYTHONPATH="$repo/api:$repo/engine:$repo/operator:$repo/cluster:$repo/testing${PYTHONPATH:+:$PYTHONPATH}" \
   proc_start kubelet "$venv_py" -m hotswap_kubelet \
     --kubeconfig "$KUBECONFIG_PATH" --node-name "$NODE_NAME" \
     --state-dir "$CLUSTER_RUN/kubelet" --log-dir "$CLUSTER_LOGS" \

@@ -1,4 +1,5 @@
-"""The agent's client for the inference container's control socket (see vllm_launcher).
+"""The agent's client for the inference container's control socket (served by
+`hotswap_engine.inference.vllm_launcher`; its messages are `hotswap_api.launcher`'s).
 
 Torch-free and vLLM-free: the agent imports it without pulling in the inference stack.
 """
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from hotswap_api.launcher import DEFAULT_APPLY_TIMEOUT_S, ApplyRequest
+from hotswap_api.policy import RequestPolicy
 
 # The agent's own deadline sits past the launcher's (pause + hand-off + RPC margin), so the
 # launcher's precise error normally arrives before the client gives up.
@@ -37,17 +40,18 @@ async def apply(
     socket_path: str,
     endpoint: str,
     version: str,
-    policy: str = "keep",
-    timeout: float = 300.0,
+    policy: RequestPolicy = RequestPolicy.KEEP,
+    timeout: float = DEFAULT_APPLY_TIMEOUT_S,
     *,
     digests: bool = False,
 ) -> ApplyResult:
     """POST /apply and wait for every worker to finish. A refused/failed apply is an ApplyResult with
     ok=False; only an unreachable or silent launcher raises (LauncherUnreachable). `digests`: each
     worker reports the fingerprints of the tensors it received (`received`, see received_digests)."""
-    body: dict[str, Any] = {"endpoint": endpoint, "version": version, "policy": policy, "timeout": timeout}
-    if digests:
-        body["digests"] = True
+    request = ApplyRequest(
+        endpoint=endpoint, version=version, policy=policy, timeout=timeout, digests=digests
+    )
+    body = request.model_dump(mode="json")
     client_timeout = aiohttp.ClientTimeout(total=timeout * 2 + CLIENT_MARGIN_S)
     try:
         async with (

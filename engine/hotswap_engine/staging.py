@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hotswap_api.protocol import PartSpec, TensorSpec
 
 from hotswap_engine import buckets
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
-from hotswap_engine.protocol import PartSpec, TensorSpec
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # the format's own reference implementation refuses larger headers

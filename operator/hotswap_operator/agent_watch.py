@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from hotswap_engine import protocol
+from hotswap_api import protocol
 
 from hotswap_operator.agents import AgentClient, AgentClientError
 

@@ -1,7 +1,7 @@
-"""Async client for the agent's HTTP API (models from `hotswap_engine.protocol`).
+"""Async client for the agent's HTTP API (models from `hotswap_api.protocol`).
 
 Every call carries the pool's bearer token and a timeout; an answer the agent refuses becomes an
-`AgentError` carrying the agent's own `ErrorBody` message, and a connection that fails becomes an
+`AgentRefused` carrying the agent's own `ErrorBody` code and message, and a connection that fails becomes an
 `AgentUnreachable`, so the caller can tell "the checkpoint is bad" (permanent) from "the pod is not
 up yet" (retry).
 """
@@ -14,13 +14,11 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
-from hotswap_engine import protocol
+from hotswap_api import protocol
+from hotswap_api.errors import ErrorCode
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
-
-# ErrorBody codes that say the request can never succeed as sent.
-PERMANENT_CODES = frozenset({"bad_request", "checkpoint_mismatch", "forbidden_path", "unauthorized"})
 
 
 class AgentClientError(Exception):
@@ -36,10 +34,11 @@ class AgentUnreachable(AgentClientError):
     """No answer: connection refused, reset, or timed out."""
 
 
-class AgentError(AgentClientError):
-    """The agent answered with an error status."""
+class AgentRefused(AgentClientError):
+    """The agent answered with an error status (the server side raises `hotswap_engine.agent.errors.
+    AgentError`; both carry the same `ErrorCode`)."""
 
-    def __init__(self, status: int, code: str, message: str, endpoint: str) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str, endpoint: str) -> None:
         super().__init__(f"{endpoint}: {code} ({status}): {message}")
         self.status = status
         self.code = code
@@ -50,14 +49,14 @@ class AgentError(AgentClientError):
     def permanent(self) -> bool:
         # A missing checkpoint (404 on stage) cannot appear by retrying either; the caller knows
         # which route it called, so it treats not_found per route.
-        return self.code in PERMANENT_CODES
+        return self.code.permanent
 
 
-class AgentConflict(AgentError):
+class AgentConflict(AgentRefused):
     """409: e.g. an update is already running (after an operator restart, the one it sent before)."""
 
 
-class AgentNotFound(AgentError):
+class AgentNotFound(AgentRefused):
     """404: unknown update id, version not staged, checkpoint not found."""
 
 
@@ -134,7 +133,9 @@ class AgentClient:
         try:
             return model.model_validate_json(raw)
         except ValidationError as e:
-            raise AgentError(200, "internal", f"unexpected answer for {model.__name__}: {e}", endpoint) from e
+            raise AgentRefused(
+                200, ErrorCode.INTERNAL, f"unexpected answer for {model.__name__}: {e}", endpoint
+            ) from e
 
     async def status(self, endpoint: str) -> protocol.AgentStatus:
         _, raw = await self._call("GET", endpoint, f"{protocol.API_PREFIX}/status")
@@ -213,8 +214,8 @@ class AgentClient:
         return raw.decode()
 
 
-def _error(status: int, raw: bytes, endpoint: str) -> AgentError:
-    code, message = "internal", raw.decode(errors="replace").strip() or f"HTTP {status}"
+def _error(status: int, raw: bytes, endpoint: str) -> AgentRefused:
+    code, message = ErrorCode.INTERNAL, raw.decode(errors="replace").strip() or f"HTTP {status}"
     try:
         body = protocol.ErrorBody.model_validate_json(raw)
         code, message = body.error, body.message
@@ -225,5 +226,5 @@ def _error(status: int, raw: bytes, endpoint: str) -> AgentError:
                 message = str(parsed["message"])
         except ValueError:
             pass
-    cls = {409: AgentConflict, 404: AgentNotFound}.get(status, AgentError)
+    cls = {409: AgentConflict, 404: AgentNotFound}.get(status, AgentRefused)
     return cls(status, code, message, endpoint)

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from hotswap_engine import protocol
+from hotswap_api import protocol
+from hotswap_api.labels import READINESS_GATE, SPEC_HASH, VERSION_LABEL
+from hotswap_api.resources import InferencePool
 
 from hotswap_operator import planner, snapshot
 from hotswap_operator.agent_watch import LONG_POLL_S, AgentWatch
@@ -44,7 +46,6 @@ from hotswap_operator.agents import AgentClient, AgentClientError, AgentConflict
 from hotswap_operator.kube import Kube, api_status
 from hotswap_operator.metrics import OperatorMetrics
 from hotswap_operator.planner import ActionFailure, Plan
-from hotswap_operator.resources import READINESS_GATE, VERSION_LABEL, InferencePool
 from hotswap_operator.settings import OperatorSettings
 from hotswap_operator.watched import FleetReader, ListReader, ViewCache
 from hotswap_operator.workload import (
@@ -57,7 +58,6 @@ from hotswap_operator.workload import (
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
-SPEC_HASH = "hotswap.dev/spec-hash"
 COMPONENT = "hotswap-operator"
 
 

@@ -29,11 +29,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from hotswap_api.labels import GROUP, POOL_LABEL
+from hotswap_api.resources import VERSION
 
 from hotswap_operator import snapshot
 from hotswap_operator.controller import COMPONENT, PoolController, Runtime
 from hotswap_operator.planner import deadline, orphan_status
-from hotswap_operator.resources import GROUP, POOL_LABEL, VERSION
 from hotswap_operator.watched import IndexReader, pool_of_version
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from hotswap_api.labels import GROUP
+from hotswap_api.resources import VERSION
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-
-from hotswap_operator.resources import GROUP, VERSION
 
 Obj = dict[str, Any]
 T = TypeVar("T")

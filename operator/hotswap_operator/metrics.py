@@ -6,10 +6,11 @@ the numbers are the ones written into the statuses (no second bookkeeping to dri
 
 from __future__ import annotations
 
+from hotswap_api.labels import BASE_VERSION
+from hotswap_api.resources import Phase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from hotswap_operator.planner import Fleet, Plan
-from hotswap_operator.resources import BASE_VERSION, Phase
 
 BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 

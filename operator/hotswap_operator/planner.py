@@ -45,17 +45,14 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from hotswap_engine import protocol
-
-from hotswap_operator.resources import (
-    BASE_VERSION,
-    POOL_LABEL,
+from hotswap_api import protocol
+from hotswap_api.labels import BASE_VERSION, POOL_LABEL
+from hotswap_api.resources import (
     Condition,
     ConditionStatus,
     InferencePoolSpec,
     InferencePoolStatus,
     Phase,
-    RequestPolicy,
     RolloutMember,
     RolloutState,
     SourceRef,
@@ -67,6 +64,7 @@ from hotswap_operator.resources import (
     parse_quantity,
     version_order,
 )
+
 from hotswap_operator.settings import PlannerConfig
 
 # ---- the snapshot --------------------------------------------------------------------------------------
@@ -376,17 +374,10 @@ class _Round:
             group=group,
             peers=peers,
             memory_budget_bytes=parse_quantity(self.spec.engine.update_memory_budget),
-            request_policy=_POLICY[self.spec.update_policy.requests],
+            request_policy=self.spec.update_policy.requests,
             timeout_seconds=timeout,
             max_bytes_per_second=self.spec.engine.transport.max_bytes_per_second,
         )
-
-
-_POLICY = {
-    RequestPolicy.KEEP: protocol.RequestPolicy.KEEP,
-    RequestPolicy.WAIT: protocol.RequestPolicy.WAIT,
-    RequestPolicy.ABORT: protocol.RequestPolicy.ABORT,
-}
 
 
 def _staged(
@@ -451,9 +442,9 @@ def _form_group(r: _Round, wv: VersionView, st: WeightVersionStatus, attempt: in
         from_version=r.current,
         stale_updates=stale,
     )
-    st.target_pods = len(seed) + len(followers)
-    st.updated_pods = 0
-    st.failed_pods = 0
+    st.replicas = len(seed) + len(followers)
+    st.updated_replicas = 0
+    st.failed_replicas = 0
     return True
 
 
@@ -675,8 +666,8 @@ def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         elif u.stage is protocol.UpdateStage.FAILED:
             failed += 1
             problems.append(f"pod {pod.name}: {u.error or 'update failed'}")
-    st.updated_pods = len(done)
-    st.failed_pods = failed
+    st.updated_replicas = len(done)
+    st.failed_replicas = failed
     if problems:
         if running:
             st.message = f"waiting for {running} pod(s) to abort: " + "; ".join(problems)
@@ -689,7 +680,7 @@ def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         st.message += "".join(f"; {e}" for e in errors)
         return
     _record_update_durations(st, done, version)
-    # The group is done; followers (p2p strategy) take the version from it.
+    # The group is done; followers (P2P strategy) take the version from it.
     pending = [
         f for f in rollout.followers if (p := r.pod(f)) is not None and p.live and p.serving != version
     ]
@@ -700,12 +691,12 @@ def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         _catch_up(r, pod, version, wv.spec.source, deadline=_deadline(wv, st))
         if (held := r.failure(name, version, r.abs_source(wv.spec.source))) is not None:
             notes.append(r.retry_note(held))
-    st.updated_pods = len(done) + len(rollout.followers) - len(pending)
+    st.updated_replicas = len(done) + len(rollout.followers) - len(pending)
     if pending:
         st.message = f"group updated; {len(pending)} follower(s) catching up"
         st.message += "".join(f"; {n}" for n in notes)
         return
-    _complete(r, wv, st, f"{st.updated_pods} pod(s) serve {version}")
+    _complete(r, wv, st, f"{st.updated_replicas} pod(s) serve {version}")
 
 
 def _record_update_durations(st: WeightVersionStatus, done: Sequence[PodView], version: str) -> None:

@@ -10,15 +10,14 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from hotswap_engine import protocol
-
-from hotswap_operator.planner import Fleet, PodView, VersionView
-from hotswap_operator.resources import (
-    READINESS_GATE,
-    VERSION_LABEL,
+from hotswap_api import protocol
+from hotswap_api.labels import READINESS_GATE, VERSION_LABEL
+from hotswap_api.resources import (
     InferencePool,
     WeightVersion,
 )
+
+from hotswap_operator.planner import Fleet, PodView, VersionView
 
 Obj = Mapping[str, Any]
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

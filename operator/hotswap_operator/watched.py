@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from hotswap_api.labels import POOL_LABEL
+
 from hotswap_operator import snapshot
 from hotswap_operator.kube import Kube
 from hotswap_operator.planner import VersionView
-from hotswap_operator.resources import POOL_LABEL
 
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace, pool)

@@ -28,14 +28,13 @@ import base64
 import copy
 from typing import Any
 
-from hotswap_operator.resources import (
+from hotswap_api.labels import BASE_VERSION, POOL_LABEL, READINESS_GATE, VERSION_LABEL
+from hotswap_api.resources import (
     API_VERSION,
-    BASE_VERSION,
-    POOL_LABEL,
-    READINESS_GATE,
-    VERSION_LABEL,
+    Device,
     InferencePoolSpec,
 )
+
 from hotswap_operator.settings import GPU_SHARING_MODES
 
 Obj = dict[str, Any]
@@ -144,9 +143,9 @@ def engine_container(spec: InferencePoolSpec, pool: str, default_image: str | No
             f"--control-socket={CONTROL_SOCKET}",
             f"--handoff-endpoint={HANDOFF_ENDPOINT}",
             f"--workers={spec.model.tensor_parallel_size}",
-            f"--device={eng.device}",
+            f"--device={eng.device.torch}",
             f"--shm-dir={RUN_DIR}",
-            f"--p2p-protocol={eng.transport.p2p_protocol.value}",
+            f"--p2p-protocol={eng.transport.p2p_protocol.mooncake}",
             f"--collective-timeout={eng.transport.collective_timeout_seconds}",
         ],
         "env": [
@@ -164,7 +163,7 @@ def engine_container(spec: InferencePoolSpec, pool: str, default_image: str | No
             "failureThreshold": 6,
         },
     }
-    if eng.device == "cuda":
+    if eng.device is Device.CUDA:
         # One rank worker per GPU of the pod, one GPU per vLLM TP worker: the same count on every pod
         # of the pool (the group's layout is pods x GPUs), whatever else the container can see.
         container["args"].append(f"--gpus={spec.model.tensor_parallel_size}")
@@ -196,7 +195,7 @@ def build_pod_template(spec: InferencePoolSpec, pool: str, gpu_sharing: str = "n
 
     idx = inference_container_index(spec)
     inference = containers[idx]
-    inference["command"] = ["python", "-m", "hotswap_engine.vllm_launcher"]
+    inference["command"] = ["python", "-m", "hotswap_engine.inference.vllm_launcher"]
     inference["args"] = _launcher_args(spec, inference.get("args") or [])
 
     mounts: list[Obj] = [

@@ -12,8 +12,8 @@ import os
 import time
 from typing import Any
 
-from hotswap_operator.resources import (
-    GROUP,
+from hotswap_api.labels import GROUP
+from hotswap_api.resources import (
     VERSION,
     PoolRef,
     SourceRef,

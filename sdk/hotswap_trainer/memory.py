@@ -26,7 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from hotswap_engine import digest, protocol
+from hotswap_api import protocol
+from hotswap_engine import digest
 from hotswap_engine.p2p_plan import TensorEntry, VersionLayout
 
 log = logging.getLogger(__name__)

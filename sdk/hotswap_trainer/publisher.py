@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from hotswap_engine import protocol
-from hotswap_operator.resources import VERSION_PATTERN, TrainerSourceRef
+from hotswap_api import protocol
+from hotswap_api.resources import VERSION_PATTERN, TrainerSourceRef
 
 from hotswap_trainer import gather, kube, retention
 from hotswap_trainer.memory import PartDescriptor, PublishError, TrainerMemory

@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from hotswap_api.protocol import DEFAULT_MEMORY_BUDGET_BYTES, PartSpec
 from hotswap_engine.handoff import HandoffSender
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
-from hotswap_engine.protocol import DEFAULT_MEMORY_BUDGET_BYTES, PartSpec
 from hotswap_engine.staging import StagedCheckpoint, read_index, stage
 from hotswap_engine.transport.broadcast import (
     BroadcastTransport,

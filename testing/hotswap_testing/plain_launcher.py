@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from aiohttp import web
 from hotswap_engine.handoff import HandoffReceiver
-from hotswap_engine.vllm_launcher import ControlServer
+from hotswap_engine.inference.vllm_launcher import ControlServer
 
 from hotswap_testing.plain_receiver import POISON, allocate, flat_bytes, load_expected, receive, verify
 

@@ -109,7 +109,11 @@ def hotswap_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
         [sys.executable, "-m", "hotswap_cli", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("cli", "operator")), **env},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("cli", "api", "operator")),
+            **env,
+        },
         timeout=120,
     )
 
@@ -136,7 +140,7 @@ def pool_body(name: str) -> Obj:
             "template": {"spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.32.0"}]}},
             "model": {"path": "models/base"},
             "checkpointVolume": {"source": {"emptyDir": {}}},
-            "engine": {"device": "cpu"},
+            "engine": {"device": "CPU"},
         },
     }
 

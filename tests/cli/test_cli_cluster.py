@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def env(hotswap_cluster: Any, cli_crds: None) -> dict[str, str]:
     # the CLI runs as a process; the checkout's packages, as `make` sets them
-    path = os.pathsep.join(str(REPO / d) for d in ("cli", "operator", "engine"))
+    path = os.pathsep.join(str(REPO / d) for d in ("cli", "api", "operator", "engine"))
     return {**os.environ, "KUBECONFIG": hotswap_cluster.kubeconfig, "PYTHONPATH": path}
 
 
@@ -80,7 +80,7 @@ def test_publish_creates_a_weight_version_once(env: dict[str, str], namespace: s
 
     make_pool(custom, namespace)
     args = ["publish", "demo", "--version", "v1", "--path", "ck/1", "--sha256-manifest", "ck/1/sha.json"]
-    out = cli(env, *args, "--strategy", "broadcast", "--timeout", "90s", "-n", namespace)
+    out = cli(env, *args, "--strategy", "Broadcast", "--timeout", "90s", "-n", namespace)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "weightversion.hotswap.dev/demo-v1 created\n"
     wv = get_wv(custom, namespace, "demo-v1")
@@ -88,7 +88,7 @@ def test_publish_creates_a_weight_version_once(env: dict[str, str], namespace: s
         "poolRef": {"name": "demo"},
         "version": "v1",
         "source": {"path": "ck/1", "sha256Manifest": "ck/1/sha.json"},
-        "strategy": "broadcast",
+        "strategy": "Broadcast",
         "timeout": "90s",
     }
     assert wv["metadata"]["labels"] == {"hotswap.dev/pool": "demo"}
@@ -188,12 +188,12 @@ def drive(following: Following, custom: Any, namespace: str, name: str, steps: l
 def test_publish_wait_follows_to_complete(env: dict[str, str], namespace: str, custom: Any) -> None:
     make_pool(custom, namespace)
     steps = [
-        {"phase": "Staging", "targetPods": 2},
-        {"phase": "Updating", "targetPods": 2, "updatedPods": 1, "stageDurations": {"staging": 1.5}},
+        {"phase": "Staging", "replicas": 2},
+        {"phase": "Updating", "replicas": 2, "updatedReplicas": 1, "stageDurations": {"staging": 1.5}},
         {
             "phase": "Complete",
-            "targetPods": 2,
-            "updatedPods": 2,
+            "replicas": 2,
+            "updatedReplicas": 2,
             "startTime": "2026-01-01T00:00:00Z",
             "completionTime": "2026-01-01T00:00:04Z",
             "stageDurations": {"staging": 1.5, "transfer": 2.0, "reload": 0.25},

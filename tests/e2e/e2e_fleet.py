@@ -147,7 +147,7 @@ class OperatorProcess:
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "operator already running"
         self.starts += 1
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}/engine:{ROOT}/operator")
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}/api:{ROOT}/engine:{ROOT}/operator")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -203,7 +203,7 @@ def pool_body(checkpoint_dir: Path, replicas: int = 2) -> dict[str, Any]:
             "replicas": replicas,
             "model": {"path": "models/base", "servedModelName": "tiny"},
             "checkpointVolume": {"source": {"hostPath": {"path": str(checkpoint_dir)}}, "mountPath": MOUNT},
-            "engine": {"device": "cpu", "port": AGENT_PORT, "transport": {"collectiveTimeoutSeconds": 30}},
+            "engine": {"device": "CPU", "port": AGENT_PORT, "transport": {"collectiveTimeoutSeconds": 30}},
             "template": {
                 "spec": {
                     "containers": [

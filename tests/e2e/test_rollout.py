@@ -307,7 +307,7 @@ def test_2_weight_version_rolls_out(
     for stage in ("staging", "transfer", "reload"):
         assert durations.get(stage) is not None and durations[stage] >= 0, durations
         timings[f"v2_{stage}_s"] = durations[stage]
-    assert st["updatedPods"] == n and st["targetPods"] == n and st.get("failedPods", 0) == 0, st
+    assert st["updatedReplicas"] == n and st["replicas"] == n and st.get("failedReplicas", 0) == 0, st
     assert st["startTime"] and st["completionTime"], st
     for type_ in ("Accepted", "Staged", "Applied"):
         c = condition(kube.wv("v2"), type_)
@@ -526,7 +526,7 @@ def test_7_source_pod_deleted_mid_transfer(
             if pod.metadata.name in old:
                 continue
             u = (kube.agent_status(pod) or {}).get("update") or {}
-            if u.get("version") == version and u.get("mode") == "p2p":
+            if u.get("version") == version and u.get("mode") == "P2P":
                 assert not is_ready(pod), f"{pod.metadata.name} Ready while it pulls {version}"
                 # durations["p2p"] appears when the read is done (then the local hand-off runs)
                 assert "p2p" not in u["durations"] and u["stage"] not in ("Complete", "Failed"), (
@@ -616,7 +616,7 @@ def describe_update(u: dict[str, Any]) -> str:
 
 def assert_p2p_catch_up(u: dict[str, Any], version: str, sources: set[str], failed: set[str]) -> None:
     """A completed p2p update to `version` whose bytes all came from `sources`, giving up on `failed`."""
-    assert u["version"] == version and u["mode"] == "p2p" and u["stage"] == "Complete", u
+    assert u["version"] == version and u["mode"] == "P2P" and u["stage"] == "Complete", u
     peer_bytes: dict[str, int] = u["peer_bytes"]
     assert peer_bytes and set(peer_bytes) <= sources, u
     assert all(n > 0 for n in peer_bytes.values()), u

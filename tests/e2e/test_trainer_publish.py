@@ -106,7 +106,7 @@ def test_a_trainer_publishes_from_memory_and_every_pod_serves_it(
 ) -> None:
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("engine", "operator", "sdk", "testing")),
+        "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("api", "engine", "operator", "sdk", "testing")),
     }
     cmd = [
         sys.executable,
@@ -147,5 +147,5 @@ def test_a_trainer_publishes_from_memory_and_every_pod_serves_it(
     pods = serves(kube, "t2", replicas=3, timeout=900)
     (new,) = [p for p in pods if p.metadata.name not in before]
     update = (kube.agent_status(new) or {}).get("update") or {}
-    assert update.get("mode") == "p2p" and update.get("stage") == "Complete", update
+    assert update.get("mode") == "P2P" and update.get("stage") == "Complete", update
     assert outputs(new) == expected

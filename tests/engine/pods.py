@@ -30,7 +30,7 @@ MAX_TOKENS = 12
 def pod_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "testing")),
+        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("api", "engine", "testing")),
         HF_HUB_OFFLINE="1",
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_OMP_THREADS_BIND="nobind",
@@ -72,7 +72,7 @@ class Pod:
             [
                 sys.executable,
                 "-m",
-                "hotswap_engine.vllm_launcher",
+                "hotswap_engine.inference.vllm_launcher",
                 "--control-socket",
                 str(self.control_socket),
                 str(self.model),

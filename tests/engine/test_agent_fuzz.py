@@ -86,7 +86,7 @@ class FuzzPod:
     def start(self) -> None:
         env = dict(os.environ)
         env.update(
-            PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "testing")),
+            PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("api", "engine", "testing")),
             PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS="1",
             HOTSWAP_AGENT_TOKEN=TOKEN,
@@ -255,7 +255,7 @@ def test_every_guarded_route_refuses_a_missing_or_wrong_token(pod: FuzzPod) -> N
         for token in (None, "wrong", ""):
             code, body = pod.api(route.method.upper(), path, token=token)
             if route.auth:
-                assert (code, body["error"]) == (401, "unauthorized"), (route.path, token, body)
+                assert (code, body["error"]) == (401, "Unauthorized"), (route.path, token, body)
             else:
                 assert code in route.replies, (route.path, code)
 
@@ -263,9 +263,9 @@ def test_every_guarded_route_refuses_a_missing_or_wrong_token(pod: FuzzPod) -> N
 @pytest.mark.parametrize(
     ("method", "path", "status", "error"),
     [
-        ("GET", "/v1/nothing-here", 404, "not_found"),
-        ("PUT", "/v1/status", 405, "bad_request"),
-        ("DELETE", "/v1/staged/", 404, "not_found"),
+        ("GET", "/v1/nothing-here", 404, "NotFound"),
+        ("PUT", "/v1/status", 405, "BadRequest"),
+        ("DELETE", "/v1/staged/", 404, "NotFound"),
     ],
 )
 def test_aiohttp_answers_are_error_bodies(
@@ -278,4 +278,4 @@ def test_aiohttp_answers_are_error_bodies(
 def test_body_larger_than_the_limit_is_a_413_error_body(pod: FuzzPod) -> None:
     big = {"version": "x", "source": {"path": "a" * (2 << 20)}}
     code, body = pod.api("POST", "/v1/stage", big)
-    assert (code, body["error"]) == (413, "bad_request"), body
+    assert (code, body["error"]) == (413, "BadRequest"), body

@@ -42,7 +42,7 @@ class RankPod(Pod):
         if self.plain:
             launcher = ["-m", "hotswap_testing.plain_launcher", "--tp", "2", "--base", str(self.model)]
         else:
-            launcher = ["-m", "hotswap_engine.vllm_launcher", str(self.model), "--host", self.ip]
+            launcher = ["-m", "hotswap_engine.inference.vllm_launcher", str(self.model), "--host", self.ip]
             launcher += [
                 "--port",
                 str(VLLM_PORT),

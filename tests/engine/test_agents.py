@@ -160,7 +160,7 @@ def test_new_pod_catches_up_peer_to_peer(fleet: list[Pod], reference: dict) -> N
         (v1,) = [s for s in p.status()["staged"] if s["version"] == "v1"]
         assert v1["p2p"] is not None, v1
         peers.append({"pod": p.name, "source": v1["p2p"]})
-    code, body = fleet[2].api("POST", "/v1/updates", {"version": "v1", "mode": "p2p", "peers": peers})
+    code, body = fleet[2].api("POST", "/v1/updates", {"version": "v1", "mode": "P2P", "peers": peers})
     assert code == 202, body
     r = fleet[2].wait_update(body["id"])
     assert r["stage"] == "Complete", f"{r['error']}\n{fleet[2].logs(80)}"
@@ -191,10 +191,10 @@ def test_bad_requests_get_clear_errors_and_change_nothing(
     assert code == 401 and "token" in body["message"]
 
     code, body = p.api("POST", "/v1/stage", {**stage, "source": {"path": str(models["outside"])}})
-    assert code == 403 and body["error"] == "forbidden_path", body
+    assert code == 403 and body["error"] == "ForbiddenPath", body
 
     code, body = p.api("POST", "/v1/stage", {**stage, "source": {"path": str(models["bad-shape"])}})
-    assert code == 422 and body["error"] == "checkpoint_mismatch", body
+    assert code == 422 and body["error"] == "CheckpointMismatch", body
     assert "mismatched" in body["message"] and "[1, 128]" in body["message"], body
 
     code, body = p.api("POST", "/v1/stage", {**stage, "source": {"path": str(models["missing"])}})

@@ -26,7 +26,7 @@ from hotswap_testing.checkpoints import mixed_defs, random_filler, save_file, sa
 REPO = Path(__file__).resolve().parents[2]
 ENV = {
     **os.environ,
-    "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("engine", "operator", "cluster", "testing")),
+    "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "engine", "operator", "cluster", "testing")),
     "PYTHONUNBUFFERED": "1",
     "OMP_NUM_THREADS": "1",
     "GLOO_SOCKET_IFNAME": "lo",

@@ -26,7 +26,9 @@ DEFS = [("a.weight", "BF16", (16, 8)), ("b.bias", "F32", (7,))]
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    e.update(PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("engine", "testing")), PYTHONUNBUFFERED="1")
+    e.update(
+        PYTHONPATH=os.pathsep.join(str(REPO / p) for p in ("api", "engine", "testing")), PYTHONUNBUFFERED="1"
+    )
     return e
 
 

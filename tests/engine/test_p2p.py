@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 import torch
+from hotswap_api.protocol import TensorSpec
 from hotswap_engine import buckets
 from hotswap_engine.hostmem import HostBuffer
 from hotswap_engine.p2p_plan import NoHolderLeft, plan_reads
-from hotswap_engine.protocol import TensorSpec
 from hotswap_engine.staging import StagedCheckpoint, tensor_nbytes
 from hotswap_engine.transport.p2p import P2PEndpoint, P2PError, PeerSource, staged_layout
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hotswap_engine import buckets, protocol
+from hotswap_api import protocol
+from hotswap_engine import buckets
 from hotswap_engine.hostmem import HostBufferPool
 from hotswap_engine.staging import CheckpointMismatch, ManifestMismatch, tensor_nbytes
 from hotswap_engine.transport.p2p import P2PEndpoint

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 import torch
+from hotswap_api.policy import RequestPolicy
 from hotswap_engine import launcher_client, received_digests
 from hotswap_engine.digest import fingerprint
 from hotswap_testing.tiny_model import build_tiny_model, make_variant
@@ -171,7 +172,7 @@ async def test_second_apply_while_one_runs_gets_409(launcher: Launcher, models: 
     pusher = Pusher(launcher.workdir)
     try:
         first = asyncio.create_task(
-            launcher_client.apply(launcher.control, pusher.sender.endpoint, "base", "keep", 30)
+            launcher_client.apply(launcher.control, pusher.sender.endpoint, "base", RequestPolicy.KEEP, 30)
         )
 
         async def first_applying() -> bool:
@@ -180,7 +181,9 @@ async def test_second_apply_while_one_runs_gets_409(launcher: Launcher, models: 
             return bool((await launcher_client.healthz(launcher.control))["applying"])
 
         await wait_for_async(first_applying, 30, "the launcher reporting the first apply as running")
-        second = await launcher_client.apply(launcher.control, pusher.sender.endpoint, "base", "keep", 30)
+        second = await launcher_client.apply(
+            launcher.control, pusher.sender.endpoint, "base", RequestPolicy.KEEP, 30
+        )
         assert second.status == 409 and not second.ok
         await asyncio.to_thread(pusher.push, "base", load_tensors(models.base))
         assert pusher.error is None
@@ -194,6 +197,7 @@ async def test_second_apply_while_one_runs_gets_409(launcher: Launcher, models: 
     "body",
     [
         {"endpoint": "ipc:///x", "version": "v", "policy": "sometimes"},
+        {"endpoint": "ipc:///x", "version": "v", "policy": "keep"},  # vLLM's spelling, not the API's
         {"endpoint": "ipc:///x"},
         {"endpoint": "ipc:///x", "version": "v", "timeout": -1},
         {"endpoint": "ipc:///x", "version": "v", "surprise": 1},
@@ -239,21 +243,21 @@ async def stream_completion(url: str, started: asyncio.Event) -> tuple[str, str 
     return text, finish
 
 
-@pytest.mark.parametrize("policy", ["wait", "keep", "abort"])
+@pytest.mark.parametrize("policy", list(RequestPolicy))
 async def test_request_policy_for_in_flight_requests(
-    launcher: Launcher, models: Models, base_long: str, policy: str
+    launcher: Launcher, models: Models, base_long: str, policy: RequestPolicy
 ) -> None:
     tensors = load_tensors(models.variant)  # before the request starts: the swap must land mid-answer
     started = asyncio.Event()
     stream = asyncio.create_task(stream_completion(launcher.url, started))
     await asyncio.wait_for(started.wait(), 60)
-    result, _ = await apply(launcher, tensors, f"v-{policy}", policy)
+    result, _ = await apply(launcher, tensors, f"v-{policy.vllm_mode}", policy)
     text, finish = await asyncio.wait_for(stream, 120)
     assert result.ok, result
-    if policy == "wait":
+    if policy is RequestPolicy.WAIT:
         # drained before the swap: the whole answer comes from the old weights
         assert finish == "length" and text == base_long
-    elif policy == "keep":
+    elif policy is RequestPolicy.KEEP:
         # frozen, then continued on the new weights (its KV recomputed): complete, but not the old answer
         assert finish == "length" and text != base_long
     else:
@@ -266,7 +270,7 @@ async def test_request_policy_for_in_flight_requests(
 def test_launcher_refuses_dev_mode(models: Models) -> None:
     env = engine_env() | {"VLLM_SERVER_DEV_MODE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "hotswap_engine.vllm_launcher", str(models.base)],
+        [sys.executable, "-m", "hotswap_engine.inference.vllm_launcher", str(models.base)],
         env=env,
         capture_output=True,
         timeout=120,

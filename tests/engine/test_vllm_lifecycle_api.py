@@ -4,7 +4,7 @@ pieces hotswap calls (the launcher would then refuse to start, see tests/unit/te
 from __future__ import annotations
 
 import pytest
-from hotswap_engine import vllm_plugin
+from hotswap_engine.inference import vllm_plugin
 
 
 def test_installed_vllm_has_the_whole_lifecycle() -> None:
@@ -13,7 +13,7 @@ def test_installed_vllm_has_the_whole_lifecycle() -> None:
 
 
 def test_register_is_idempotent_and_names_an_importable_engine() -> None:
-    from hotswap_engine.vllm_transfer_engine import HotswapWeightTransferEngine
+    from hotswap_engine.inference.vllm_transfer_engine import HotswapWeightTransferEngine
     from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
     vllm_plugin.register()
@@ -36,7 +36,7 @@ def test_register_is_idempotent_and_names_an_importable_engine() -> None:
     ],
 )
 def test_bad_update_info_is_refused_before_anything_happens(info: dict[str, object]) -> None:
-    from hotswap_engine.vllm_transfer_engine import HotswapUpdateInfo
+    from hotswap_engine.inference.vllm_transfer_engine import HotswapUpdateInfo
 
     with pytest.raises((ValueError, TypeError)):
         HotswapUpdateInfo(**info)  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hotswap_api.policy import RequestPolicy
 from hotswap_engine import launcher_client
 from hotswap_engine.handoff import HandoffSender, create_slots
 from hotswap_testing.handoff_push import pack_naive, push_tensors, send_bucket
@@ -56,7 +57,7 @@ def _dist_info_dir() -> str:
 
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
-    source = [str(REPO / p) for p in ("engine", "operator", "cluster", "testing")]
+    source = [str(REPO / p) for p in ("api", "engine", "operator", "cluster", "testing")]
     env.update(
         PYTHONPATH=os.pathsep.join([_dist_info_dir(), *source]),
         HF_HUB_OFFLINE="1",
@@ -91,7 +92,14 @@ def start_launcher(model_dir: Path, workdir: Path, extra_args: Sequence[str] = (
     port = free_port()
     log = workdir / "launcher.log"
     control = str(workdir / "run" / "control.sock")
-    cmd = [sys.executable, "-m", "hotswap_engine.vllm_launcher", "--control-socket", control, str(model_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hotswap_engine.inference.vllm_launcher",
+        "--control-socket",
+        control,
+        str(model_dir),
+    ]
     cmd += ["--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS, *extra_args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -212,7 +220,7 @@ async def apply(
     launcher: Launcher,
     model: Path | Tensors | None,
     version: str,
-    policy: str = "keep",
+    policy: RequestPolicy = RequestPolicy.KEEP,
     *,
     abort_after: int | None = None,
     timeout: float = 60,

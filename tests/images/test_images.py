@@ -270,12 +270,13 @@ def test_operator_image_python_layer(tmp_path: Path) -> None:
 
     # Every operator module imports from the image's files alone, and torch is not there.
     probe = (
-        "import importlib, pkgutil, sys, hotswap_operator, hotswap_engine\n"
+        "import importlib, pkgutil, sys, hotswap_operator, hotswap_api\n"
         "for m in pkgutil.iter_modules(hotswap_operator.__path__):\n"
         "    importlib.import_module('hotswap_operator.' + m.name)\n"
         "assert importlib.util.find_spec('torch') is None, 'torch is in the operator image'\n"
+        "assert importlib.util.find_spec('hotswap_engine') is None, 'engine code is in the operator image'\n"
         "assert 'torch' not in sys.modules\n"
-        "print(hotswap_operator.__path__[0]); print(hotswap_engine.__path__[0])\n"
+        "print(hotswap_operator.__path__[0]); print(hotswap_api.__path__[0])\n"
     )
     out = r.python("-c", probe)
     assert out.returncode == 0, out.stderr
@@ -303,11 +304,14 @@ def test_engine_image_python_layer(tmp_path: Path) -> None:
     out = r.python("-m", "hotswap_engine.agent", "--help")
     assert out.returncode == 0, out.stderr
     assert "--control-socket" in out.stdout and "--collective-timeout" in out.stdout
-    out = r.python("-m", "hotswap_engine.vllm_launcher", "--help", timeout=600)
+    out = r.python("-m", "hotswap_engine.inference.vllm_launcher", "--help", timeout=600)
     assert out.returncode == 0, out.stderr
     assert "--control-socket" in out.stdout
-    out = r.python("-c", "import hotswap_engine; print(hotswap_engine.__path__[0])")
-    assert Path(out.stdout.strip()).is_relative_to(r.root)
+    out = r.python(
+        "-c", "import hotswap_engine, hotswap_api; print(hotswap_engine.__path__[0], hotswap_api.__path__[0])"
+    )
+    assert out.returncode == 0, out.stderr
+    assert all(Path(p).is_relative_to(r.root) for p in out.stdout.split())
     # vLLM finds our plugin through the image's own package metadata (not the base's).
     probe = (
         "from importlib.metadata import entry_points\n"
@@ -317,7 +321,7 @@ def test_engine_image_python_layer(tmp_path: Path) -> None:
     out = r.python("-c", probe)
     assert out.returncode == 0, out.stderr
     value, where = out.stdout.split()
-    assert value == "hotswap_engine.vllm_plugin:register" and Path(where).is_relative_to(r.root)
+    assert value == "hotswap_engine.inference.vllm_plugin:register" and Path(where).is_relative_to(r.root)
     # The test harnesses are not in the image (nor left inside the engine package).
     probe = (
         "import importlib.util as u\n"

@@ -52,8 +52,8 @@ def third_party_imports(package: Path) -> set[str]:
 
 
 def test_base_install_covers_what_the_cli_and_operator_import() -> None:
-    """Every distribution the CLI, the operator or the wire protocol imports is a base dependency or
-    a requirement of one (urllib3 comes with kubernetes)."""
+    """Every distribution the CLI, the operator or the shared vocabulary (hotswap_api) imports is a
+    base dependency or a requirement of one (urllib3 comes with kubernetes)."""
     base = base_dists()
     covered = set(base)
     for name in base:
@@ -61,7 +61,7 @@ def test_base_install_covers_what_the_cli_and_operator_import() -> None:
     providers = md.packages_distributions()
     imported = third_party_imports(REPO / "cli" / "hotswap_cli")
     imported |= third_party_imports(REPO / "operator" / "hotswap_operator")
-    imported |= third_party_imports(REPO / "engine" / "hotswap_engine" / "protocol.py")
+    imported |= third_party_imports(REPO / "api" / "hotswap_api")
     for module in sorted(imported):
         dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
         assert dists & covered, f"{module} ({dists}) is imported but not installed by `pip install ./`"
@@ -70,7 +70,9 @@ def test_base_install_covers_what_the_cli_and_operator_import() -> None:
 def test_entry_point_and_package_roots() -> None:
     assert PROJECT["scripts"] == {"hotswap": "hotswap_cli.__main__:main"}
     where = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"]
-    assert sorted(where) == ["cli", "engine", "operator"], "testing/, cluster/, tests/ are not installed"
+    assert sorted(where) == ["api", "cli", "engine", "operator", "sdk"], (
+        "testing/, cluster/, tests/ are not installed"
+    )
 
 
 @pytest.mark.timeout(300)
@@ -78,7 +80,7 @@ def test_wheel_holds_the_shipped_packages_only(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy2(REPO / "pyproject.toml", src)
-    for d in ("engine", "operator", "cli"):
+    for d in ("api", "engine", "operator", "cli", "sdk"):
         shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     wheels = tmp_path / "wheels"
     out = subprocess.run(
@@ -103,10 +105,14 @@ def test_wheel_holds_the_shipped_packages_only(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("hotswap-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert roots == {"hotswap_engine", "hotswap_operator", "hotswap_cli"}, roots
-    for must in ("hotswap_cli/__main__.py", "hotswap_operator/resources.py", "hotswap_engine/protocol.py"):
+    assert roots == {"hotswap_api", "hotswap_engine", "hotswap_operator", "hotswap_cli", "hotswap_trainer"}, (
+        roots
+    )
+    for must in ("hotswap_cli/__main__.py", "hotswap_api/resources.py", "hotswap_api/protocol.py"):
         assert must in names, must
-    assert "hotswap_engine/py.typed" in names and "hotswap_operator/py.typed" in names
+    assert all(f"{p}/py.typed" in names for p in ("hotswap_api", "hotswap_engine", "hotswap_operator"))
     assert not [n for n in names if "testing" in n or "selftest" in n], "a test harness is in the wheel"
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-    assert "hotswap = hotswap_cli.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "hotswap = hotswap_cli.__main__:main" in declared
+    assert "hotswap = hotswap_engine.inference.vllm_plugin:register" in declared

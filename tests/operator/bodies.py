@@ -23,7 +23,7 @@ def pool_body(replicas: int = 1, name: str = "chat") -> dict[str, Any]:
             },
             "model": {"path": "models/base"},
             "checkpointVolume": {"source": {"hostPath": {"path": "/tmp"}}},
-            "engine": {"device": "cpu"},
+            "engine": {"device": "CPU"},
         },
     }
 

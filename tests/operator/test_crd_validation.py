@@ -88,12 +88,12 @@ def refused(api: client.CustomObjectsApi, ns: str, plural: str, body: dict[str, 
 def test_valid_objects_are_accepted_with_defaults(custom: client.CustomObjectsApi, namespace: str) -> None:
     p = create(custom, namespace, "inferencepools", pool())
     assert p["spec"]["engine"]["port"] == 8600  # defaulted by the apiserver from the schema
-    assert p["spec"]["engine"]["transport"]["p2pProtocol"] == "tcp"
+    assert p["spec"]["engine"]["transport"]["p2pProtocol"] == "TCP"
     assert p["spec"]["updatePolicy"] == {"requests": "Keep", "maxAttempts": 3}
     assert p["spec"]["checkpointVolume"]["mountPath"] == "/checkpoints"
     assert p["spec"]["template"]["spec"]["containers"][0]["args"] == ["--enforce-eager"]  # kept, not pruned
     w = create(custom, namespace, "weightversions", wv())
-    assert w["spec"]["strategy"] == "auto" and w["spec"]["timeout"] == "10m"
+    assert w["spec"]["strategy"] == "Broadcast" and w["spec"]["timeout"] == "10m"
     t = create(custom, namespace, "weightversions", wv("v2", source={"trainer": TRAINER}))
     assert t["spec"]["source"] == {"trainer": TRAINER}  # nothing pruned: the agents get it as written
 

@@ -56,7 +56,7 @@ class Operator:
     def __init__(self, kubeconfig: str, namespace: str, identity: str, log: Path) -> None:
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics = f"127.0.0.1:{free_port()}"
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}/engine:{ROOT}/operator")
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}/api:{ROOT}/engine:{ROOT}/operator")
         self.log = log
         self.proc = subprocess.Popen(
             [

@@ -11,8 +11,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
-from hotswap_engine import protocol
-from hotswap_operator.resources import TrainerSourceRef
+from hotswap_api import protocol
+from hotswap_api.resources import TrainerSourceRef
 from hotswap_trainer import Publisher, PublishError, PublishFailed
 from kubernetes import client
 

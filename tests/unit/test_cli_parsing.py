@@ -5,18 +5,18 @@ from __future__ import annotations
 import io
 
 import pytest
+from hotswap_api.resources import Strategy
 from hotswap_cli.__main__ import run
 from hotswap_cli.commands import Io
 from hotswap_cli.errors import CliError, ExitCode
 from hotswap_cli.parsing import Publish, Rollback, Status, parse, parse_wait_timeout
-from hotswap_operator.resources import Strategy
 
 
 def test_publish_defaults() -> None:
     cmd = parse(["publish", "pool-a", "--version", "v2", "--path", "ckpt/step-200"])
     assert isinstance(cmd, Publish)
     assert (cmd.pool, cmd.version, cmd.path, cmd.sha256_manifest) == ("pool-a", "v2", "ckpt/step-200", None)
-    assert cmd.strategy is Strategy.AUTO and cmd.timeout == "10m"
+    assert cmd.strategy is Strategy.BROADCAST and cmd.timeout == "10m"
     assert not cmd.wait.enabled and cmd.wait.timeout_s is None
     assert cmd.target.namespace is None and cmd.target.kubeconfig is None
 
@@ -29,7 +29,7 @@ def test_publish_all_flags() -> None:
             "--version=v3.1",
             "--path=a/b",
             "--sha256-manifest=a/b/manifest.json",
-            "--strategy=p2p",
+            "--strategy=P2P",
             "--timeout=90s",
             "-n",
             "team",

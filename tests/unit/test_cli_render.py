@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hotswap_api.resources import InferencePool, SourceRef, Strategy, WeightVersion
 from hotswap_cli import render
 from hotswap_cli.commands import Io, follow, verdict, weight_version_body
 from hotswap_cli.errors import CliError, ExitCode
-from hotswap_operator.resources import InferencePool, SourceRef, Strategy, WeightVersion
 
 
 def pod(name: str, version: str, ready: bool, ip: str = "", node: str = "node-1") -> dict[str, Any]:
@@ -81,7 +81,7 @@ def test_status_text_summarises_pool_rollout_and_pods() -> None:
     text = render.status_text(
         POOL,
         [pod("demo-b", "v1", False), pod("demo-a", "v2", True, "10.0.0.5")],
-        [version("Updating", targetPods=2, updatedPods=1, message="updating 1 pod")],
+        [version("Updating", replicas=2, updatedReplicas=1, message="updating 1 pod")],
     )
     assert "InferencePool ml/demo: desired 2, ready 1, updated 1" in text
     assert "current version: v1   target version: v2" in text
@@ -116,7 +116,10 @@ def test_status_of_a_fresh_pool_says_base() -> None:
 
 def test_progress_line() -> None:
     line = render.progress_line(
-        version("Updating", targetPods=3, updatedPods=1, failedPods=1, stageDurations={"staging": 2.04}), 75.0
+        version(
+            "Updating", replicas=3, updatedReplicas=1, failedReplicas=1, stageDurations={"staging": 2.04}
+        ),
+        75.0,
     )
     assert line.startswith("Updating   1/3 pods updated, 1 failed")
     assert "staging 2.0s, transfer -, reload -" in line and line.endswith("[1m15.0s]")
@@ -125,8 +128,8 @@ def test_progress_line() -> None:
 def test_outcome_line_has_total_and_stages() -> None:
     wv = version(
         "Complete",
-        targetPods=2,
-        updatedPods=2,
+        replicas=2,
+        updatedReplicas=2,
         startTime="2026-01-01T00:00:00Z",
         completionTime="2026-01-01T00:00:12.5Z",
         stageDurations={"staging": 4.0, "transfer": 6.25, "reload": 0.5},
@@ -157,9 +160,9 @@ def test_follow_prints_a_line_per_change_until_terminal() -> None:
     states = [
         version("Pending"),
         version("Pending"),
-        version("Staging", targetPods=2),
-        version("Updating", targetPods=2, updatedPods=1),
-        version("Complete", targetPods=2, updatedPods=2),
+        version("Staging", replicas=2),
+        version("Updating", replicas=2, updatedReplicas=1),
+        version("Complete", replicas=2, updatedReplicas=2),
     ]
     it = reader(states)
     clock = Clock()
@@ -185,7 +188,7 @@ def test_follow_redraws_in_place_on_a_terminal() -> None:
 
 
 def test_follow_times_out_with_exit_4() -> None:
-    it = reader([version("Staging", targetPods=2)])
+    it = reader([version("Staging", replicas=2)])
     clock = Clock()
     with pytest.raises(CliError) as err:
         follow(
@@ -209,7 +212,8 @@ def test_verdict_of_unsuccessful_rollouts(phase: str, code: ExitCode, needle: st
 def test_verdict_of_a_complete_rollout_prints_to_stdout() -> None:
     out = io.StringIO()
     assert (
-        verdict("demo", version("Complete", targetPods=1, updatedPods=1), Io(out=out, err=io.StringIO())) == 0
+        verdict("demo", version("Complete", replicas=1, updatedReplicas=1), Io(out=out, err=io.StringIO()))
+        == 0
     )
     assert out.getvalue().startswith("demo v2: Complete")
 
@@ -223,7 +227,7 @@ def test_weight_version_body_satisfies_the_name_rule() -> None:
         "poolRef": {"name": "demo"},
         "version": "v2",
         "source": {"path": "ck/2", "sha256Manifest": "ck/2/m.json"},
-        "strategy": "p2p",
+        "strategy": "P2P",
         "timeout": "90s",
     }
     WeightVersion.model_validate(body)

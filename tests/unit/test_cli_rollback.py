@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hotswap_api.resources import VERSION_PATTERN, SourceRef, WeightVersion
 from hotswap_cli.errors import CliError, ExitCode
 from hotswap_cli.rollback import plan_rollback, rollback_root, rollback_version_name
-from hotswap_operator.resources import VERSION_PATTERN, SourceRef, WeightVersion
 
 
 def wv(

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hotswap_api.resources import InferencePool, WeightVersion
 from hotswap_operator import crdgen
-from hotswap_operator.resources import InferencePool, WeightVersion
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 
@@ -224,7 +224,7 @@ def test_weight_version_rules() -> None:
     assert spec["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
     assert "immutable" in spec["x-kubernetes-validations"][0]["message"]
     assert set(spec["required"]) == {"poolRef", "version", "source"}
-    assert at(schema, ".spec.strategy")["enum"] == ["auto", "broadcast", "p2p"]
+    assert at(schema, ".spec.strategy")["enum"] == ["Broadcast", "P2P"]
     rules = [r["rule"] for r in at(schema, ".spec.source.path")["x-kubernetes-validations"]]
     assert rules == ["!self.startsWith('/')", "!self.matches('(^|/)[.][.](/|$)')"]
     (name_rule,) = schema["x-kubernetes-validations"]

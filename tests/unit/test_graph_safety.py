@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from hotswap_engine import graph_safety
+from hotswap_engine.inference import graph_safety
 
 
 class _Helper:

@@ -17,7 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from hotswap_engine import protocol, staging
+from hotswap_api import protocol
+from hotswap_api.errors import ErrorCode
+from hotswap_engine import staging
 from hotswap_engine.agent.api import build_app
 from hotswap_engine.agent.errors import BadRequest
 from hotswap_engine.agent.service import AgentService, as_api_error
@@ -25,8 +27,8 @@ from hotswap_engine.agent.settings import AgentSettings
 from hotswap_operator.agents import (
     AgentClient,
     AgentConflict,
-    AgentError,
     AgentNotFound,
+    AgentRefused,
     AgentUnreachable,
 )
 from hotswap_testing.checkpoints import random_filler, save_file
@@ -141,7 +143,7 @@ async def test_status_stage_idempotent_and_drop(agent: tuple[str, StorageOnlyRun
         assert (await c.status(url)).staged == ()
         with pytest.raises(AgentNotFound, match="version v2 is not staged here") as e:
             await c.drop_staged(url, "v2")
-        assert e.value.status == 404 and e.value.code == "not_found" and not e.value.permanent
+        assert e.value.status == 404 and e.value.code == ErrorCode.NOT_FOUND and not e.value.permanent
         assert await c.healthz(url)
         assert "hotswap_agent" in await c.metrics(url)
 
@@ -149,22 +151,22 @@ async def test_status_stage_idempotent_and_drop(agent: tuple[str, StorageOnlyRun
 async def test_refusals_carry_the_agents_message(agent: tuple[str, StorageOnlyRunner], root: Path) -> None:
     url, _ = agent
     async with agent_client() as c:
-        with pytest.raises(AgentError) as e:
+        with pytest.raises(AgentRefused) as e:
             await c.stage(url, protocol.StageRequest(version="v9", source=src(root, "wrong.safetensors")))
-        assert e.value.code == "checkpoint_mismatch" and e.value.permanent
+        assert e.value.code == ErrorCode.CHECKPOINT_MISMATCH and e.value.permanent
         assert "b.weight" in e.value.message  # the agent lists what is missing
-        with pytest.raises(AgentError) as e:
+        with pytest.raises(AgentRefused) as e:
             await c.stage(
                 url, protocol.StageRequest(version="v9", source=protocol.Source(path="/etc/hostname"))
             )
-        assert e.value.code == "forbidden_path" and e.value.status == 403 and e.value.permanent
+        assert e.value.code == ErrorCode.FORBIDDEN_PATH and e.value.status == 403 and e.value.permanent
         # a missing checkpoint fails the WeightVersion (the controller treats a 404 on stage as final)
         with pytest.raises(AgentNotFound, match="does not exist"):
             await c.stage(url, protocol.StageRequest(version="v9", source=src(root, "missing.safetensors")))
     async with agent_client("wrong-token") as bad:
-        with pytest.raises(AgentError) as e:
+        with pytest.raises(AgentRefused) as e:
             await bad.status(url)
-        assert (e.value.status, e.value.code) == (401, "unauthorized")
+        assert (e.value.status, e.value.code) == (401, ErrorCode.UNAUTHORIZED)
         assert "bearer token" in str(e.value)
         assert await bad.healthz(url)  # open route
 
@@ -186,9 +188,9 @@ async def test_update_lifecycle_conflict_and_failure(
         with pytest.raises(AgentNotFound, match="not staged here"):
             await c.start_update(url, broadcast_alone("v2"))
         await c.stage(url, protocol.StageRequest(version="v2", source=src(root, "v2.safetensors")))
-        with pytest.raises(AgentError) as e:
+        with pytest.raises(AgentRefused) as e:
             await c.start_update(url, broadcast_alone("v2", pod="pod-b"))
-        assert e.value.code == "bad_request" and "belongs to pod pod-b" in e.value.message
+        assert e.value.code == ErrorCode.BAD_REQUEST and "belongs to pod pod-b" in e.value.message
         started = await c.start_update(url, broadcast_alone("v2"))
         assert started.version == "v2" and not started.done
         await asyncio.wait_for(runner.updates_started.wait(), 10)
@@ -240,16 +242,16 @@ async def test_control_characters_in_a_path_are_bad_requests(
         unchecked = protocol.Source.model_construct(path=path, sha256_manifest=None)
         req = protocol.StageRequest.model_construct(version="v2", source=unchecked, part=None)
         async with agent_client() as c:
-            with pytest.raises(AgentError, match=r"source\.path") as e:
+            with pytest.raises(AgentRefused, match=r"source\.path") as e:
                 await c.stage(url, req)
-        assert (e.value.status, e.value.code, e.value.permanent) == (422, "bad_request", True)
+        assert (e.value.status, e.value.code, e.value.permanent) == (422, ErrorCode.BAD_REQUEST, True)
 
 
 def test_a_path_the_os_refuses_is_an_invalid_path(root: Path) -> None:
     with pytest.raises(staging.InvalidPath, match="control characters"):
         staging.check_path(root / "v2\x00.safetensors", [root])
     err = as_api_error(staging.InvalidPath("x"))
-    assert isinstance(err, BadRequest) and (err.status, err.code) == (400, "bad_request")
+    assert isinstance(err, BadRequest) and (err.status, err.code) == (400, ErrorCode.BAD_REQUEST)
 
 
 async def test_unexpected_stage_error_is_internal_and_transient(
@@ -263,9 +265,9 @@ async def test_unexpected_stage_error_is_internal_and_transient(
     monkeypatch.setattr(runner, "stage", broken)
     req = protocol.StageRequest(version="v2", source=src(root, "v2.safetensors"))
     async with agent_client() as c:
-        with pytest.raises(AgentError, match="Input/output error") as e:
+        with pytest.raises(AgentRefused, match="Input/output error") as e:
             await c.stage(url, req)
-    assert (e.value.status, e.value.code, e.value.permanent) == (500, "internal", False)
+    assert (e.value.status, e.value.code, e.value.permanent) == (500, ErrorCode.INTERNAL, False)
 
 
 async def test_staging_a_version_again_from_another_source_replaces_it(
@@ -341,5 +343,5 @@ async def test_bad_long_poll_queries_are_refused(agent: tuple[str, StorageOnlyRu
         headers = {"Authorization": f"Bearer {TOKEN}"}
         async with http.get(f"{url}/v1/status?{query}", headers=headers) as resp:
             body = protocol.ErrorBody.model_validate_json(await resp.read())
-            assert (resp.status, body.error) in {(400, "bad_request"), (422, "bad_request")}, body
+            assert resp.status in (400, 422) and body.error == ErrorCode.BAD_REQUEST, body
         assert (await c.status(url)).sequence == before.sequence  # and nothing changed

@@ -8,7 +8,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hotswap_engine import protocol
+from hotswap_api import protocol
+from hotswap_api.policy import RequestPolicy
+from hotswap_api.resources import (
+    ConditionStatus,
+    InferencePoolSpec,
+    InferencePoolStatus,
+    Phase,
+    SourceRef,
+    WeightVersionSpec,
+    WeightVersionStatus,
+)
 from hotswap_operator.planner import (
     DUE_SLACK_S,
     ActionFailure,
@@ -33,15 +43,6 @@ from hotswap_operator.planner import (
     prune_versions,
     set_condition,
 )
-from hotswap_operator.resources import (
-    ConditionStatus,
-    InferencePoolSpec,
-    InferencePoolStatus,
-    Phase,
-    SourceRef,
-    WeightVersionSpec,
-    WeightVersionStatus,
-)
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 POOL = "llm"
@@ -53,7 +54,7 @@ def pool_spec(replicas: int = 2, **over: Any) -> InferencePoolSpec:
         "template": {"spec": {"containers": [{"name": "vllm", "image": "img"}]}},
         "model": {"path": "base-ckpt"},
         "checkpointVolume": {"source": {"hostPath": {"path": "/data"}}, "mountPath": "/ckpt"},
-        "engine": {"device": "cpu", "port": 8600, "updateMemoryBudget": "64Mi"},
+        "engine": {"device": "CPU", "port": 8600, "updateMemoryBudget": "64Mi"},
     }
     raw.update(over)
     return InferencePoolSpec.model_validate(raw)
@@ -160,7 +161,7 @@ def wv(
     created: datetime = T0,
     rv: str = "",
     status: WeightVersionStatus | None = None,
-    strategy: str = "auto",
+    strategy: str = "Broadcast",
     timeout: str = "10m",
     path: str | None = None,
 ) -> VersionView:
@@ -280,7 +281,7 @@ def test_pending_forms_group_and_stages_parts() -> None:
     assert st.phase is Phase.STAGING
     assert cond(st, "Accepted") is ConditionStatus.TRUE
     assert st.start_time == T0 + timedelta(seconds=5)
-    assert st.target_pods == 2
+    assert st.replicas == 2
     assert st.rollout is not None
     assert [(m.pod, m.rank, m.address) for m in st.rollout.members] == [
         ("llm-a", 0, "127.0.0.11"),
@@ -306,7 +307,7 @@ def staging_status(members: Sequence[tuple[str, str]], attempt: int = 1, **kw: A
         {
             "phase": kw.pop("phase", "Staging"),
             "startTime": T0.isoformat(),
-            "targetPods": len(members),
+            "replicas": len(members),
             "rollout": {
                 "attempt": attempt,
                 "members": [{"pod": n, "rank": i, "address": ip} for i, (n, ip) in enumerate(members)],
@@ -355,7 +356,7 @@ def test_all_staged_sends_the_broadcast_to_every_member() -> None:
     req = ups[0].request
     assert req.mode is protocol.UpdateMode.BROADCAST
     assert req.memory_budget_bytes == 64 << 20
-    assert req.request_policy is protocol.RequestPolicy.KEEP
+    assert req.request_policy is RequestPolicy.KEEP
     # the deadline is 10m from the start; 5 s have passed
     assert req.timeout_seconds == pytest.approx(595.0)
     assert ("llm-v1", "Updating") in events(p)
@@ -397,7 +398,7 @@ def test_group_done_completes_and_moves_the_pool() -> None:
     assert st.phase is Phase.COMPLETE
     assert cond(st, "Applied") is ConditionStatus.TRUE
     assert st.completion_time == T0 + timedelta(seconds=5)
-    assert (st.target_pods, st.updated_pods, st.failed_pods) == (2, 2, 0)
+    assert (st.replicas, st.updated_replicas, st.failed_replicas) == (2, 2, 0)
     assert st.stage_durations is not None
     assert (st.stage_durations.transfer, st.stage_durations.reload) == (2.5, 1.0)
     ps = p.pool_status
@@ -500,7 +501,7 @@ def test_attempts_exhausted_fails_and_leaves_pods_on_the_old_version() -> None:
     assert st.phase is Phase.FAILED
     assert cond(st, "Applied") is ConditionStatus.FALSE
     assert condition(st.conditions, "Applied").reason == "AttemptsExhausted"  # type: ignore[union-attr]
-    assert "boom" in st.message and st.failed_pods == 2
+    assert "boom" in st.message and st.failed_replicas == 2
     ps = p.pool_status
     assert ps.current_version is None and ps.target_version is None
     assert cond(ps, "Degraded") is ConditionStatus.TRUE
@@ -736,7 +737,7 @@ def holder(name: str, ip: str, version: str = "v1", **kw: Any) -> PodView:
 
 def test_p2p_catch_up_is_the_default_and_reads_from_the_healthy_holders() -> None:
     transport = {"maxBytesPerSecond": 1 << 20}
-    spec = pool_spec(5, engine={"device": "cpu", "port": 8600, "transport": transport})
+    spec = pool_spec(5, engine={"device": "CPU", "port": 8600, "transport": transport})
     busy = progress("v1", protocol.UpdateStage.TRANSFERRING, mode=protocol.UpdateMode.P2P)
     pods = [
         holder("llm-a", "127.0.0.11"),
@@ -876,7 +877,7 @@ def test_no_catch_up_while_a_broadcast_runs() -> None:
 def test_pool_scaled_to_zero_completes_a_version_at_once() -> None:
     p = plan(fleet([], [wv("v1")], spec=pool_spec(0)))
     st = p.version_statuses["llm-v1"]
-    assert st.phase is Phase.COMPLETE and st.target_pods == 0
+    assert st.phase is Phase.COMPLETE and st.replicas == 0
     assert p.pool_status.current_version == "v1"
     assert cond(p.pool_status, "Available") is ConditionStatus.TRUE
 
@@ -891,7 +892,7 @@ def test_version_waits_for_a_healthy_pod() -> None:
 
 def test_p2p_strategy_seeds_one_pod_then_followers_catch_up() -> None:
     pods = two_pods()
-    p = plan(fleet(pods, [wv("v1", strategy="p2p")]))
+    p = plan(fleet(pods, [wv("v1", strategy="P2P")]))
     st = p.version_statuses["llm-v1"]
     assert st.rollout is not None
     assert [m.pod for m in st.rollout.members] == ["llm-a"] and st.rollout.followers == ["llm-b"]
@@ -900,27 +901,27 @@ def test_p2p_strategy_seeds_one_pod_then_followers_catch_up() -> None:
     done = progress("v1", protocol.UpdateStage.COMPLETE, finished=T0)
     pods = [pod("llm-a", "127.0.0.11", "v1", update=done, staged_=[staged("v1")]), pods[1]]
     st.phase = Phase.UPDATING
-    p2 = plan(fleet(pods, [wv("v1", strategy="p2p", status=st)]))
+    p2 = plan(fleet(pods, [wv("v1", strategy="P2P", status=st)]))
     st2 = p2.version_statuses["llm-v1"]
     assert st2.phase is Phase.UPDATING and "1 follower(s) catching up" in st2.message
     assert [s.pod for s in of(p2, Stage)] == ["llm-b"]
 
 
 def test_a_follower_whose_update_request_failed_backs_off_and_shows_in_the_message() -> None:
-    first = plan(fleet(two_pods(), [wv("v1", strategy="p2p")])).version_statuses["llm-v1"]
+    first = plan(fleet(two_pods(), [wv("v1", strategy="P2P")])).version_statuses["llm-v1"]
     done = progress("v1", protocol.UpdateStage.COMPLETE, finished=T0)
     seed = pod("llm-a", "127.0.0.11", "v1", update=done, staged_=[staged("v1", p2p="10.0.0.1:7000")])
     pods = [seed, pod("llm-b", "127.0.0.12")]
     st = first.model_copy(update={"phase": Phase.UPDATING})
     fails = [ActionFailure("llm-b", "v1", "internal (500): boom", permanent=False, at=T0, attempts=2)]
-    p = plan(fleet(pods, [wv("v1", strategy="p2p", status=st)], now=T0 + timedelta(seconds=1)), fails)
+    p = plan(fleet(pods, [wv("v1", strategy="P2P", status=st)], now=T0 + timedelta(seconds=1)), fails)
     assert of(p, StartUpdate) == [] and of(p, Stage) == []
     msg = p.version_statuses["llm-v1"].message
     assert msg == (
         "group updated; 1 follower(s) catching up; "
         "pod llm-b: internal (500): boom (2 failed attempt(s), retrying in 1s)"
     )
-    later = plan(fleet(pods, [wv("v1", strategy="p2p", status=st)], now=T0 + timedelta(seconds=2)), fails)
+    later = plan(fleet(pods, [wv("v1", strategy="P2P", status=st)], now=T0 + timedelta(seconds=2)), fails)
     assert [u.pod for u in of(later, StartUpdate)] == ["llm-b"]
 
 

@@ -6,14 +6,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hotswap_engine import protocol
-from hotswap_operator.resources import (
+from hotswap_api import protocol
+from hotswap_api.policy import RequestPolicy
+from hotswap_api.resources import (
     PATH_PATTERN,
     InferencePool,
     InferencePoolStatus,
     P2PProtocol,
     Phase,
-    RequestPolicy,
     SourceRef,
     Strategy,
     WeightVersion,
@@ -53,7 +53,7 @@ def test_pool_defaults() -> None:
 
 def test_pool_wire_names_are_camel_case() -> None:
     raw = dict(
-        POOL, spec=dict(POOL["spec"], engine={"transport": {"p2pProtocol": "rdma", "masterPort": 30000}})
+        POOL, spec=dict(POOL["spec"], engine={"transport": {"p2pProtocol": "RDMA", "masterPort": 30000}})
     )
     pool = InferencePool.model_validate(raw)
     assert pool.spec.engine.transport.p2p_protocol is P2PProtocol.RDMA
@@ -91,12 +91,12 @@ WV: dict[str, Any] = {
 
 def test_weight_version_defaults_and_status_round_trip() -> None:
     wv = WeightVersion.model_validate(WV)
-    assert wv.spec.strategy is Strategy.AUTO and parse_duration(wv.spec.timeout) == 600
+    assert wv.spec.strategy is Strategy.BROADCAST and parse_duration(wv.spec.timeout) == 600
     assert wv.status.phase is Phase.PENDING
     t = datetime(2026, 11, 30, tzinfo=UTC)
-    st = WeightVersionStatus(phase=Phase.COMPLETE, start_time=t, target_pods=2, updated_pods=2)
+    st = WeightVersionStatus(phase=Phase.COMPLETE, start_time=t, replicas=2, updated_replicas=2)
     api = st.to_api()
-    assert api["startTime"] == "2026-11-30T00:00:00Z" and api["updatedPods"] == 2
+    assert api["startTime"] == "2026-11-30T00:00:00Z" and api["updatedReplicas"] == 2
     assert WeightVersionStatus.model_validate(api) == st
     assert weight_version_name("chat", "v2") == "chat-v2"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hotswap_engine import protocol
+from hotswap_api import protocol
 from hotswap_operator import snapshot
 from hotswap_operator.lease import Observed, decide
 from hotswap_operator.metrics import OperatorMetrics
@@ -44,7 +44,7 @@ POOL = {
         "template": {"spec": {"containers": [{"name": "vllm", "image": "i"}]}},
         "model": {"path": "base"},
         "checkpointVolume": {"source": {"hostPath": {"path": "/data"}}},
-        "engine": {"device": "cpu"},
+        "engine": {"device": "CPU"},
     },
     "status": {"currentVersion": "v1", "currentSource": {"path": "ckpts/v1"}, "conditions": []},
 }

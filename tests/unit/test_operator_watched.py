@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hotswap_engine import protocol
+from hotswap_api import protocol
 from hotswap_operator import snapshot
 from hotswap_operator.agent_watch import RETRY_MAX_S, RETRY_MIN_S, differs, retry_after
 from hotswap_operator.watched import IndexReader, ViewCache, pool_of_version

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import pytest
-from hotswap_operator.resources import InferencePoolSpec
+from hotswap_api.resources import Device, InferencePoolSpec
 from hotswap_operator.workload import (
     ENGINE_CONTAINER,
     WorkloadError,
@@ -48,8 +48,8 @@ def spec(**over: Any) -> InferencePoolSpec:
         },
         "engine": {
             "port": 8700,
-            "device": "cpu",
-            "transport": {"p2pProtocol": "rdma", "p2pDevice": "mlx5_0"},
+            "device": "CPU",
+            "transport": {"p2pProtocol": "RDMA", "p2pDevice": "mlx5_0"},
         },
     }
     raw.update(over)
@@ -84,7 +84,7 @@ def test_deployment_is_owned_by_the_pool_and_selects_its_pods() -> None:
 
 def test_inference_container_runs_the_launcher_with_model_flags_then_user_args() -> None:
     c = containers(build_deployment(spec(), "chat", "ml", UID))["vllm"]
-    assert c["command"] == ["python", "-m", "hotswap_engine.vllm_launcher"]
+    assert c["command"] == ["python", "-m", "hotswap_engine.inference.vllm_launcher"]
     assert c["args"] == [
         "--control-socket",
         "/run/hotswap/control.sock",
@@ -158,7 +158,7 @@ def test_building_twice_is_stable_and_does_not_touch_the_spec() -> None:
 def test_first_container_is_the_default_and_engine_image_override() -> None:
     s = spec(inferenceContainer=None, engine={"image": "registry/hotswap-engine:2"})
     cs = containers(build_deployment(s, "chat", "ml", UID))
-    assert cs["sidecar"]["command"] == ["python", "-m", "hotswap_engine.vllm_launcher"]
+    assert cs["sidecar"]["command"] == ["python", "-m", "hotswap_engine.inference.vllm_launcher"]
     assert cs[ENGINE_CONTAINER]["image"] == "registry/hotswap-engine:2"
 
 
@@ -253,7 +253,7 @@ def test_every_agent_setting_the_operator_writes_reaches_the_agent(monkeypatch: 
     assert cfg.bearer_token == "secret-from-the-pool" and cfg.gpus is None
 
     gpu_spec = spec()
-    gpu_spec.engine.device = "cuda"
+    gpu_spec.engine.device = Device.CUDA
     gpu_spec.engine.transport.collective_timeout_seconds = 17
     gpu = containers(build_deployment(gpu_spec, "chat", "ml", UID))[ENGINE_CONTAINER]
     cfg, written_gpu = agent_settings(gpu, monkeypatch)
@@ -275,7 +275,7 @@ def test_gpu_sharing_modes_give_the_engine_the_inference_containers_gpus() -> No
     assert "claims" not in plain.get("resources", {})
     assert "--gpus=2" not in plain["args"]  # this spec's engine runs on cpu
     cuda = spec(template=tpl)
-    cuda.engine.device = "cuda"
+    cuda.engine.device = Device.CUDA
     gpu_args = containers(build_deployment(cuda, "chat", "ns", UID, "dra"))[ENGINE_CONTAINER]["args"]
     assert "--device=cuda" in gpu_args and "--gpus=2" in gpu_args  # a rank worker per TP GPU
     assert all(e["name"] != "NVIDIA_VISIBLE_DEVICES" for e in plain["env"])

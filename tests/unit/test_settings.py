@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from hotswap_engine import protocol
+from hotswap_api import protocol
+from hotswap_api.resources import DEFAULT_AGENT_PORT, DEFAULT_UPDATE_MEMORY_BUDGET, EngineSpec, parse_quantity
 from hotswap_engine.agent.settings import ENV_PREFIX as AGENT_ENV
 from hotswap_engine.agent.settings import AgentSettings
 from hotswap_engine.agent.settings import describe as describe_agent
 from hotswap_engine.agent.settings import load as load_agent
-from hotswap_operator.resources import EngineSpec, parse_quantity
 from hotswap_operator.settings import ENV_PREFIX as OPERATOR_ENV
 from hotswap_operator.settings import OperatorSettings, PlannerConfig
 from hotswap_operator.settings import load as load_operator
@@ -55,7 +55,7 @@ def test_agent_token_from_environment_or_file_never_from_errors(
     monkeypatch.setenv(f"{AGENT_ENV}TOKEN", "from-env")
     s = load_agent(AGENT_ARGS)
     assert s.bearer_token == "from-env" and "from-env" not in repr(s)
-    assert (s.advertise_address, s.port) == ("127.0.0.5", protocol.DEFAULT_AGENT_PORT)
+    assert (s.advertise_address, s.port) == ("127.0.0.5", DEFAULT_AGENT_PORT)
     (tmp_path / "token").write_text("from-file\n")
     assert load_agent([*AGENT_ARGS, f"--token-file={tmp_path / 'token'}"]).bearer_token == "from-file"
     with pytest.raises(ValidationError) as bad:
@@ -76,8 +76,9 @@ def test_agent_environment_variables_are_the_prefixed_field_names(monkeypatch: p
 
 def test_defaults_the_crd_shares_with_the_agent_are_written_once() -> None:
     engine = EngineSpec()
-    assert engine.port == AgentSettings.model_fields["port"].default == protocol.DEFAULT_AGENT_PORT
-    assert parse_quantity(engine.update_memory_budget) == protocol.DEFAULT_MEMORY_BUDGET_BYTES
+    assert engine.port == AgentSettings.model_fields["port"].default == DEFAULT_AGENT_PORT
+    assert engine.update_memory_budget == DEFAULT_UPDATE_MEMORY_BUDGET
+    assert parse_quantity(DEFAULT_UPDATE_MEMORY_BUDGET) == protocol.DEFAULT_MEMORY_BUDGET_BYTES
 
 
 def test_settings_table_is_fresh() -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from hotswap_api.protocol import PartSpec, TensorSpec
 from hotswap_engine.buckets import assign_parts, layout_part
 from hotswap_engine.hostmem import HostBufferPool
-from hotswap_engine.protocol import PartSpec, TensorSpec
 from hotswap_engine.staging import (
     CheckpointMismatch,
     CheckpointNotFound,

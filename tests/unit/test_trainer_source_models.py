@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hotswap_engine import protocol
-from hotswap_operator.resources import SourceRef, WeightVersionSpec
+from hotswap_api import protocol
+from hotswap_api.resources import SourceRef, WeightVersionSpec
 from hotswap_trainer.retention import releasable
 from pydantic import ValidationError
 

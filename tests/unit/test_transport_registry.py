@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hotswap_engine import protocol
+from hotswap_api import protocol
 from hotswap_engine.transport import base
 
 
@@ -16,15 +16,15 @@ def test_every_update_mode_has_a_transport_of_that_name() -> None:
         cls = base.transport_factory(mode.value)
         assert isinstance(cls, type) and issubclass(cls, base.Transport)
         assert cls.name == mode.value
-    assert base.transport_factory("broadcast").delivers_to_engine is True
-    assert base.transport_factory("p2p").delivers_to_engine is False
+    assert base.transport_factory("Broadcast").delivers_to_engine is True
+    assert base.transport_factory("P2P").delivers_to_engine is False
 
 
 def test_unknown_and_duplicate_names_are_refused() -> None:
-    with pytest.raises(KeyError, match=r"no transport 'carrier-pigeon'.*broadcast, p2p"):
+    with pytest.raises(KeyError, match=r"no transport 'carrier-pigeon'.*Broadcast, P2P"):
         base.create_transport("carrier-pigeon", object())
     with pytest.raises(ValueError, match="registered already"):
-        base.register_transport("p2p", "somewhere", "Else")
+        base.register_transport("P2P", "somewhere", "Else")
 
 
 def test_a_registered_name_must_build_a_transport(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,11 +38,11 @@ class _Host:
 
 
 def test_p2p_without_an_endpoint_refuses_before_touching_anything() -> None:
-    transport = base.create_transport("p2p", _Host())
+    transport = base.create_transport("P2P", _Host())
     req = protocol.UpdateRequest.model_validate(
         {
             "version": "v2",
-            "mode": "p2p",
+            "mode": "P2P",
             "peers": [
                 {
                     "pod": "pod-0",

@@ -11,13 +11,13 @@ import types
 from pathlib import Path
 
 import pytest
-from hotswap_engine import vllm_plugin
+from hotswap_engine.inference import vllm_plugin
 from hotswap_testing.package_metadata import REPO, entry_points, write_dist_info
 
 
 def test_pyproject_declares_the_plugin_entry_point_vllm_loads() -> None:
     declared = entry_points()["vllm.general_plugins"]
-    assert declared == {"hotswap": "hotswap_engine.vllm_plugin:register"}
+    assert declared == {"hotswap": "hotswap_engine.inference.vllm_plugin:register"}
     module, _, attr = declared["hotswap"].partition(":")
     assert getattr(importlib.import_module(module), attr) is vllm_plugin.register
 
@@ -29,7 +29,7 @@ def test_written_dist_info_exposes_the_entry_point(tmp_path: Path) -> None:
     )
     env = dict(os.environ, PYTHONPATH=str(write_dist_info(tmp_path)))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['hotswap_engine.vllm_plugin:register']"
+    assert out.stdout.strip() == "['hotswap_engine.inference.vllm_plugin:register']"
 
 
 def _fake_vllm(missing: set[str]) -> types.SimpleNamespace:
@@ -71,10 +71,11 @@ def test_launcher_refuses_a_vllm_without_the_lifecycle_naming_the_minimum(tmp_pa
     # An "older image": a vllm package of an old release with none of the lifecycle's modules.
     (tmp_path / "vllm").mkdir()
     (tmp_path / "vllm" / "__init__.py").write_text('__version__ = "0.10.1"\n')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO / "engine")]))
+    source = [str(tmp_path), str(REPO / "api"), str(REPO / "engine")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(source))
     env.pop("VLLM_SERVER_DEV_MODE", None)
     out = subprocess.run(
-        [sys.executable, "-m", "hotswap_engine.vllm_launcher", "/models/any"],
+        [sys.executable, "-m", "hotswap_engine.inference.vllm_launcher", "/models/any"],
         env=env,
         capture_output=True,
         text=True,

@@ -3,7 +3,7 @@ bytes, a decoder answers a typed message or its own typed error, never anything 
 
 - the rank-worker channel (`agent.ranks`: length-prefixed msgpack frames on a unix socketpair), its
   socket reader, and the worker's serve loop, which refuses a malformed frame and keeps serving;
-- the launcher's control channel (`vllm_launcher.ApplyRequest`: the POST /apply body);
+- the launcher's control channel (`hotswap_api.launcher.ApplyRequest`: the POST /apply body);
 - the agent API's request bodies (`protocol` models, parsed strictly as `api._body` does).
 """
 
@@ -19,9 +19,10 @@ from typing import Any
 
 import msgpack
 import pytest
-from hotswap_engine import protocol
+from hotswap_api import protocol
+from hotswap_api.launcher import MAX_APPLY_TIMEOUT_S, ApplyRequest, BadApplyRequest
+from hotswap_api.policy import RequestPolicy
 from hotswap_engine.agent import ranks
-from hotswap_engine.vllm_launcher import MAX_APPLY_TIMEOUT_S, ApplyRequest, BadApplyRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -311,7 +312,7 @@ apply_bodies = st.fixed_dictionaries(
     optional={
         "endpoint": json_values | st.sampled_from(["ipc:///run/h.sock", "tcp://127.0.0.1:5555", "x"]),
         "version": json_values | st.sampled_from(["v1", "base", "a\nb"]),
-        "policy": json_values | st.sampled_from(["keep", "wait", "abort", "never"]),
+        "policy": json_values | st.sampled_from(["Keep", "Wait", "Abort", "keep", "never"]),
         "timeout": json_values | st.sampled_from([1, 0.5, 0, -1, 1e400, 10**400, MAX_APPLY_TIMEOUT_S + 1]),
         "extra": json_values,
     },
@@ -324,7 +325,7 @@ def check_apply(raw: bytes) -> ApplyRequest | None:
     except BadApplyRequest:
         return None
     assert req.endpoint.startswith(("ipc://", "tcp://")) and req.version
-    assert req.policy in ("keep", "wait", "abort")
+    assert req.policy in set(RequestPolicy)
     assert math.isfinite(req.timeout) and 0 < req.timeout <= MAX_APPLY_TIMEOUT_S
     return req
 
@@ -362,8 +363,16 @@ def test_apply_bodies_that_once_escaped_as_500s_are_bad_requests(raw: bytes) -> 
 
 
 def test_a_valid_apply_request() -> None:
-    raw = b'{"endpoint": "ipc:///x", "version": "v1", "policy": "wait", "timeout": 2}'
-    assert ApplyRequest.from_json(raw) == ApplyRequest("ipc:///x", "v1", "wait", 2.0)
+    raw = b'{"endpoint": "ipc:///x", "version": "v1", "policy": "Wait", "timeout": 2}'
+    req = ApplyRequest.from_json(raw)
+    assert req == ApplyRequest(endpoint="ipc:///x", version="v1", policy=RequestPolicy.WAIT, timeout=2.0)
+    assert req.policy.vllm_mode == "wait" and isinstance(req.timeout, float)
+
+
+def test_apply_request_policies_are_the_crds_spelling() -> None:
+    # The same values as InferencePool.spec.updatePolicy.requests: vLLM's lowercase names are refused.
+    with pytest.raises(BadApplyRequest, match="policy"):
+        ApplyRequest.from_json(b'{"endpoint": "ipc:///x", "version": "v1", "policy": "keep"}')
 
 
 # ---- the agent API's bodies --------------------------------------------------------------------
@@ -381,7 +390,7 @@ def test_agent_bodies_are_models_or_validation_errors(raw: bytes) -> None:
     "body",
     [
         {"version": "v", "source": {"path": "x"}, "part": {"index": "0", "count": 1}},
-        {"version": "v", "mode": "p2p", "peers": [], "timeout_seconds": "5"},
+        {"version": "v", "mode": "P2P", "peers": [], "timeout_seconds": "5"},
         {"version": "v", "rank": 0, "group": None, "timeout_seconds": 1e999},
         {"version": "v", "memory_budget_bytes": 1 << 70, "rank": 0},
     ],

@@ -15,10 +15,11 @@ from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from hotswap_api import protocol
+from hotswap_api.errors import ErrorCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from hotswap_engine import protocol
 from hotswap_engine.agent import openapi
 from hotswap_engine.agent.errors import AgentError, BadRequest
 from hotswap_engine.agent.service import AgentService
@@ -31,7 +32,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 1 << 20
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
+def _error(status: int, code: ErrorCode, message: str) -> web.Response:
     body = protocol.ErrorBody(error=code, message=message)
     return web.json_response(body.model_dump(mode="json"), status=status)
 
@@ -48,25 +49,25 @@ def make_auth_middleware(token: str) -> Middleware:
         if request.path not in OPEN_PATHS:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                return _error(401, "unauthorized", "missing or wrong bearer token")
+                return _error(401, ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
         try:
             return await handler(request)
         except AgentError as e:
             return _error(e.status, e.code, str(e))
         except ValidationError as e:
-            return _error(422, "bad_request", _validation_message(e))
+            return _error(422, ErrorCode.BAD_REQUEST, _validation_message(e))
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             # aiohttp's own answers (no such route, method not allowed, body too large) in our shape
-            code = "not_found" if e.status == 404 else "bad_request"
+            code = ErrorCode.NOT_FOUND if e.status == 404 else ErrorCode.BAD_REQUEST
             reply = _error(e.status, code, e.reason)
             if "Allow" in e.headers:
                 reply.headers["Allow"] = e.headers["Allow"]
             return reply
         except Exception as e:  # the API must answer, not drop the connection
             log.exception("unhandled error in %s %s", request.method, request.path)
-            return _error(500, "internal", f"{type(e).__name__}: {e}")
+            return _error(500, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     return auth
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from hotswap_engine import protocol
+from hotswap_api import protocol
 
 # Upper bound of one long-poll (an agent may be configured lower: --max-status-wait).
 MAX_WAIT_S = protocol.MAX_STATUS_WAIT_SECONDS

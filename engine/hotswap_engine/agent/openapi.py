@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hotswap_api import protocol
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
-
-from hotswap_engine import protocol
 
 OPENAPI_PATH = "/openapi.json"
 TITLE = "hotswap agent"
@@ -90,13 +89,13 @@ def _error(description: str) -> Reply:
 
 
 # Every route that needs the token may answer these.
-UNAUTHORIZED = _error("`unauthorized`: the bearer token is missing or wrong.")
+UNAUTHORIZED = _error("`Unauthorized`: the bearer token is missing or wrong.")
 INTERNAL = _error(
-    "`internal`: an unexpected failure on the agent's side (the operator treats it as transient and "
+    "`Internal`: an unexpected failure on the agent's side (the operator treats it as transient and "
     "retries with backoff). Never the answer to a malformed request."
 )
 INVALID = _error(
-    "`bad_request`: the body is not valid JSON, or does not match the model (unknown fields, "
+    "`BadRequest`: the body is not valid JSON, or does not match the model (unknown fields, "
     "wrong types, values out of range); the message names the fields."
 )
 
@@ -117,9 +116,9 @@ ROUTES: tuple[Route, ...] = (
         "`wait_for_change_after`.",
         {
             200: Reply("The agent's status.", protocol.AgentStatus),
-            400: _error("`bad_request`: a query parameter given more than once."),
+            400: _error("`BadRequest`: a query parameter given more than once."),
             401: UNAUTHORIZED,
-            422: _error("`bad_request`: a query parameter out of range or of the wrong type."),
+            422: _error("`BadRequest`: a query parameter out of range or of the wrong type."),
             500: INTERNAL,
         },
         params=query_params(
@@ -144,14 +143,14 @@ ROUTES: tuple[Route, ...] = (
         "Read (a part of) a checkpoint into host memory after validating it against the served model.",
         {
             201: Reply("Staged (or staged already: the call is idempotent).", protocol.StagedVersion),
-            400: _error("`bad_request`: a path no file can have."),
+            400: _error("`BadRequest`: a path no file can have."),
             401: UNAUTHORIZED,
-            403: _error("`forbidden_path`: the path lies outside the agent's allowed roots."),
-            404: _error("`not_found`: no checkpoint at that path."),
-            409: _error("`conflict`: the version is served or being applied from another checkpoint."),
-            413: _error("`bad_request`: the body is larger than 1 MiB."),
+            403: _error("`ForbiddenPath`: the path lies outside the agent's allowed roots."),
+            404: _error("`NotFound`: no checkpoint at that path."),
+            409: _error("`Conflict`: the version is served or being applied from another checkpoint."),
+            413: _error("`BadRequest`: the body is larger than 1 MiB."),
             422: _error(
-                "`bad_request` for a body that does not match the model; `checkpoint_mismatch` for a "
+                "`BadRequest` for a body that does not match the model; `CheckpointMismatch` for a "
                 "checkpoint whose tensors, headers or manifest do not match."
             ),
             500: INTERNAL,
@@ -166,8 +165,8 @@ ROUTES: tuple[Route, ...] = (
         {
             204: Reply("Dropped."),
             401: UNAUTHORIZED,
-            404: _error("`not_found`: the version is not staged here."),
-            409: _error("`conflict`: the version is served (it is the rollback source) or being applied."),
+            404: _error("`NotFound`: the version is not staged here."),
+            409: _error("`Conflict`: the version is served (it is the rollback source) or being applied."),
             500: INTERNAL,
         },
         params=(PathParam("version", "A staged version's name.", _VERSION_SCHEMA),),
@@ -179,11 +178,11 @@ ROUTES: tuple[Route, ...] = (
         "Start an update to a version (broadcast with a group, or peer-to-peer); poll it by id.",
         {
             202: Reply("Started; the update runs in the background.", protocol.UpdateProgress),
-            400: _error("`bad_request`: the group or staged part does not fit this pod."),
+            400: _error("`BadRequest`: the group or staged part does not fit this pod."),
             401: UNAUTHORIZED,
-            404: _error("`not_found`: a broadcast of a version that is not staged here."),
-            409: _error("`conflict`: another update is still running."),
-            413: _error("`bad_request`: the body is larger than 1 MiB."),
+            404: _error("`NotFound`: a broadcast of a version that is not staged here."),
+            409: _error("`Conflict`: another update is still running."),
+            413: _error("`BadRequest`: the body is larger than 1 MiB."),
             422: INVALID,
             500: INTERNAL,
         },
@@ -197,7 +196,7 @@ ROUTES: tuple[Route, ...] = (
         {
             200: Reply("The update.", protocol.UpdateProgress),
             401: UNAUTHORIZED,
-            404: _error("`not_found`: no update with that id."),
+            404: _error("`NotFound`: no update with that id."),
             500: INTERNAL,
         },
         params=(PathParam("id", "The id `POST /updates` answered."),),
@@ -298,7 +297,7 @@ def generate(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
             "version": DOC_VERSION,
             "description": (
                 "The in-pod agent of hotswap (one per inference pod): stages checkpoints and runs "
-                "weight updates. Generated from hotswap_engine.protocol and the route table in "
+                "weight updates. Generated from hotswap_api.protocol and the route table in "
                 "hotswap_engine.agent.openapi; do not edit by hand (`make openapi`)."
             ),
         },

@@ -28,8 +28,8 @@ import time
 from typing import Any
 
 import torch
+from hotswap_api import protocol
 
-from hotswap_engine import protocol
 from hotswap_engine.agent import ranks
 from hotswap_engine.handoff import HandoffSender
 from hotswap_engine.hostmem import HostBuffer

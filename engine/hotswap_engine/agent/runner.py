@@ -19,9 +19,12 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from hotswap_engine import buckets, protocol, staging
-from hotswap_engine.agent.settings import AgentSettings
+from hotswap_api import protocol
+from hotswap_api.policy import RequestPolicy
+
+from hotswap_engine import buckets, staging
 from hotswap_engine.agent.rank_pool import RankPool
+from hotswap_engine.agent.settings import AgentSettings
 from hotswap_engine.agent.transports.broadcast import GroupBroadcast
 from hotswap_engine.agent.transports.host import TransferHost
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
@@ -134,7 +137,7 @@ class UpdateRunner:
         job: JobT,
         rec: UpdateRecord,
         version: str,
-        policy: protocol.RequestPolicy,
+        policy: RequestPolicy,
     ) -> StagedCheckpoint:
         """Connect, transfer, and (for a source that only filled host memory) hand the copy to the
         engine; the record's stages and durations follow."""
@@ -181,10 +184,10 @@ class UpdateRunner:
         from hotswap_engine.agent.service import UpdateRecord
 
         rec = UpdateRecord(id="local", version=version or "base", mode=protocol.UpdateMode.BROADCAST)
-        await self._apply_alone(version or "base", full, rec, protocol.RequestPolicy.KEEP)
+        await self._apply_alone(version or "base", full, rec, RequestPolicy.KEEP)
 
     async def _apply_alone(
-        self, version: str, full: StagedCheckpoint, rec: UpdateRecord, policy: protocol.RequestPolicy
+        self, version: str, full: StagedCheckpoint, rec: UpdateRecord, policy: RequestPolicy
     ) -> None:
         broadcast = self.transport(protocol.UpdateMode.BROADCAST.value)
         assert isinstance(broadcast, GroupBroadcast)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from hotswap_engine import protocol
+from hotswap_api import protocol
+
 from hotswap_engine.agent.changes import ENGINE_CHECK_S, MAX_WAIT_S, ChangeFeed
 from hotswap_engine.agent.errors import (
     BadRequest,

@@ -18,10 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from hotswap_api.resources import DEFAULT_AGENT_PORT
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliApp, CliSuppress, SettingsConfigDict, SettingsError
-
-from hotswap_engine import protocol
 
 ENV_PREFIX = "HOTSWAP_AGENT_"
 
@@ -40,7 +39,7 @@ class AgentSettings(BaseSettings):
 
     pod_name: str = Field(default="local", description="name of this pod (the operator: the pod's name)")
     host: str = Field(description="address the HTTP API binds (the operator: the pod IP)")
-    port: int = Field(default=protocol.DEFAULT_AGENT_PORT, ge=1, le=65535, description="port of the HTTP API")
+    port: int = Field(default=DEFAULT_AGENT_PORT, ge=1, le=65535, description="port of the HTTP API")
     token: CliSuppress[SecretStr | None] = Field(
         default=None, description="bearer token of the HTTP API (environment only; or --token-file)"
     )

@@ -11,8 +11,8 @@ the registry) and drives it through this interface only:
     if not transport.delivers_to_engine:           # a source that only filled host memory
         the runner hands `full` to the engine through the broadcast of one
 
-Implementations: `broadcast` (a process group of pods; the rank workers broadcast every bucket
-into the workers and the full version's host buffers) and `p2p` (one-sided Mooncake reads of peers'
+Implementations: `Broadcast` (a process group of pods; the rank workers broadcast every bucket
+into the workers and the full version's host buffers) and `P2P` (one-sided Mooncake reads of peers'
 staged host memory). A new source (e.g. a trainer's memory over Mooncake) implements `Transport`
 with `delivers_to_engine = False`, reuses the p2p reader's blocks (`P2PEndpoint.holder(s)`,
 `p2p_plan.plan_reads`, `P2PEndpoint.pull`) and registers itself with `register_transport`.
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from hotswap_engine import protocol
+    from hotswap_api import protocol
+
     from hotswap_engine.staging import StagedCheckpoint
 
 JobT = TypeVar("JobT")
@@ -92,9 +93,10 @@ class _Entry:
     attribute: str
 
 
+# Keyed by `protocol.UpdateMode` values (CamelCase, as on the wire).
 _REGISTRY: dict[str, _Entry] = {
-    "broadcast": _Entry("hotswap_engine.agent.transports.broadcast", "GroupBroadcast"),
-    "p2p": _Entry("hotswap_engine.agent.transports.p2p", "PeerPull"),
+    "Broadcast": _Entry("hotswap_engine.agent.transports.broadcast", "GroupBroadcast"),
+    "P2P": _Entry("hotswap_engine.agent.transports.p2p", "PeerPull"),
 }
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from hotswap_engine import buckets, digest, protocol
+from hotswap_api import protocol
+
+from hotswap_engine import buckets, digest
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool
 from hotswap_engine.p2p_plan import (
     DEFAULT_CHUNK_BYTES,

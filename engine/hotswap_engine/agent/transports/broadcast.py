@@ -1,4 +1,4 @@
-"""The `broadcast` transport: a process group of `pods × local` rank workers moves every bucket into
+"""The `Broadcast` transport: a process group of `pods × local` rank workers moves every bucket into
 every worker's vLLM worker and into the full version's host buffers, while the launcher runs the
 engine's reload (it answers once every worker applied, or failed).
 
@@ -15,7 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from hotswap_engine import launcher_client, protocol
+from hotswap_api import protocol
+from hotswap_api.policy import RequestPolicy
+
+from hotswap_engine import launcher_client
 from hotswap_engine.agent import ranks
 from hotswap_engine.agent.rank_pool import failures
 from hotswap_engine.transport.base import Transport, UpdateError, UpdateProgress
@@ -42,7 +45,7 @@ class Membership:
 @dataclass(frozen=True)
 class BroadcastJob:
     version: str
-    policy: protocol.RequestPolicy
+    policy: RequestPolicy
     members: Membership
     pod_rank: int
     pod_parts: dict[int, tuple[int, int] | None]  # pod rank -> the part it staged (None: all)
@@ -61,7 +64,7 @@ class BroadcastLink:
 
 
 class GroupBroadcast(Transport[BroadcastJob, BroadcastLink]):
-    name: ClassVar[str] = "broadcast"
+    name: ClassVar[str] = "Broadcast"  # protocol.UpdateMode.BROADCAST
     delivers_to_engine: ClassVar[bool] = True
 
     def __init__(self, host: TransferHost) -> None:
@@ -88,7 +91,7 @@ class GroupBroadcast(Transport[BroadcastJob, BroadcastLink]):
         )
 
     def alone(
-        self, version: str, full: StagedCheckpoint, policy: protocol.RequestPolicy, master_port: int
+        self, version: str, full: StagedCheckpoint, policy: RequestPolicy, master_port: int
     ) -> BroadcastJob:
         """A complete host copy into this pod's engine, in a group of one (not kept afterwards)."""
         cfg = self.host.cfg
@@ -166,7 +169,7 @@ class GroupBroadcast(Transport[BroadcastJob, BroadcastLink]):
                 str(self.host.cfg.control_socket),
                 self.host.pool.endpoint(),
                 job.version,
-                job.policy.value,
+                job.policy,
                 timeout=timeout * 4,
             )
         )

@@ -1,4 +1,4 @@
-"""The `p2p` transport: scale-out catch-up, reading the version from peers' staged host memory
+"""The `P2P` transport: scale-out catch-up, reading the version from peers' staged host memory
 (one-sided Mooncake reads, several peers at once) into one host buffer for the whole model. The
 runner then hands that copy to the engine like a broadcast of one (`delivers_to_engine = False`).
 
@@ -17,7 +17,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from hotswap_engine import protocol
+from hotswap_api import protocol
+
 from hotswap_engine.p2p_plan import DEFAULT_CHUNK_BYTES, NoHolderLeft, ReadPlan, plan_reads
 from hotswap_engine.pacing import Pacer
 from hotswap_engine.transport.base import Transport, UpdateError, UpdateProgress
@@ -57,7 +58,7 @@ def read_chunk_bytes(max_rate: int | None) -> int:
 
 
 class PeerPull(Transport[PeerJob, PeerLink]):
-    name: ClassVar[str] = "p2p"
+    name: ClassVar[str] = "P2P"  # protocol.UpdateMode.P2P
     delivers_to_engine: ClassVar[bool] = False
 
     def __init__(self, host: TransferHost) -> None:

