@@ -20,8 +20,8 @@ import time
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from hotswap_engine import buckets, protocol, staging
-from hotswap_engine.agent.settings import AgentSettings
 from hotswap_engine.agent.rank_pool import RankPool
+from hotswap_engine.agent.settings import AgentSettings
 from hotswap_engine.agent.transports.broadcast import GroupBroadcast
 from hotswap_engine.agent.transports.host import TransferHost
 from hotswap_engine.hostmem import HostBuffer, HostBufferPool

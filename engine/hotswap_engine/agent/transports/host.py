@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hotswap_engine.agent.settings import AgentSettings
     from hotswap_engine.agent.rank_pool import RankPool
+    from hotswap_engine.agent.settings import AgentSettings
     from hotswap_engine.hostmem import HostBufferPool
     from hotswap_engine.staging import StagedCheckpoint
     from hotswap_engine.transport.p2p import P2PEndpoint
