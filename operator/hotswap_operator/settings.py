@@ -19,9 +19,10 @@ import os
 import socket
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from hotswap_api.settings_errors import describe  # noqa: F401  (re-exported for __main__)
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import JsonDict
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 ENV_PREFIX = "HOTSWAP_OPERATOR_"
 GpuSharing = Literal["none", "dra", "visibleDevices"]
@@ -149,13 +150,3 @@ def load(argv: list[str] | None = None) -> OperatorSettings:
     """The settings from `argv` (None: the process's arguments) and the environment; raises
     `pydantic.ValidationError` or `pydantic_settings.SettingsError` with the offending setting."""
     return CliApp.run(OperatorSettings, cli_args=argv)
-
-
-def describe(error: ValidationError | SettingsError) -> str:
-    """One line per invalid setting, without the input values (they may hold the token)."""
-    if isinstance(error, SettingsError):
-        return str(error)
-    return "; ".join(
-        f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
-        for e in error.errors(include_url=False, include_input=False)
-    )

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hotswap_api.resources import DEFAULT_AGENT_PORT
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, CliApp, CliSuppress, SettingsConfigDict, SettingsError
+from hotswap_api.settings_errors import describe  # noqa: F401  (re-exported for __main__)
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, CliApp, CliSuppress, SettingsConfigDict
 
 ENV_PREFIX = "HOTSWAP_AGENT_"
 
@@ -164,13 +165,3 @@ def load(argv: list[str] | None = None) -> AgentSettings:
     """The settings from `argv` (None: the process's arguments) and the environment; raises
     `pydantic.ValidationError` or `pydantic_settings.SettingsError` naming the offending setting."""
     return CliApp.run(AgentSettings, cli_args=argv)
-
-
-def describe(error: ValidationError | SettingsError) -> str:
-    """One line per invalid setting, without the input values (they may hold the token)."""
-    if isinstance(error, SettingsError):
-        return str(error)
-    return "; ".join(
-        f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
-        for e in error.errors(include_url=False, include_input=False)
-    )
