@@ -15,6 +15,7 @@ the same version. Addresses in generated update requests are rewritten to a clos
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -73,6 +74,7 @@ class FuzzPod:
     workdir: Path
     root: Path
     port: int = field(default_factory=free_port)
+    max_status_wait: float = 1.0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -113,7 +115,7 @@ class FuzzPod:
                 *("--handoff-endpoint", f"ipc://{self.workdir / 'handoff.sock'}"),
                 *("--shm-dir", str(self.workdir / "shm"), "--collective-timeout", "20"),
                 # Long-polls the fuzzer opens (a matching wait_for_change_after) end within a second.
-                *("--max-status-wait", "1"),
+                *("--max-status-wait", str(self.max_status_wait)),
             ],
             env,
         )
@@ -279,3 +281,51 @@ def test_body_larger_than_the_limit_is_a_413_error_body(pod: FuzzPod) -> None:
     big = {"version": "x", "source": {"path": "a" * (2 << 20)}}
     code, body = pod.api("POST", "/v1/stage", big)
     assert (code, body["error"]) == (413, "BadRequest"), body
+
+
+def test_sigterm_ends_the_agent_promptly_while_a_long_poll_waits(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A terminating pod's agent exits on SIGTERM within seconds, also while the operator holds a
+    status long-poll open (it is always holding one). Before, aiohttp waited up to 60 s for that
+    request, and the pod kept serving its memory to peer-to-peer readers until the kubelet's SIGKILL."""
+    workdir = Path(tempfile.mkdtemp(prefix="hs-term-"))
+    root = tmp_path_factory.mktemp("ckpts")
+    save_sharded(root / "base", DEFS, random_filler(0), shards=1)
+    (workdir / "shm").mkdir()
+    p = FuzzPod(workdir, root, max_status_wait=60)
+    p.start()
+    try:
+        wait_for(p.up, 120, "agent and launcher not up")
+        seq = p.status()["sequence"]
+        conn = http.client.HTTPConnection(HOST, p.port, timeout=90)
+        conn.request(
+            "GET",
+            f"/v1/status?wait_for_change_after={seq}&timeout_seconds=60",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        # An ordering barrier, not a wait: the long-poll was sent first on an open connection, so by
+        # the time the agent answers this request its handler is holding the long-poll.
+        assert p.api("GET", "/healthz", token=None) == (200, "ok")
+        agent = p.procs["agent"]
+        assert agent.poll() is None, p.logs()
+        t0 = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        try:
+            code = agent.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the agent still runs 15 s after SIGTERM, with a long-poll open\n{p.logs()}")
+        took = time.monotonic() - t0
+        assert code == 0, f"the agent exited with {code} on SIGTERM\n{p.logs()}"
+        # The long-poll was answered (the status as it is), not left hanging.
+        try:
+            reply = conn.getresponse()
+            assert reply.status == 200, reply.read()
+            assert json.loads(reply.read())["pod"] == POD
+        except (ConnectionError, http.client.HTTPException) as e:
+            pytest.fail(f"the open long-poll got no answer before the agent exited ({e!r}) after {took:.1f}s")
+        finally:
+            conn.close()
+    finally:
+        p.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

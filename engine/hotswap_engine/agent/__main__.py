@@ -21,10 +21,17 @@ from hotswap_engine.agent.settings import AgentSettings, describe, load
 
 log = logging.getLogger("hotswap_engine.agent")
 
+# How long the HTTP server waits for open requests once SIGTERM came (aiohttp's default is 60 s).
+# Status long-polls answer at once then; a request still running after this is cancelled. Far below
+# the pod's termination grace period, so the agent exits on SIGTERM, not on the kubelet's SIGKILL.
+SHUTDOWN_TIMEOUT_S = 3.0
+
 
 async def serve(cfg: AgentSettings) -> None:
     service = AgentService(cfg, UpdateRunner(cfg))
-    runner = web.AppRunner(build_app(service, cfg.bearer_token), access_log=None)
+    runner = web.AppRunner(
+        build_app(service, cfg.bearer_token), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
@@ -36,6 +43,7 @@ async def serve(cfg: AgentSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    service.begin_shutdown()
     await runner.cleanup()
     await service.close()
 

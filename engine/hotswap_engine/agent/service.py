@@ -112,6 +112,9 @@ class AgentService:
         self._engine_up = False
         self.max_wait_s = min(cfg.max_status_wait, MAX_WAIT_S)  # the longest a long-poll is held
         self.changes = ChangeFeed()  # bumped on every change `status()` reports (see `changes`)
+        # Set on SIGTERM: long-polls answer at once instead of holding the HTTP server's shutdown
+        # (and with it this pod's peer-to-peer memory) for up to `max_wait_s`.
+        self._stopping = False
 
     # ---- status -------------------------------------------------------------------------------
 
@@ -155,7 +158,7 @@ class AgentService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(0.0, timeout_s), self.max_wait_s)
         await self.check_engine()
-        while not self.changes.changed_since(after):
+        while not self._stopping and not self.changes.changed_since(after):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -369,6 +372,12 @@ class AgentService:
         await self._roll_back(None, rec)
         rec.stage = protocol.UpdateStage.COMPLETE if self._consistent else protocol.UpdateStage.FAILED
         rec.finished_at = _now()
+
+    def begin_shutdown(self) -> None:
+        """The pod is terminating: answer every open and later long-poll now. A terminating pod
+        stops serving its memory to peers promptly; their readers fail over to other holders."""
+        self._stopping = True
+        self.changes.bump()
 
     async def close(self) -> None:
         if self._task is not None:
