@@ -22,6 +22,7 @@ import pytest
 from hotswap_api import protocol
 from hotswap_api.launcher import MAX_APPLY_TIMEOUT_S, ApplyRequest, BadApplyRequest
 from hotswap_api.policy import RequestPolicy
+from hotswap_api.rank_messages import Message
 from hotswap_engine.agent import ranks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -226,8 +227,8 @@ class FakeWorker:
         self.sender = FakeSender()
         self.handled: list[str] = []
 
-    def handle(self, msg: dict[str, Any], fds: list[int], sock: socket.socket) -> dict[str, Any]:
-        self.handled.append(msg["op"])
+    def handle(self, msg: Message, fds: list[int], sock: socket.socket) -> dict[str, Any]:
+        self.handled.append(msg.op)  # typed: the worker gets the validated model, not a dict
         return {"ok": True}
 
     def _failed(self, error: str) -> dict[str, Any]:

@@ -29,6 +29,16 @@ from typing import Any
 
 import torch
 from hotswap_api import protocol
+from hotswap_api.rank_messages import (
+    BroadcastMsg,
+    DiscardMsg,
+    ExitMsg,
+    GroupMsg,
+    MapMsg,
+    Message,
+    StagedWire,
+    UnmapMsg,
+)
 
 from hotswap_engine.agent import ranks
 from hotswap_engine.handoff import HandoffSender
@@ -60,55 +70,52 @@ class RankWorker:
 
     # ---- commands -------------------------------------------------------------------------------
 
-    def handle(self, msg: dict[str, Any], fds: list[int], sock: socket.socket) -> dict[str, Any]:
-        op = msg["op"]
-        if op == "map":
+    def handle(self, msg: Message, fds: list[int], sock: socket.socket) -> dict[str, Any]:
+        if isinstance(msg, MapMsg):
             return self._map(msg, fds)
         for fd in fds:  # only `map` carries fds
             os.close(fd)
-        if op == "unmap":
-            for i in msg.get("ids", []):
-                buffer = self.buffers.pop(int(i), None)
+        if isinstance(msg, UnmapMsg):
+            for i in msg.ids:
+                buffer = self.buffers.pop(i, None)
                 if buffer is not None:
                     buffer.close()
             return {"ok": True}
-        if op == "prepare":
+        if isinstance(msg, GroupMsg) and msg.op == "prepare":
             # Asked before `group` on every worker of every member: a worker holding a healthy NCCL
             # group of another membership is replaced by the agent before anyone joins the new one.
             spec, rank = self._spec(msg)
             restart = self.groups.would_abandon(spec, rank, bind_host=self.bind_host, device=self.device)
             return {"ok": True, "restart": restart}
-        if op == "group":
+        if isinstance(msg, GroupMsg):
             return self._group(msg)
-        if op == "broadcast":
+        if isinstance(msg, BroadcastMsg):
             return self._broadcast(msg, sock)
-        if op == "discard":
+        if isinstance(msg, DiscardMsg):
             self.groups.discard()
             return {"ok": True}
-        raise ranks.ProtocolError(f"unknown op {op!r}")
+        # hello, progress and result go from a worker to the agent, never the other way
+        raise ranks.ProtocolError(f"`{msg.op}` is not a command")
 
-    def _map(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        specs = msg.get("buffers", [])
-        if len(specs) != len(fds):
+    def _map(self, msg: MapMsg, fds: list[int]) -> dict[str, Any]:
+        if len(msg.buffers) != len(fds):
             for fd in fds:
                 os.close(fd)
-            raise ranks.ProtocolError(f"{len(specs)} buffers announced, {len(fds)} fds received")
+            raise ranks.ProtocolError(f"{len(msg.buffers)} buffers announced, {len(fds)} fds received")
         t0 = time.perf_counter()
-        for spec, fd in zip(specs, fds, strict=True):
-            key = int(spec["id"])
-            if key in self.buffers:
+        for spec, fd in zip(msg.buffers, fds, strict=True):
+            if spec.id in self.buffers:
                 os.close(fd)
                 continue
-            self.buffers[key] = HostBuffer.from_fd(
-                fd, int(spec["nbytes"]), int(spec["capacity"]), pinned=self.device.type == "cuda"
+            self.buffers[spec.id] = HostBuffer.from_fd(
+                fd, spec.nbytes, spec.capacity, pinned=self.device.type == "cuda"
             )
         return {"ok": True, "seconds": time.perf_counter() - t0}
 
-    def _spec(self, msg: dict[str, Any]) -> tuple[GroupSpec, int]:
-        spec = GroupSpec(tuple(msg["members"]), msg["master_addr"], int(msg["master_port"]), msg["backend"])
-        return spec, int(msg["rank"])
+    def _spec(self, msg: GroupMsg) -> tuple[GroupSpec, int]:
+        return GroupSpec(msg.members, msg.master_addr, msg.master_port, msg.backend), msg.rank
 
-    def _group(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def _group(self, msg: GroupMsg) -> dict[str, Any]:
         spec, rank = self._spec(msg)
         t0 = time.perf_counter()
         try:
@@ -118,14 +125,14 @@ class RankWorker:
             return self._failed(f"{type(e).__name__}: {e}")
         return {"ok": True, "seconds": time.perf_counter() - t0}
 
-    def _broadcast(self, msg: dict[str, Any], sock: socket.socket) -> dict[str, Any]:
+    def _broadcast(self, msg: BroadcastMsg, sock: socket.socket) -> dict[str, Any]:
         group = self.groups.current
         if group is None or group.broken:
             return self._failed("no process group: `group` must succeed first")
         try:
-            staged = self._staged(msg["staged"])
-            plan, _ = make_plan(staged, 0, fixed=(int(msg["bucket_bytes"]), int(msg["slots"])))
-            split = ranks.split_plan(plan, ranks.parts_from_wire(msg["pod_parts"]), int(msg["local"]))
+            staged = self._staged(msg.staged)
+            plan, _ = make_plan(staged, 0, fixed=(msg.bucket_bytes, msg.slots))
+            split = ranks.split_plan(plan, ranks.parts_from_wire(msg.pod_parts), msg.local)
         except Exception as e:  # a plan that cannot be made touches nothing
             return self._failed(f"cannot plan the update: {type(e).__name__}: {e}")
         # The pod's host buffers under their virtual part names: every virtual part of a real part
@@ -137,13 +144,16 @@ class RankWorker:
         virtual.segments = {
             v: staged.segments[real] for v, real in split.real_part.items() if real in staged.segments
         }
-        full_out = {int(p): self.buffers[int(i)] for p, i in msg.get("full_out", {}).items()}
+        try:
+            full_out = {p: self.buffers[i] for p, i in msg.full_out.items()}
+        except KeyError as e:
+            return self._failed(f"cannot plan the update: buffer {e} was never mapped")
         mine = {
             v: full_out[real]
             for v in split.parts_of(self.local_rank)
             if (real := split.real_part[v]) in full_out
         }
-        pace = Pacer(msg.get("max_rate"))
+        pace = Pacer(msg.max_rate)
         last = [0.0]
 
         def progress(done: int) -> None:
@@ -160,12 +170,12 @@ class RankWorker:
                 split.plan,
                 split.owners,
                 self.sender,
-                msg["version"],
-                slots=int(msg["slots"]),
+                msg.version,
+                slots=msg.slots,
                 full_out=mine,
                 progress=progress,
-                op_timeout=float(msg["op_timeout"] or self.timeout),
-                end=bool(msg.get("end", True)),
+                op_timeout=msg.op_timeout or self.timeout,
+                end=msg.end,
                 # On GPUs the full-version device->host copy would share the host links with the
                 # host->device copies (61-69% of the bound inline, bench/RESULTS.md): it trails the
                 # hand-off instead. Every member of a group runs on the same device type, so the
@@ -180,12 +190,13 @@ class RankWorker:
             return self._failed(f"{type(e).__name__}: {e}")
         return {"ok": True, "stats": stats.as_dict()}
 
-    def _staged(self, wire: dict[str, Any]) -> StagedCheckpoint:
-        specs = [protocol.TensorSpec(name=n, dtype=d, shape=tuple(s)) for n, d, s in wire["specs"]]
-        segments = {int(p): self.buffers[int(i)] for p, i in wire["segments"].items()}
-        return StagedCheckpoint(
-            specs, wire["assignment"], int(wire["part_count"]), segments, int(wire["alignment"])
-        )
+    def _staged(self, wire: StagedWire) -> StagedCheckpoint:
+        specs = [protocol.TensorSpec(name=n, dtype=d, shape=tuple(s)) for n, d, s in wire.specs]
+        try:
+            segments = {p: self.buffers[i] for p, i in wire.segments.items()}
+        except KeyError as e:
+            raise ranks.ProtocolError(f"buffer {e} was never mapped") from None
+        return StagedCheckpoint(specs, dict(wire.assignment), wire.part_count, segments, wire.alignment)
 
     def _failed(self, error: str) -> dict[str, Any]:
         return {
@@ -216,7 +227,7 @@ def serve(sock: socket.socket, worker: RankWorker) -> int:
     )
     while True:
         try:
-            msg, fds = ranks.recv_message(sock)
+            msg, fds = ranks.recv_typed(sock)
         except EOFError:
             log.info("the agent closed the channel: exiting")
             return 0
@@ -229,7 +240,7 @@ def serve(sock: socket.socket, worker: RankWorker) -> int:
             log.warning("rank worker %d: refused a message: %s", worker.local_rank, e)
             ranks.send_message(sock, {"op": "result", **worker._failed(f"refused: {e}")})
             continue
-        if msg["op"] == "exit":
+        if isinstance(msg, ExitMsg):
             ranks.send_message(sock, {"op": "result", "ok": True})
             return 0
         try:

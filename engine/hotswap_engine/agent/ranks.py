@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from hotswap_api.rank_messages import MAX_FDS, ProtocolError, validate
+from hotswap_api.rank_messages import MAX_FDS, Message, ProtocolError, validate
 
 from hotswap_engine import buckets
 
@@ -129,14 +129,19 @@ def encode(message: Mapping[str, Any]) -> bytes:
     return FRAME_HEADER.pack(len(body)) + body
 
 
-def decode(body: bytes) -> dict[str, Any]:
-    """A frame's body as a checked message: a dict with exactly its op's fields, defaults filled
-    in (`validate`). Raises `ProtocolError` and nothing else, whatever the bytes."""
+def decode_typed(body: bytes) -> Message:
+    """A frame's body as its typed message (`validate`). Raises `ProtocolError` and nothing else,
+    whatever the bytes."""
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises ValueError, TypeError, its own errors, RecursionError...
         raise ProtocolError(f"undecodable message: {type(e).__name__}: {e}") from None
-    return validate(message).model_dump()
+    return validate(message)
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """A frame's body as a checked message: a dict with exactly its op's fields, defaults filled in."""
+    return decode_typed(body).model_dump()
 
 
 class FrameTooLarge(ProtocolError):
@@ -182,7 +187,14 @@ def send_message(sock: socket.socket, message: Mapping[str, Any], fds: Sequence[
 
 
 def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """The next message and the fds that came with it. Raises EOFError when the peer is gone."""
+    """The next message (as a checked dict) and the fds that came with it. Raises EOFError when the
+    peer is gone."""
+    message, fds = recv_typed(sock)
+    return message.model_dump(), fds
+
+
+def recv_typed(sock: socket.socket) -> tuple[Message, list[int]]:
+    """The next message (typed) and the fds that came with it. Raises EOFError when the peer is gone."""
     fds: list[int] = []
     header = b""
     while len(header) < FRAME_HEADER.size:
@@ -205,7 +217,7 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
             raise EOFError("the peer closed the channel mid-message")
         body += chunk
     try:
-        return decode(bytes(body)), fds
+        return decode_typed(bytes(body)), fds
     except ProtocolError:
         _close_all(fds)
         raise
