@@ -35,7 +35,7 @@ demo: venv cluster-build
 	bash demo/demo.sh
 
 test: venv lint typecheck cluster-build
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=30 tests
 
 # Local Kubernetes (cluster/README.md): binaries cached under $(HOTSWAP_CACHE)/cluster by version.
 cluster-build:
