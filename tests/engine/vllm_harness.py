@@ -1,6 +1,6 @@
 """Running vllm_launcher in tests: start/stop, the agent's side of an update, greedy completions.
 
-Helpers only (no fixtures), shared by test_vllm_launcher.py and test_vllm_tp.py.
+Helpers only (no fixtures), shared by test_vllm_launcher.py, test_vllm_tp.py and test_vllm_quantized.py.
 """
 
 from __future__ import annotations
