@@ -216,6 +216,7 @@ class PublishBench(Bench):
                 ["git", "-C", str(self.repo), "rev-parse", "HEAD"], capture_output=True, text=True
             ).stdout.strip(),
             "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "loadavg_after": load},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "replicas": a.replicas,
             "samples": samples,
             "summary": summarise(samples),
@@ -245,21 +246,22 @@ def table_rows() -> list[str]:
     """The RESULTS.md table: the history runs, then every publish_bench*.json run in the order they
     finished (one row per kind)."""
     res = ROOT / "bench" / "results"
-    rows: list[tuple[str, list[dict[str, Any]], str]] = []
+    rows: list[tuple[str, list[dict[str, Any]], str, str]] = []  # label, samples, kind, load average
     for label, f in HISTORY:
         if (res / f).exists():
-            rows.append((label, json.loads((res / f).read_text())["samples"], "path"))
+            rows.append((label, json.loads((res / f).read_text())["samples"], "path", "12-16"))
     runs = [json.loads(f.read_text()) for f in res.glob("publish_bench*.json")]
     for data in sorted(runs, key=lambda d: str(d.get("finished_at", ""))):
         commit = data.get("commit", "")[:7]
+        load = f"{data['host']['loadavg_after'][1]:.0f}" if data.get("host", {}).get("loadavg_after") else "-"
         for kind, how in (("sdk", "SDK publish()"), ("path", "kubectl apply, path")):
-            rows.append((f"{data.get('label') or commit}, {how}", data["samples"], kind))
+            rows.append((f"{data.get('label') or commit}, {how}", data["samples"], kind, load))
     lines = [
         "| run, publishes | n | create → Complete min / median / p90 | stages median "
-        "| overhead median / p90 | publish() → serving median / p90 |",
-        "|---|---|---|---|---|---|",
+        "| overhead median / p90 | publish() → serving median / p90 | load (5 min) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for label, samples, kind in rows:
+    for label, samples, kind, load in rows:
         ms = measured(samples, kind)
         if not ms:
             continue
@@ -272,7 +274,7 @@ def table_rows() -> list[str]:
             serve = f"{p['median']:.2f} / {p['p90']:.2f}"
         lines.append(
             f"| {label} | {c['n']} | {c['min']:.2f} / {c['median']:.2f} / {c['p90']:.2f} "
-            f"| {st['median']:.2f} | {o['median']:.2f} / {o['p90']:.2f} | {serve} |"
+            f"| {st['median']:.2f} | {o['median']:.2f} / {o['p90']:.2f} | {serve} | {load} |"
         )
     return lines
 

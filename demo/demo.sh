@@ -91,5 +91,6 @@ fi
 say "demo done in $(elapsed "$t0")"
 if [ "${DEMO_KEEP:-0}" = 1 ]; then
   echo "  next: a training loop publishing from its memory every iteration (examples/README.md):"
-  echo "    PYTHONPATH=sdk:api .venv/bin/python examples/rl_loop.py --namespace $NS --pool $POOL --model $CKPT/models/base"
+  echo "    KUBECONFIG=$KUBECONFIG PYTHONPATH=sdk:api .venv/bin/python examples/rl_loop.py \\"
+  echo "      --namespace $NS --pool $POOL --model $CKPT/models/base"
 fi

@@ -24,6 +24,7 @@ import argparse
 import json
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,7 +94,7 @@ def reinforce(policy: Any, tok: Any, texts: list[str], rewards: list[float], ste
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def main() -> None:
@@ -112,7 +113,8 @@ def main() -> None:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
     policy = Qwen3ForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # trains in fp32
-    served_dtype = next(iter(Qwen3ForCausalLM.from_pretrained(args.model).parameters())).dtype
+    cfg = json.loads((Path(args.model) / "config.json").read_text())
+    served_dtype = getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")  # the pool's
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     run = time.strftime("%H%M%S")  # a version names one set of weights: new names every run
 

@@ -146,7 +146,7 @@ def teach(model: Any, tokenizer: Any, prompt: str, continuation: str, steps: int
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def make_trained(
