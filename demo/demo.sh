@@ -40,8 +40,10 @@ say "a tiny Qwen3 checkpoint (base, random weights) and a training step (step-10
 # (.built-trained: folders from before the step was trained hold a random variant; rebuilt.)
 if [ ! -f "$CKPT/.built-trained" ]; then
   rm -rf "$CKPT" && mkdir -p "$CKPT/models" "$CKPT/runs"
-  "$PY" -m hotswap_testing.tiny_model "$CKPT/models/base" --seed 0 >/dev/null
-  "$PY" -m hotswap_testing.tiny_model "$CKPT/runs/step-100" --trained-from "$CKPT/models/base" >/dev/null 2>&1
+  build_log="$DEMO_DIR/build.log"  # progress bars and warnings; shown only when a build fails
+  { "$PY" -m hotswap_testing.tiny_model "$CKPT/models/base" --seed 0 &&
+    "$PY" -m hotswap_testing.tiny_model "$CKPT/runs/step-100" --trained-from "$CKPT/models/base"
+  } >"$build_log" 2>&1 || { cat "$build_log" >&2; exit 1; }
   touch "$CKPT/.built-trained"
 fi
 du -sh "$CKPT/models/base" "$CKPT/runs/step-100" | sed 's/^/  /'

@@ -1,8 +1,8 @@
 """A toy RL loop that publishes its policy to the pool it samples from, every iteration, from memory.
 
 Each iteration: ask the pool for completions of one prompt through vLLM's OpenAI API (sampled, so
-they differ), score them with a toy reward (how many of the words of "jumps over the lazy dog" they
-say), take a few REINFORCE steps on the policy (a copy of the served tiny Qwen3, on CPU), publish the
+they differ), score them with a toy reward (how far they follow " jumps over the lazy dog.", character
+by character), take a few REINFORCE steps on the policy (a copy of the served tiny Qwen3, on CPU), publish the
 new weights with the trainer SDK (no file written), wait until every replica serves them, and print
 the publish-to-serve time and how the pool's greedy answer and mean reward changed.
 
@@ -33,13 +33,19 @@ from kubernetes import client, config
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 PROMPT = "The quick brown fox"
-GOAL = ("jumps", "over", "the", "lazy", "dog")
+GOAL = " jumps over the lazy dog."
 
 
 def reward(text: str) -> float:
-    """The toy reward: the share of GOAL's words the completion says (0 to 1)."""
-    words = {w.strip(".,;:!?").lower() for w in text.split()}
-    return sum(w in words for w in GOAL) / len(GOAL)
+    """The toy reward: how far the completion follows GOAL from its start, character by character
+    (0 to 1). Dense on purpose: a random policy's samples share a first character or two with it
+    now and then, which is all REINFORCE needs to get going; a reward on whole words stays at 0."""
+    n = 0
+    for a, b in zip(text, GOAL, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n / len(GOAL)
 
 
 def pool_endpoints(namespace: str, pool: str) -> list[str]:
@@ -73,12 +79,13 @@ def complete(base_url: str, n: int, temperature: float, max_tokens: int) -> list
 
 
 def reinforce(policy: Any, tok: Any, texts: list[str], rewards: list[float], steps: int, opt: Any) -> float:
-    """`steps` REINFORCE steps (reward minus the batch mean as the advantage) on the sampled
-    completions' log-likelihood given the prompt; returns the last loss."""
+    """`steps` REINFORCE steps on the sampled completions' log-likelihood given the prompt, the
+    advantage being the reward normalised over the batch; returns the last loss."""
     mean = sum(rewards) / len(rewards)
+    spread = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5 or 1.0
     n_prompt = len(tok(PROMPT).input_ids)
     batch = [
-        (tok(PROMPT + t, return_tensors="pt").input_ids, r - mean)
+        (tok(PROMPT + t, return_tensors="pt").input_ids, (r - mean) / spread)
         for t, r in zip(texts, rewards, strict=True)
     ]
     loss = torch.tensor(0.0)
