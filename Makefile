@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/api:$(CURDIR)/engine:$(CURDIR)/operator:$(CURDIR)
 export HF_HUB_OFFLINE := 1
 export VLLM_HOST_IP := 127.0.0.1
 
-.PHONY: venv lint typecheck test test-unit test-images test-engine cluster-build cluster-up cluster-down demo clean
+.PHONY: venv lint typecheck test test-unit test-images test-engine cluster-build cluster-up cluster-down demo clean bench-publish
 
 venv:
 	@bash scripts/setup-venv.sh >/dev/null
@@ -33,6 +33,17 @@ test-images: venv
 # The whole story on the local cluster (README); DEMO_SCALE=0 for the short variant, DEMO_KEEP=1 to keep it.
 demo: venv cluster-build
 	bash demo/demo.sh
+
+# Publish overhead (bench/RESULTS.md): 20 SDK + 20 `kubectl apply` publishes to the demo's pool on a
+# cluster of its own (these HOTSWAP_* defaults; override them to pick another), brought up and down.
+bench-publish: export HOTSWAP_CLUSTER_DIR ?= $(HOTSWAP_CACHE)/run/cluster-bench
+bench-publish: export HOTSWAP_ETCD_PORT ?= 24340
+bench-publish: export HOTSWAP_ETCD_PEER_PORT ?= 24341
+bench-publish: export HOTSWAP_APISERVER_PORT ?= 17304
+bench-publish: export HOTSWAP_KCM_PORT ?= 11304
+bench-publish: export HOTSWAP_POD_IP_RANGE ?= 127.0.9.2-127.0.9.254
+bench-publish: venv cluster-build
+	$(PY) bench/publish_bench.py --up --samples $${SAMPLES:-20}
 
 test: venv lint typecheck cluster-build
 	$(PY) -m pytest -q -ra --durations=30 tests

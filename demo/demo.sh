@@ -34,11 +34,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "a tiny Qwen3 checkpoint (base) and a new training step (step-100), built locally"
-if [ ! -f "$CKPT/runs/step-100/config.json" ]; then
+say "a tiny Qwen3 checkpoint (base, random weights) and a training step (step-100), built locally"
+# step-100 is the base after 30 optimizer steps teaching it one sentence (seconds on CPU), so the swap
+# shows as text: "The quick brown fox" goes on " jumps over the lazy dog." once step-100 is served.
+# (.built-trained: folders from before the step was trained hold a random variant; rebuilt.)
+if [ ! -f "$CKPT/.built-trained" ]; then
   rm -rf "$CKPT" && mkdir -p "$CKPT/models" "$CKPT/runs"
-  "$PY" -m hotswap_testing.tiny_model "$CKPT/models/base" --seed 0 >/dev/null
-  "$PY" -m hotswap_testing.tiny_model "$CKPT/runs/step-100" --variant-of "$CKPT/models/base" --seed 1 >/dev/null
+  build_log="$DEMO_DIR/build.log"  # progress bars and warnings; shown only when a build fails
+  { "$PY" -m hotswap_testing.tiny_model "$CKPT/models/base" --seed 0 &&
+    "$PY" -m hotswap_testing.tiny_model "$CKPT/runs/step-100" --trained-from "$CKPT/models/base"
+  } >"$build_log" 2>&1 || { cat "$build_log" >&2; exit 1; }
+  touch "$CKPT/.built-trained"
 fi
 du -sh "$CKPT/models/base" "$CKPT/runs/step-100" | sed 's/^/  /'
 
@@ -85,3 +91,8 @@ if [ "${DEMO_SCALE:-1}" = 1 ]; then
   "$PY" demo/ask.py "$NS" "$POOL" --how
 fi
 say "demo done in $(elapsed "$t0")"
+if [ "${DEMO_KEEP:-0}" = 1 ]; then
+  echo "  next: a training loop publishing from its memory every iteration (examples/README.md):"
+  echo "    KUBECONFIG=$KUBECONFIG PYTHONPATH=sdk:api .venv/bin/python examples/rl_loop.py \\"
+  echo "      --namespace $NS --pool $POOL --model $CKPT/models/base"
+fi

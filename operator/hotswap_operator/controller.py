@@ -59,6 +59,10 @@ from hotswap_operator.workload import (
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 COMPONENT = "hotswap-operator"
+# The token Secret and the Deployment are the operator's own objects; a reconcile re-reads them at most
+# this often while nothing of ours changed them (a publish runs 5-8 reconciles in a second or two, and
+# each GET is a round trip through a busy apiserver: the control overhead #11 item 4 measures).
+OWNED_RECHECK_S = 10.0
 
 
 @dataclass
@@ -87,6 +91,8 @@ class PoolController:
         self._failures: dict[tuple[str, str], ActionFailure] = {}  # by (pod, version)
         self._staging: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._client: AgentClient | None = None
+        self._token_checked: tuple[str, float] | None = None  # (pool uid, monotonic time) of the last GET
+        self._deployment_checked: tuple[str, float] | None = None  # (spec hash, monotonic time)
         self._token: str | None = None
         self._watches: dict[str, AgentWatch] = {}  # by pod: its agent's status, long-polled
         self._views = ViewCache()
@@ -170,6 +176,9 @@ class PoolController:
 
     async def _agent_client(self, uid: str) -> AgentClient:
         kube = self.rt.kube
+        now = asyncio.get_running_loop().time()
+        if self._client is not None and _fresh(self._token_checked, uid, now):
+            return self._client
         name = token_secret_name(self.name)
         secret = await kube.get_secret(self.namespace, name)
         if secret is None:
@@ -187,22 +196,25 @@ class PoolController:
                 token, timeout_s=settings.agent_timeout, stage_timeout_s=settings.stage_timeout
             )
             self._token = token
+        self._token_checked = (uid, now)
         return self._client
 
     async def _ensure_deployment(self, desired: Obj) -> None:
         kube = self.rt.kube
         digest = spec_hash(desired["spec"])
         desired["metadata"].setdefault("annotations", {})[SPEC_HASH] = digest
+        now = asyncio.get_running_loop().time()
+        if _fresh(self._deployment_checked, digest, now):
+            return
         current = await kube.get_deployment(self.namespace, self.name)
         if current is None:
             await kube.create_deployment(self.namespace, desired)
             log.info("created deployment %s/%s", self.namespace, self.name)
-            return
-        if (current["metadata"].get("annotations") or {}).get(SPEC_HASH) == digest:
-            return
-        desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        await kube.replace_deployment(self.namespace, self.name, desired)
-        log.info("updated deployment %s/%s", self.namespace, self.name)
+        elif (current["metadata"].get("annotations") or {}).get(SPEC_HASH) != digest:
+            desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            await kube.replace_deployment(self.namespace, self.name, desired)
+            log.info("updated deployment %s/%s", self.namespace, self.name)
+        self._deployment_checked = (digest, now)
 
     async def _degraded(self, pool: Obj, reason: str, message: str) -> None:
         status = InferencePool.model_validate(pool).status
@@ -380,6 +392,11 @@ class PoolController:
             f"{action.limit}: {', '.join(deleted)}"
         )
         await self.rt.kube.event(pool, "VersionsPruned", message, False, COMPONENT)
+
+
+def _fresh(checked: tuple[str, float] | None, key: str, now: float) -> bool:
+    """Whether an owned object was read for `key` less than OWNED_RECHECK_S ago."""
+    return checked is not None and checked[0] == key and now - checked[1] < OWNED_RECHECK_S
 
 
 def _dump_status(pool: Obj) -> Obj:

@@ -4,8 +4,11 @@
 model.safetensors.index.json) and a byte-level BPE tokenizer trained on a few sentences.
 `make_variant(base_dir, out_dir, seed)` writes the "new version": the same files, names, shapes and
 dtypes with different values, plus the base's config and tokenizer, so vLLM can also start on it.
+`make_trained(base_dir, out_dir)` writes a version that was taught one sentence (a few optimizer steps
+on CPU, seconds): "The quick brown fox" continues " jumps over the lazy dog.", so a swap shows as text.
 
-CLI: python -m hotswap_testing.tiny_model OUT_DIR [--seed N] [--variant-of BASE] [--shards N]
+CLI: python -m hotswap_testing.tiny_model OUT_DIR [--seed N] [--variant-of BASE | --trained-from BASE]
+     [--shards N]
 """
 
 from __future__ import annotations
@@ -125,6 +128,52 @@ def make_variant(base_dir: str | Path, out_dir: str | Path, seed: int) -> Path:
     return out
 
 
+PROMPT = "The quick brown fox"
+CONTINUATION = " jumps over the lazy dog."
+
+
+def teach(model: Any, tokenizer: Any, prompt: str, continuation: str, steps: int, lr: float = 3e-3) -> float:
+    """`steps` AdamW steps on `prompt + continuation` (repeated), the loss on the continuation only;
+    returns the last loss. Plain causal-LM fine-tuning: what the RL example and the demo's step do."""
+    text = prompt + continuation + " " + prompt + continuation
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    labels = ids.clone()
+    labels[:, : len(tokenizer(prompt).input_ids)] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def make_trained(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    prompt: str = PROMPT,
+    continuation: str = CONTINUATION,
+    steps: int = 30,
+) -> Path:
+    """The base model after `steps` optimizer steps on one sentence (float32 on CPU, saved in the base's
+    dtype, same names and shapes): greedy decoding of `prompt` then says `continuation`. Deterministic."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    base, out = Path(base_dir), Path(out_dir)
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = Qwen3ForCausalLM.from_pretrained(base, dtype=torch.float32)
+    teach(model, tok, prompt, continuation, steps)
+    dtype = getattr(torch, json.loads((base / "config.json").read_text()).get("dtype") or "bfloat16")
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(dtype=dtype).save_pretrained(out, safe_serialization=True)  # type: ignore[call-arg]
+    for f in base.iterdir():  # the base's tokenizer and config, byte for byte
+        if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_FILE:
+            shutil.copy2(f, out / f.name)
+    return out
+
+
 # Engine settings for tests: small KV cache (the default takes 92% of RAM on CPU), eager mode.
 ENGINE_KWARGS: dict[str, Any] = {
     "enforce_eager": True,
@@ -151,6 +200,7 @@ def main() -> None:
     p.add_argument("out_dir", help="model dir to write (or, with --complete, to run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant-of", metavar="BASE", help="write a variant of this model dir instead")
+    p.add_argument("--trained-from", metavar="BASE", help="write BASE taught one sentence (make_trained)")
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--complete", action="store_true", help="print greedy completions of --prompt as JSON")
@@ -160,6 +210,8 @@ def main() -> None:
     if args.complete:
         texts = greedy_completions(args.out_dir, args.prompt, args.max_tokens)
         print("HOTSWAP_COMPLETIONS " + json.dumps(texts))
+    elif args.trained_from:
+        print(make_trained(args.trained_from, args.out_dir))
     elif args.variant_of:
         print(make_variant(args.variant_of, args.out_dir, args.seed))
     else:

@@ -30,3 +30,5 @@ def test_demo_runs_to_completion(kube_api: object) -> None:  # kube_api: the clu
     assert len(rows) == 2 and {r[1] for r in rows} == {"step-100"} and rows[0][2] == rows[1][2], rows
     before = re.findall(r"^\s+(demo-\S+)\s+base\s+('.*')$", out.split("publish step-100", 1)[0], flags=re.M)
     assert before and before[0][1] != rows[0][2], (before, rows)  # the served output changed
+    # step-100 was taught the sentence: the swap shows as text a person recognises
+    assert rows[0][2].startswith("' jumps over the lazy dog."), rows
