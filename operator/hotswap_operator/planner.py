@@ -302,6 +302,18 @@ class _Round:
     degraded: list[str] = field(default_factory=list)
     active: bool = False  # work is in progress: look again soon
     wake_in: float | None = None  # seconds until a timed decision is due (a backoff ends, a deadline)
+    # Indices built once per plan: `pod` and `failure` are asked per group member, and a scan of the
+    # fleet each time made a plan O(pods^2) (40,000 comparisons per look at 200 pods).
+    _pods: dict[str, PodView] = field(init=False, repr=False)
+    _failures: dict[tuple[str, str], list[ActionFailure]] = field(init=False, repr=False)
+    _holders: dict[str | None, tuple[protocol.PeerPart, ...]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._pods = {p.name: p for p in self.fleet.pods}
+        self._failures = {}
+        self._holders = {}
+        for f in self.failures:
+            self._failures.setdefault((f.pod, f.version), []).append(f)
 
     def due_in(self, seconds: float) -> None:
         """Something this plan decided changes after `seconds` with no event: plan again then."""
@@ -317,12 +329,27 @@ class _Round:
         return self.fleet.spec
 
     def pod(self, name: str) -> PodView | None:
-        return next((p for p in self.fleet.pods if p.name == name), None)
+        return self._pods.get(name)
+
+    def holders(self, version: str | None) -> tuple[protocol.PeerPart, ...]:
+        """The healthy pods that serve `version` and offer it to peers (once per plan and version:
+        every pod catching up asks, and a scan per asker made a scale-out O(pods^2))."""
+        if version not in self._holders:
+            label = _label(version)
+            self._holders[version] = tuple(
+                protocol.PeerPart(pod=p.name, source=held.p2p)
+                for p in self.fleet.pods
+                if p.healthy
+                and p.serving == version
+                and (held := _staged(p, label, None)) is not None
+                and held.p2p is not None
+            )
+        return self._holders[version]
 
     def failure(self, pod: str, version: str, source: protocol.Source | None) -> ActionFailure | None:
         """The pod's failed action at `version` (with `source`: a Stage of that source, or an update)."""
-        for f in self.failures:
-            if f.pod == pod and f.version == version and (f.source is None or f.source == source):
+        for f in self._failures.get((pod, version), ()):
+            if f.source is None or f.source == source:
                 return f
         return None
 
@@ -874,14 +901,7 @@ def _catch_up(
         r.degraded.append(f"pod {pod.name} cannot {what} {label}: {f.message}")
         return
     r.active = True
-    holders = tuple(
-        protocol.PeerPart(pod=p.name, source=held.p2p)
-        for p in r.fleet.pods
-        if p.healthy
-        and p.serving == version
-        and (held := _staged(p, label, None)) is not None
-        and held.p2p is not None
-    )
+    holders = r.holders(version)
     if r.config.p2p_catch_up and holders and not p2p_failed:
         req = r.update_request(label, deadline=deadline, peers=holders)
         r.actions.append(StartUpdate(pod.name, r.endpoint(pod), req))

@@ -27,6 +27,8 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 ENV_PREFIX = "HOTSWAP_OPERATOR_"
 GpuSharing = Literal["none", "dra", "visibleDevices"]
 GPU_SHARING_MODES: tuple[str, ...] = get_args(GpuSharing)
+AGENT_COMMAND = ("python", "-m", "hotswap_engine.agent")
+LAUNCHER_COMMAND = ("python", "-m", "hotswap_engine.inference.vllm_launcher")
 
 
 def _chart(*values: str) -> JsonDict:
@@ -134,6 +136,19 @@ class OperatorSettings(PlannerConfig, BaseSettings):
         description="how the injected engine container sees the inference container's GPUs "
         "(charts/hotswap/README.md, 'Sharing the GPUs')",
         json_schema_extra=_chart("engine.gpuSharing.mode"),
+    )
+
+    # A simulated fleet (testing/hotswap_testing/sim_agent, docs/scale.md) replaces both commands; a
+    # real one never needs to. The containers' args stay the operator's (the agent's flags, vLLM's).
+    engine_command: list[str] = Field(
+        default_factory=lambda: list(AGENT_COMMAND),
+        min_length=1,
+        description="command of the engine container the operator adds to each pod (the agent)",
+    )
+    inference_command: list[str] = Field(
+        default_factory=lambda: list(LAUNCHER_COMMAND),
+        min_length=1,
+        description="command of the pods' inference container (the launcher: vLLM plus its control socket)",
     )
 
     @field_validator("metrics")
