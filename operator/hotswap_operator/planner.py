@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from datetime import datetime, timedelta
 
 from hotswap_api import protocol
@@ -118,6 +119,13 @@ class VersionView:
     status: WeightVersionStatus
     resource_version: str = ""  # metadata.resourceVersion (orders versions first seen together)
     uid: str = ""  # metadata.uid (a delete must not hit an object created again under the same name)
+
+    @cached_property
+    def order(self) -> tuple[object, ...]:
+        """Its sort key (`resources.version_order`), computed once per view: the operator's view cache
+        keeps views of unchanged objects, so a pool with 1,000 versions in its history does not
+        rebuild 1,000 keys twice per reconcile."""
+        return version_order(self.status.sequence, self.created, self.resource_version, self.spec.version)
 
 
 @dataclass(frozen=True)
@@ -270,7 +278,7 @@ def backoff_s(attempts: int, config: PlannerConfig) -> float:
 
 
 def _order(v: VersionView) -> tuple[object, ...]:
-    return version_order(v.status.sequence, v.created, v.resource_version, v.spec.version)
+    return v.order
 
 
 def _numbered(r: _Round, versions: Iterable[VersionView]) -> list[VersionView]:
@@ -1058,10 +1066,11 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
         r.active = True
     # Written oldest first: an operator that stops midway has numbered a prefix of the new versions,
     # so the ones left unnumbered still come after them.
+    before = {v.name: v.status for v in fleet.versions} if r.statuses else {}
     changed = {
         name: st
         for name, st in sorted(r.statuses.items(), key=lambda kv: kv[1].sequence or 0)
-        if st != _status_of(fleet, name)
+        if st != before.get(name)
     }
     requeue = r.config.active_requeue if r.active else r.config.idle_requeue
     if r.wake_in is not None:
@@ -1082,7 +1091,3 @@ def prune_versions(
     excess = history[: max(0, len(history) - limit)]
     newest = ordered[-1] if ordered else None
     return tuple(v for v in excess if v is not newest)
-
-
-def _status_of(fleet: Fleet, name: str) -> WeightVersionStatus | None:
-    return next((v.status for v in fleet.versions if v.name == name), None)
