@@ -43,8 +43,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from hotswap_api import protocol
 from hotswap_api.labels import BASE_VERSION, POOL_LABEL
