@@ -138,6 +138,12 @@ class OperatorSettings(PlannerConfig, BaseSettings):
         json_schema_extra=_chart("engine.gpuSharing.mode"),
     )
 
+    # Every apiserver call of the operator is a blocking client call in a thread: asyncio's default
+    # pool has cpu_count + 4 threads (6 on 2 cores), which serialised a rollout's per-pod writes (a
+    # label, a readiness gate, per pod) into waves on small machines, though they only wait on I/O.
+    api_concurrency: int = Field(
+        default=32, ge=1, le=256, description="apiserver requests the operator keeps in flight at most"
+    )
     # A simulated fleet (testing/hotswap_testing/sim_agent, docs/scale.md) replaces both commands; a
     # real one never needs to. The containers' args stay the operator's (the agent's flags, vLLM's).
     engine_command: list[str] = Field(
