@@ -251,6 +251,10 @@ class Bench:
             # This machine is shared: stop before the pods would eat into what the others need.
             per_pod = sim_pod_rss_mib()
             need = (n - current) * per_pod
+            # Others' work comes and goes (vLLM engines of their tests): wait a while for room.
+            deadline = time.monotonic() + a.memory_wait
+            while mem_available_mib() - need < a.reserve_mib and time.monotonic() < deadline:
+                time.sleep(5.0)
             if mem_available_mib() - need < a.reserve_mib:
                 stopped = (
                     f"{n} pods not tried: {n - current} more simulated pods need ~{need:.0f} MiB "
@@ -550,6 +554,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--ready-timeout", type=float, default=900.0)
     ap.add_argument("--reserve-mib", type=int, default=4096, help="MemAvailable a pool size must leave")
+    ap.add_argument("--memory-wait", type=float, default=300.0, help="seconds to wait for that much room")
     ap.add_argument("--label", default="run1")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", action="store_true", help="only regenerate the table from --out")
