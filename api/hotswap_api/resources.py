@@ -509,7 +509,12 @@ class Phase(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (Phase.COMPLETE, Phase.FAILED, Phase.SUPERSEDED)
+        # A set built once: `Phase.COMPLETE` is a metaclass lookup per access, and this is asked
+        # for every version of a pool's history on every reconcile.
+        return self in _TERMINAL_PHASES
+
+
+_TERMINAL_PHASES = frozenset({Phase.COMPLETE, Phase.FAILED, Phase.SUPERSEDED})
 
 
 class RolloutMember(_Api):

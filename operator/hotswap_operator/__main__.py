@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 from kubernetes import client, config
@@ -32,15 +33,25 @@ from hotswap_operator.settings import OperatorSettings, describe, load
 log = logging.getLogger("hotswap_operator")
 
 
-def api_client(kubeconfig: str | None) -> client.ApiClient:
+def api_client(kubeconfig: str | None, pool_size: int) -> client.ApiClient:
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    config.load_incluster_config()
-    return client.ApiClient()
+        api = config.new_client_from_config(config_file=kubeconfig)
+    else:
+        config.load_incluster_config()
+        api = client.ApiClient()
+    # As many pooled connections as threads calling (urllib3 drops the surplus otherwise). The pool
+    # is created lazily from the configuration, so setting it here is in time.
+    api.configuration.connection_pool_maxsize = pool_size
+    api.rest_client.pool_manager.connection_pool_kw["maxsize"] = pool_size
+    return api
 
 
 async def run(settings: OperatorSettings) -> int:
-    kube = Kube(api_client(settings.kubeconfig))
+    # The client calls run in the loop's default executor (`Kube._run`: asyncio.to_thread).
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=settings.api_concurrency, thread_name_prefix="kube")
+    )
+    kube = Kube(api_client(settings.kubeconfig, settings.api_concurrency))
     metrics = OperatorMetrics()
     kube.on_request = metrics.count_request
     if settings.metrics:

@@ -131,8 +131,12 @@ class PoolController:
             self._client = None
 
     async def reconcile(self) -> float:
-        kube = self.rt.kube
         self.rt.metrics.reconciles.inc()
+        with self.rt.metrics.reconcile_seconds.time():
+            return await self._reconcile()
+
+    async def _reconcile(self) -> float:
+        kube = self.rt.kube
         pool = await kube.get_pool(self.namespace, self.name)
         if pool is None:
             return 30.0
@@ -140,8 +144,14 @@ class PoolController:
         client = await self._agent_client(uid)
         parsed = InferencePool.model_validate(pool)
         try:
+            settings = self.rt.settings
             desired = build_deployment(
-                parsed.spec, self.name, self.namespace, uid, self.rt.settings.gpu_sharing
+                parsed.spec,
+                self.name,
+                self.namespace,
+                uid,
+                settings.gpu_sharing,
+                (tuple(settings.engine_command), tuple(settings.inference_command)),
             )
         except WorkloadError as e:
             await self._degraded(pool, "InvalidTemplate", str(e))

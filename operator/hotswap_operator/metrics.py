@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hotswap_api.labels import BASE_VERSION
 from hotswap_api.resources import Phase
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 from hotswap_operator.planner import Fleet, Plan
 
@@ -58,6 +58,12 @@ class OperatorMetrics:
         self.reconciles = Counter(
             "hotswap_operator_reconciles_total",
             "Reconciles of pools (each reads from the watch-fed caches, not by LIST)",
+            registry=self.registry,
+        )
+        # Summary, not Histogram: scale runs read exact sum/count deltas per reconcile (bench/scale.py).
+        self.reconcile_seconds = Summary(
+            "hotswap_operator_reconcile_seconds",
+            "Seconds one reconcile of a pool took (read, plan, write statuses, run its quick actions)",
             registry=self.registry,
         )
         self._seen_versions: dict[tuple[str, str], set[str]] = {}

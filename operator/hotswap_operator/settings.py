@@ -27,6 +27,8 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 ENV_PREFIX = "HOTSWAP_OPERATOR_"
 GpuSharing = Literal["none", "dra", "visibleDevices"]
 GPU_SHARING_MODES: tuple[str, ...] = get_args(GpuSharing)
+AGENT_COMMAND = ("python", "-m", "hotswap_engine.agent")
+LAUNCHER_COMMAND = ("python", "-m", "hotswap_engine.inference.vllm_launcher")
 
 
 def _chart(*values: str) -> JsonDict:
@@ -134,6 +136,25 @@ class OperatorSettings(PlannerConfig, BaseSettings):
         description="how the injected engine container sees the inference container's GPUs "
         "(charts/hotswap/README.md, 'Sharing the GPUs')",
         json_schema_extra=_chart("engine.gpuSharing.mode"),
+    )
+
+    # Every apiserver call of the operator is a blocking client call in a thread: asyncio's default
+    # pool has cpu_count + 4 threads (6 on 2 cores), which serialised a rollout's per-pod writes (a
+    # label, a readiness gate, per pod) into waves on small machines, though they only wait on I/O.
+    api_concurrency: int = Field(
+        default=32, ge=1, le=256, description="apiserver requests the operator keeps in flight at most"
+    )
+    # A simulated fleet (testing/hotswap_testing/sim_agent, docs/scale.md) replaces both commands; a
+    # real one never needs to. The containers' args stay the operator's (the agent's flags, vLLM's).
+    engine_command: list[str] = Field(
+        default_factory=lambda: list(AGENT_COMMAND),
+        min_length=1,
+        description="command of the engine container the operator adds to each pod (the agent)",
+    )
+    inference_command: list[str] = Field(
+        default_factory=lambda: list(LAUNCHER_COMMAND),
+        min_length=1,
+        description="command of the pods' inference container (the launcher: vLLM plus its control socket)",
     )
 
     @field_validator("metrics")

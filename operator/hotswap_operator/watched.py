@@ -16,7 +16,7 @@ finished history on every pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Protocol
 
 from hotswap_api.labels import POOL_LABEL
@@ -72,6 +72,7 @@ class ViewCache:
 
     def __init__(self) -> None:
         self._views: dict[str, tuple[str, VersionView]] = {}
+        self._misses = 0  # views built since the last `keep`
 
     def view(self, obj: Mapping[str, Any]) -> VersionView:
         meta = obj.get("metadata") or {}
@@ -80,11 +81,17 @@ class ViewCache:
         if uid and rv and hit is not None and hit[0] == rv:
             return hit[1]
         view = snapshot.version_view(obj)
+        self._misses += 1
         if uid and rv:
             self._views[uid] = (rv, view)
         return view
 
-    def keep(self, objects: Iterable[Mapping[str, Any]]) -> None:
+    def keep(self, objects: Collection[Mapping[str, Any]]) -> None:
+        # Every object was a hit and as many as cached: none can be gone (a replacement would have
+        # been a miss), so the scan is skipped: a pool with 1,000 versions pays it only on change.
+        misses, self._misses = self._misses, 0
+        if not misses and len(objects) == len(self._views):
+            return
         live = {str((o.get("metadata") or {}).get("uid") or "") for o in objects}
         for uid in [u for u in self._views if u not in live]:
             del self._views[uid]

@@ -35,7 +35,7 @@ from hotswap_api.resources import (
     InferencePoolSpec,
 )
 
-from hotswap_operator.settings import GPU_SHARING_MODES
+from hotswap_operator.settings import AGENT_COMMAND, GPU_SHARING_MODES, LAUNCHER_COMMAND
 
 Obj = dict[str, Any]
 
@@ -124,7 +124,9 @@ def _launcher_args(spec: InferencePoolSpec, user_args: list[str]) -> list[str]:
     return args + list(user_args)
 
 
-def engine_container(spec: InferencePoolSpec, pool: str, default_image: str | None) -> Obj:
+def engine_container(
+    spec: InferencePoolSpec, pool: str, default_image: str | None, command: tuple[str, ...] = AGENT_COMMAND
+) -> Obj:
     eng = spec.engine
     mount = spec.checkpoint_volume.mount_path.rstrip("/")
     image = eng.image or default_image
@@ -133,7 +135,7 @@ def engine_container(spec: InferencePoolSpec, pool: str, default_image: str | No
     container: Obj = {
         "name": ENGINE_CONTAINER,
         "image": image,
-        "command": ["python", "-m", "hotswap_engine.agent"],
+        "command": list(command),
         "args": [
             "--pod-name=$(POD_NAME)",
             "--host=$(POD_IP)",
@@ -174,13 +176,20 @@ def engine_container(spec: InferencePoolSpec, pool: str, default_image: str | No
     return container
 
 
-def build_pod_template(spec: InferencePoolSpec, pool: str, gpu_sharing: str = "none") -> Obj:
+def build_pod_template(
+    spec: InferencePoolSpec,
+    pool: str,
+    gpu_sharing: str = "none",
+    commands: tuple[tuple[str, ...], tuple[str, ...]] = (AGENT_COMMAND, LAUNCHER_COMMAND),
+) -> Obj:
     """The pod template of the Deployment: the user's template plus everything hotswap needs.
 
     `gpu_sharing` says how the engine container sees the inference container's GPUs (the operator's
     `gpu_sharing` setting; trade-offs in charts/hotswap/README.md): "dra" gives it the inference
     container's ResourceClaims, "visibleDevices" sets NVIDIA_VISIBLE_DEVICES=all on it, "none" adds
-    nothing (CPU pools, or templates that arrange it themselves)."""
+    nothing (CPU pools, or templates that arrange it themselves). `commands` are the engine's and the
+    inference container's commands (the operator's `engine_command` and `inference_command`: the
+    agent and the launcher unless a simulated fleet replaces them)."""
     if gpu_sharing not in GPU_SHARING_MODES:
         raise WorkloadError(f"unknown GPU sharing mode {gpu_sharing!r}; one of {GPU_SHARING_MODES}")
     template = spec.template.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -195,7 +204,8 @@ def build_pod_template(spec: InferencePoolSpec, pool: str, gpu_sharing: str = "n
 
     idx = inference_container_index(spec)
     inference = containers[idx]
-    inference["command"] = ["python", "-m", "hotswap_engine.inference.vllm_launcher"]
+    engine_command, inference_command = commands
+    inference["command"] = list(inference_command)
     inference["args"] = _launcher_args(spec, inference.get("args") or [])
 
     mounts: list[Obj] = [
@@ -203,7 +213,7 @@ def build_pod_template(spec: InferencePoolSpec, pool: str, gpu_sharing: str = "n
         {"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_volume.mount_path, "readOnly": True},
     ]
     _merge_volume_mounts(inference, copy.deepcopy(mounts))
-    engine = engine_container(spec, pool, inference.get("image"))
+    engine = engine_container(spec, pool, inference.get("image"), engine_command)
     _merge_volume_mounts(engine, copy.deepcopy(mounts))
     _share_gpus(engine, inference, gpu_sharing)
     containers.append(engine)
@@ -242,7 +252,12 @@ def _read_only(source: dict[str, dict[str, Any]]) -> Obj:
 
 
 def build_deployment(
-    spec: InferencePoolSpec, pool: str, namespace: str, uid: str, gpu_sharing: str = "none"
+    spec: InferencePoolSpec,
+    pool: str,
+    namespace: str,
+    uid: str,
+    gpu_sharing: str = "none",
+    commands: tuple[tuple[str, ...], tuple[str, ...]] = (AGENT_COMMAND, LAUNCHER_COMMAND),
 ) -> Obj:
     return {
         "apiVersion": "apps/v1",
@@ -256,6 +271,6 @@ def build_deployment(
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": pool_selector(pool)},
-            "template": build_pod_template(spec, pool, gpu_sharing),
+            "template": build_pod_template(spec, pool, gpu_sharing, commands),
         },
     }
