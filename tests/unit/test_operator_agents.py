@@ -203,10 +203,31 @@ async def test_update_lifecycle_conflict_and_failure(
         final = await c.wait_update(url, started.id, timeout_s=10, poll_s=0.05)
         assert final.stage is protocol.UpdateStage.FAILED
         assert final.error is not None and "no inference engine attached" in final.error
+        assert final.error_code is None  # an unclassified failure: the operator may retry it
         after = await c.status(url)
         assert after.serving_version is None and after.ready  # rolled back to what it served
         with pytest.raises(AgentNotFound, match="no update with id nope"):
             await c.update(url, "nope")
+
+
+async def test_a_permanent_update_failure_carries_its_error_code(
+    agent: tuple[str, StorageOnlyRunner], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update that fails for a reason the agent classes as permanent (here: the bytes do not fit
+    the model) says so in `error_code`, so the operator fails the version instead of retrying."""
+    url, runner = agent
+
+    async def mismatched(req: protocol.UpdateRequest, data: Any, rec: Any) -> Any:
+        raise staging.StagingError("tensor a.weight has shape (2, 2), the model's is (16, 8)")
+
+    monkeypatch.setattr(runner, "update", mismatched)
+    async with agent_client() as c:
+        await c.stage(url, protocol.StageRequest(version="v2", source=src(root, "v2.safetensors")))
+        started = await c.start_update(url, broadcast_alone("v2"))
+        final = await c.wait_update(url, started.id, timeout_s=10, poll_s=0.05)
+    assert final.stage is protocol.UpdateStage.FAILED
+    assert final.error_code is ErrorCode.CHECKPOINT_MISMATCH and final.error_code.permanent
+    assert final.error is not None and "shape (2, 2)" in final.error
 
 
 async def test_unreachable_and_silent_agents() -> None:
