@@ -9,6 +9,7 @@ the agent's API state machine it talks to. Updates that really apply are covered
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -275,20 +276,37 @@ def test_a_path_the_os_refuses_is_an_invalid_path(root: Path) -> None:
     assert isinstance(err, BadRequest) and (err.status, err.code) == (400, ErrorCode.BAD_REQUEST)
 
 
-async def test_unexpected_stage_error_is_internal_and_transient(
-    agent: tuple[str, StorageOnlyRunner], root: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (OSError(errno.EIO, "Input/output error"), 500, ErrorCode.INTERNAL),
+        # host memory or a staging filesystem full: transient, retried with backoff
+        (OSError(errno.ENOSPC, "No space left on device"), 500, ErrorCode.INTERNAL),
+        (staging.CheckpointChanged("m.safetensors changed while it was being read"), 409, ErrorCode.CONFLICT),
+    ],
+)
+async def test_unexpected_stage_error_is_transient(
+    agent: tuple[str, StorageOnlyRunner],
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    status: int,
+    code: ErrorCode,
 ) -> None:
     url, runner = agent
 
     def broken(source: protocol.Source, part: protocol.PartSpec | None, full: bool = False) -> Any:
-        raise OSError(5, "Input/output error")
+        raise error
 
     monkeypatch.setattr(runner, "stage", broken)
     req = protocol.StageRequest(version="v2", source=src(root, "v2.safetensors"))
     async with agent_client() as c:
-        with pytest.raises(AgentRefused, match="Input/output error") as e:
+        with pytest.raises(AgentRefused) as e:
             await c.stage(url, req)
-    assert (e.value.status, e.value.code, e.value.permanent) == (500, ErrorCode.INTERNAL, False)
+        assert str(error.args[-1]) in e.value.message
+        assert (e.value.status, e.value.code, e.value.permanent) == (status, code, False)
+        after = await c.status(url)
+    assert after.staged == () and after.ready  # nothing half-staged is kept
 
 
 async def test_staging_a_version_again_from_another_source_replaces_it(

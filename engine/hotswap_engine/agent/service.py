@@ -407,6 +407,8 @@ def _covers(meta: protocol.StagedVersion, part: protocol.PartSpec | None) -> boo
 def as_api_error(e: Exception) -> Exception:
     from hotswap_engine import staging
 
+    if isinstance(e, staging.CheckpointChanged):  # transient: the operator retries with backoff
+        return Conflict(str(e))
     if isinstance(e, staging.InvalidPath):
         return BadRequest(str(e))
     if isinstance(e, staging.ForbiddenPath):
