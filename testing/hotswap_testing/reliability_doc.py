@@ -52,6 +52,10 @@ FOUND = """## Defects the suite found (fixed, each with its own test)
   listening on the master port (held from a reference cycle until the cyclic GC ran): the next
   rollout's first attempt failed with EADDRINUSE and cost a collective timeout (30 s) and an
   attempt. `GroupCache.discard` now collects (tests/engine/test_process_group.py).
+- An agent or rank worker killed mid-update never unlinked its CPU hand-off slots (files in the pod's
+  memory-backed emptyDir, a bucket each): RAM lost until the pod goes. Slot names now carry their
+  creator's pid and the next `create_slots` removes those of a creator that is gone
+  (tests/engine/test_handoff.py).
 - A checkpoint file rewritten while it was being staged was read half old, half new (no check):
   staging now compares each file's identity (inode, size, mtime, ctime) before its header and after
   the read and refuses with 409 `CheckpointChanged`, which the operator retries

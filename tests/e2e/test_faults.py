@@ -215,7 +215,14 @@ class Fault:
             self.op.start()
 
 
-def run_case(case: Case, kube: Cluster, op: OperatorProcess, ckpts: Checkpoints, base: list[str]) -> Outcome:
+def run_case(
+    case: Case,
+    kube: Cluster,
+    op: OperatorProcess,
+    ckpts: Checkpoints,
+    base: list[str],
+    outcomes: list[Outcome],
+) -> Outcome:
     settle(kube, op)
     healthy = healthy_process_count(kube)
     old_source = current_source(kube)
