@@ -75,6 +75,17 @@ openapi: venv
 settings-docs: venv
 	$(PY) -m hotswap_testing.settings_docs --out docs/settings.md
 
+# docs/reliability.md is generated from docs/reliability.json, the outcomes of the fault-injection
+# suite (tests/e2e/test_faults.py; a unit test fails when the Markdown is stale). `make reliability`
+# runs the suite on the local cluster and renders both; `reliability-docs` only renders.
+.PHONY: reliability reliability-docs
+reliability: venv cluster-build
+	HOTSWAP_FAULTS_OUT=docs/reliability.json $(PY) -m pytest -q tests/e2e/test_faults.py
+	$(MAKE) reliability-docs
+
+reliability-docs: venv
+	$(PY) -m hotswap_testing.reliability_doc --json docs/reliability.json --out docs/reliability.md
+
 # The Helm chart (charts/hotswap/README.md). Its CRD copies follow crds/ (tests/chart fails when they differ).
 .PHONY: chart-crds chart-lint lint-images
 chart-crds: crds

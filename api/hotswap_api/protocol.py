@@ -267,6 +267,10 @@ class UpdateProgress(_Model):
     # seconds per stage: "connect", "transfer", "reload", "rollback" ("p2p": the peer-to-peer read)
     durations: dict[str, float] = Field(default_factory=dict)
     error: str | None = None
+    # The agent's classification of `error` (None: unclassified, transient). A permanent code
+    # (`ErrorCode.permanent`) means the same update can never succeed: the operator fails the
+    # WeightVersion at once instead of retrying it.
+    error_code: ErrorCode | None = None
     # p2p only: bytes each peer (pod name) served, once the read finished, and the peers given up on
     # (unreachable at the start, or failed midway: their unread ranges went to the others)
     peer_bytes: dict[str, int] = Field(default_factory=dict)

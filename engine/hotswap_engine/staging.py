@@ -107,6 +107,44 @@ class MalformedCheckpoint(StagingError):
     pass
 
 
+class CheckpointChanged(Exception):
+    """A checkpoint file changed (rewritten in place, replaced, resized) between the moment its
+    header was read and the end of the read of its bytes: what was read may mix two contents, so
+    nothing is staged. Not a `StagingError`: the same request may succeed once the writer is done."""
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is rewritten or replaced: device, inode, size, mtime, ctime. (A
+    filesystem with a coarse clock can miss two writes within one tick; a sha256 manifest cannot.)"""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The identity of each checkpoint file as it was before its header was read."""
+
+    files: dict[Path, tuple[int, int, int, int, int]]
+
+    @classmethod
+    def take(cls, files: Iterable[Path]) -> _Snapshot:
+        return cls({f: file_identity(f.stat()) for f in files})
+
+    def check(self, fds: Mapping[Path, int]) -> None:
+        """Raise CheckpointChanged unless every file read (through `fds`) and every path is still
+        the file the headers came from."""
+        for file, before in self.files.items():
+            now = [file_identity(os.fstat(fds[file]))] if file in fds else []
+            try:
+                now.append(file_identity(file.stat()))
+            except OSError as e:
+                raise CheckpointChanged(f"{file} was removed while it was being read: {e}") from e
+            if any(n != before for n in now):
+                raise CheckpointChanged(
+                    f"{file} changed while it was being read (a writer is still writing it?); "
+                    "nothing was staged"
+                )
+
+
 @dataclass(frozen=True)
 class TensorLocation:
     """A tensor in a checkpoint file: bytes `[start, end)` of `file` (absolute file offsets)."""
@@ -423,8 +461,14 @@ class StagedCheckpoint:
         self.tensors = {}
 
 
-def _read_pieces(jobs: Sequence[tuple[Path, int, int, int]], target: memoryview, threads: int) -> None:
-    """Read (file, file_offset, dest_offset, nbytes) jobs into `target` with parallel `preadv`."""
+def _read_pieces(
+    jobs: Sequence[tuple[Path, int, int, int]],
+    target: memoryview,
+    threads: int,
+    snapshot: _Snapshot | None = None,
+) -> None:
+    """Read (file, file_offset, dest_offset, nbytes) jobs into `target` with parallel `preadv`; with
+    `snapshot`, check afterwards that no file changed since it was taken (`CheckpointChanged`)."""
     pieces: list[tuple[Path, int, int, int]] = []
     for file, file_off, dest, n in jobs:
         for done in range(0, n, READ_PIECE_BYTES):
@@ -450,6 +494,8 @@ def _read_pieces(jobs: Sequence[tuple[Path, int, int, int]], target: memoryview,
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage-read") as pool:
                 for _ in pool.map(read, pieces):
                     pass
+        if snapshot is not None:
+            snapshot.check(fds)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -490,6 +536,8 @@ def stage(
     files = checkpoint_files(path)
     for file in files:
         check_path(file, roots)  # a shard may be a symlink pointing elsewhere
+    # Before the headers: a file rewritten from here to the end of the read is caught after it.
+    snapshot = _Snapshot.take(files)
     locations = read_index(path)
     specs = [loc.spec for loc in locations]
     if expected is not None:
@@ -522,7 +570,7 @@ def stage(
         ):  # map every page first, on all threads (see HostBuffer.prefault)
             buffer.prefault(threads or default_read_threads())
         t_read = time.perf_counter()
-        _read_pieces(jobs, buffer.view, threads or default_read_threads())
+        _read_pieces(jobs, buffer.view, threads or default_read_threads(), snapshot)
         t1 = time.perf_counter()
         buffer.pin()  # after the reads: they populated the pages from several threads
     except BaseException:

@@ -38,7 +38,7 @@ from typing import Any
 
 from hotswap_api import protocol
 from hotswap_api.labels import READINESS_GATE, SPEC_HASH, VERSION_LABEL
-from hotswap_api.resources import InferencePool
+from hotswap_api.resources import ConditionStatus, InferencePool
 
 from hotswap_operator import planner, snapshot
 from hotswap_operator.agent_watch import LONG_POLL_S, AgentWatch
@@ -227,7 +227,15 @@ class PoolController:
         self._deployment_checked = (digest, now)
 
     async def _degraded(self, pool: Obj, reason: str, message: str) -> None:
+        """Degraded=True with `reason`; a Warning Event with the same reason when the condition
+        changes (not on every reconcile of a pool that stays so)."""
         status = InferencePool.model_validate(pool).status
+        was = planner.condition(status.conditions, "Degraded")
+        changed = was is None or (was.status, was.reason, was.message) != (
+            ConditionStatus.TRUE,
+            reason,
+            message,
+        )
         status.conditions = planner.set_condition(
             status.conditions,
             "Degraded",
@@ -240,6 +248,8 @@ class PoolController:
         await self.rt.kube.patch_status(
             self.namespace, "inferencepools", self.name, status.model_dump(mode="json", by_alias=True)
         )
+        if changed:
+            await self.rt.kube.event(pool, reason, message, True, COMPONENT)
 
     async def _invalid_template(self, error: str) -> float:
         """End the pool's WeightVersions at their timeout while its template is invalid (no plan runs)."""
@@ -247,9 +257,14 @@ class PoolController:
         statuses, requeue = planner.invalid_pool(
             snapshot.versions_of(self.name, objects), self.name, error, datetime.now(UTC), self.rt.settings
         )
+        by_name = {o["metadata"]["name"]: o for o in objects}
         for wv_name, status in statuses.items():
             body = status.model_dump(mode="json", by_alias=True)
             await self.rt.kube.patch_status(self.namespace, "weightversions", wv_name, body)
+            # A status is written only when its message changes (the pool turned invalid) or the
+            # version times out: one Event each, like the planner's phase transitions.
+            reason = "Failed" if status.phase.terminal else "InvalidTemplate"
+            await self.rt.kube.event(by_name[wv_name], reason, status.message, True, COMPONENT)
         return requeue
 
     # ---- agents --------------------------------------------------------------------------------

@@ -158,8 +158,10 @@ async def orphan(obj: Mapping[str, Any]) -> None:
         await runtime.kube.patch_status(
             namespace, "weightversions", name, status.model_dump(mode="json", by_alias=True)
         )
-        if status.phase.terminal:
-            await runtime.kube.event(dict(obj), "Failed", status.message, True, COMPONENT)
+        # Written only when something changed (orphan_status answers None otherwise): one Event
+        # when the version starts waiting for its pool, one when it fails.
+        reason = "Failed" if status.phase.terminal else "PoolNotFound"
+        await runtime.kube.event(dict(obj), reason, status.message, True, COMPONENT)
     if status is None or not status.phase.terminal:
         REGISTRY.recheck_at(namespace, name, deadline(view))
 

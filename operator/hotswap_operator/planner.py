@@ -19,7 +19,9 @@ The rules, in the order `plan` applies them:
    is rank 0's IP) → Complete (the pool's currentVersion follows). A member lost or failed ends the
    attempt: a new group is formed until `updatePolicy.maxAttempts`, then Failed. A checkpoint that
    is missing or does not match fails at once (agents stage before anything is applied, so every pod
-   keeps serving the old weights). The deadline is `spec.timeout` from the start.
+   keeps serving the old weights); so does an update an agent refuses with a permanent error or
+   reports Failed with a permanent `error_code` (reason UpdateRejected). The deadline is
+   `spec.timeout` from the start.
 3. Catch-up (only while no broadcast is running): a pod that does not serve the current version
    (a pod added by scale-out, or one that restarted) reads it peer-to-peer from the healthy pods that
    serve it and publish it (one-sided Mooncake reads of their staged host memory: they keep serving
@@ -679,6 +681,12 @@ def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
     running = 0
     problems: list[str] = []
     failed = 0
+    rejected = _rejected(r, rollout, version)
+    if rejected is not None:
+        # Retrying cannot help (the agent refused the update as sent, or its update failed for a
+        # reason it classes as permanent): fail now with the agent's words, not at the timeout.
+        _fail(r, wv, st, "UpdateRejected", rejected)
+        return
     for m in rollout.members:
         pod = r.pod(m.pod)
         why = _lost(r, m)
@@ -732,6 +740,26 @@ def _do_updating(r: _Round, wv: VersionView, st: WeightVersionStatus) -> None:
         st.message += "".join(f"; {n}" for n in notes)
         return
     _complete(r, wv, st, f"{st.updated_replicas} pod(s) serve {version}")
+
+
+def _rejected(r: _Round, rollout: RolloutState, version: str) -> str | None:
+    """Why a member's update to `version` can never succeed (None: none is known): its StartUpdate
+    was refused with a permanent error, or its agent reports this attempt's update Failed with a
+    permanent `error_code`."""
+    for m in rollout.members:
+        f = r.failure(m.pod, version, None)
+        if f is not None and f.source is None and f.permanent:
+            return f"pod {m.pod} refused the update to {version}: {f.message}"
+        pod = r.pod(m.pod)
+        u = _update_for(pod, version, rollout.stale_updates) if pod is not None else None
+        if (
+            u is not None
+            and u.stage is protocol.UpdateStage.FAILED
+            and u.error_code is not None
+            and u.error_code.permanent
+        ):
+            return f"pod {m.pod}: {u.error or 'update failed'} ({u.error_code})"
+    return None
 
 
 def _record_update_durations(st: WeightVersionStatus, done: Sequence[PodView], version: str) -> None:

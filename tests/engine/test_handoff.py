@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -321,3 +325,45 @@ def test_chunk_out_of_order_is_a_protocol_error(
     sender.send_bucket(0, [Entry("w", "F32", (8,), 0, 16, tensor_offset=16, tensor_nbytes=32)])
     with pytest.raises(HandoffError, match="first chunk at offset 16"):
         list(rx.weights())
+
+
+CREATE_SLOTS = """
+import sys, torch
+from hotswap_engine.handoff import create_slots
+slots = create_slots(2, 4096, torch.device("cpu"), sys.argv[1])
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes stdin (or kills it)
+"""
+
+
+def test_slots_of_a_killed_creator_are_removed_by_the_next_one(shm_dir: Path) -> None:
+    """A rank worker SIGKILLed mid-update never unlinks its slot files (RAM in the pod's emptyDir);
+    the next `create_slots` there removes them, and leaves a live creator's alone."""
+
+    def creator() -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            [sys.executable, "-c", CREATE_SLOTS, str(shm_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        return p
+
+    dead, live = creator(), creator()
+    try:
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(30)
+
+        def of(pid: int) -> set[str]:
+            return {f.name for f in shm_dir.glob(f"hotswap-slot-{pid}-*")}
+
+        assert len(of(dead.pid)) == 2 and len(of(live.pid)) == 2
+        mine = create_slots(1, 4096, torch.device("cpu"), shm_dir)
+        assert of(dead.pid) == set(), "the killed creator's slots are still there"
+        assert len(of(live.pid)) == 2 and len(of(os.getpid())) == 1
+        for s in mine:
+            s.close()
+    finally:
+        live.kill()
+        live.wait(30)

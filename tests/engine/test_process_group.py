@@ -9,6 +9,7 @@ can reach the master's port while the master still holds its previous group's st
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import threading
@@ -163,3 +164,29 @@ def test_a_torch_that_cannot_adopt_a_socket_binds_by_port(
     with caplog.at_level(logging.WARNING):
         form(caches, GroupSpec(("pod-a", "pod-b"), HOST, free_port(), "gloo"))
     assert "binding by port" in caplog.text  # and the group formed (warmed up) on both members
+
+
+def test_a_discarded_groups_store_frees_the_port_even_when_a_cycle_holds_it(
+    caches: dict[str, GroupCache],
+) -> None:
+    """The master's store, still referenced from a reference cycle (as the frames of the error that
+    broke a group keep it) when its group is discarded, must not keep listening on the master port:
+    the next group there would fail with EADDRINUSE."""
+    port = free_port()
+    spec = GroupSpec(("pod-a", "pod-b"), HOST, port, "gloo")
+    form(caches, spec)
+    master = caches["pod-a"].current
+    assert master is not None and master.store is not None
+    cycle: list[Any] = [master.store]
+    cycle.append(cycle)  # garbage only the cyclic GC can free
+    del cycle, master
+    gc.disable()  # no collection by chance: only `discard` may free it
+    try:
+        for cache in caches.values():
+            cache.discard()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((HOST, port))  # as the next master binds it
+            s.listen(1)
+    finally:
+        gc.enable()

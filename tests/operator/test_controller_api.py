@@ -35,6 +35,18 @@ def conditions(obj: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in obj.get("status", {}).get("conditions", [])}
 
 
+def warnings(api: client.ApiClient, ns: str, kind: str, name: str) -> list[tuple[str, str]]:
+    """(reason, message) of the Warning Events on one object, oldest first."""
+    evs = client.CoreV1Api(api).list_namespaced_event(ns).items
+    mine = [
+        e
+        for e in evs
+        if e.involved_object.kind == kind and e.involved_object.name == name and e.type == "Warning"
+    ]
+    mine.sort(key=lambda e: (e.first_timestamp, e.metadata.creation_timestamp, e.metadata.name))
+    return [(e.reason, e.message) for e in mine]
+
+
 async def test_pool_owns_its_workload_and_reports_status(
     kube_api: client.ApiClient, namespace: str, crds: None
 ) -> None:
@@ -211,5 +223,15 @@ async def test_versions_of_a_pool_with_an_invalid_template_end_at_their_timeout(
             "False",
             "InvalidTemplate",
         )
+        await ctl.reconcile()  # the pool stays invalid: no new Event for the same condition
+        # Warning Events, once each: on the pool when it turned Degraded, on the version when it
+        # was held by the template and when it failed.
+        degraded = next(c for c in pool["status"]["conditions"] if c["type"] == "Degraded")
+        assert warnings(kube_api, namespace, "InferencePool", "chat") == [
+            ("InvalidTemplate", degraded["message"])
+        ]
+        wv_events = warnings(kube_api, namespace, "WeightVersion", "chat-r1")
+        assert [r for r, _ in wv_events] == ["InvalidTemplate", "Failed"], wv_events
+        assert "invalid template" in wv_events[0][1] and "timed out after 2s" in wv_events[1][1]
     finally:
         await ctl.close()

@@ -170,6 +170,15 @@ def test_operator_process_acts_alone_and_hands_over(
         "orphan",
     )
 
+    def orphan_events() -> list[Any]:
+        evs = client.CoreV1Api(kube_api).list_namespaced_event(namespace).items
+        return [e for e in evs if e.involved_object.name == "nope-v1" and e.reason == "PoolNotFound"]
+
+    # ... and an Event says so (a Warning, once: the version's own status events do not repeat it).
+    wait(orphan_events, 30, "a PoolNotFound Event on nope-v1")
+    (ev,) = orphan_events()
+    assert ev.type == "Warning" and "InferencePool nope does not exist" in ev.message, ev
+
     # A second replica waits while the first holds the Lease: it says so once it read the Lease, and
     # keeps waiting while op-a renews it for longer than a lease duration (3 s, renewed every 1 s;
     # op-b looks every 1 s and would take a record unchanged for 3 s) ...
@@ -224,8 +233,10 @@ def test_operator_process_acts_alone_and_hands_over(
         "v1 complete",
     )
     assert get("inferencepools", "chat")["status"]["currentVersion"] == "v1"
+    # The metrics are observed after the reconcile's writes and actions: the status comes first.
+    complete = 'hotswap_operator_rollouts_total{phase="Complete"} 1.0'
+    wait(lambda: complete in http_get(f"http://{b.metrics}/metrics"), 30, "the rollout counted")
     metrics = http_get(f"http://{b.metrics}/metrics")
-    assert 'hotswap_operator_rollouts_total{phase="Complete"} 1.0' in metrics
     # The reconciles read pods and WeightVersions from kopf's watch-fed indices: not one LIST.
     assert sample(metrics, "hotswap_operator_reconciles_total") >= 2
     sent = [

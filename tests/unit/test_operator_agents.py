@@ -9,6 +9,7 @@ the agent's API state machine it talks to. Updates that really apply are covered
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -203,10 +204,31 @@ async def test_update_lifecycle_conflict_and_failure(
         final = await c.wait_update(url, started.id, timeout_s=10, poll_s=0.05)
         assert final.stage is protocol.UpdateStage.FAILED
         assert final.error is not None and "no inference engine attached" in final.error
+        assert final.error_code is None  # an unclassified failure: the operator may retry it
         after = await c.status(url)
         assert after.serving_version is None and after.ready  # rolled back to what it served
         with pytest.raises(AgentNotFound, match="no update with id nope"):
             await c.update(url, "nope")
+
+
+async def test_a_permanent_update_failure_carries_its_error_code(
+    agent: tuple[str, StorageOnlyRunner], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update that fails for a reason the agent classes as permanent (here: the bytes do not fit
+    the model) says so in `error_code`, so the operator fails the version instead of retrying."""
+    url, runner = agent
+
+    async def mismatched(req: protocol.UpdateRequest, data: Any, rec: Any) -> Any:
+        raise staging.StagingError("tensor a.weight has shape (2, 2), the model's is (16, 8)")
+
+    monkeypatch.setattr(runner, "update", mismatched)
+    async with agent_client() as c:
+        await c.stage(url, protocol.StageRequest(version="v2", source=src(root, "v2.safetensors")))
+        started = await c.start_update(url, broadcast_alone("v2"))
+        final = await c.wait_update(url, started.id, timeout_s=10, poll_s=0.05)
+    assert final.stage is protocol.UpdateStage.FAILED
+    assert final.error_code is ErrorCode.CHECKPOINT_MISMATCH and final.error_code.permanent
+    assert final.error is not None and "shape (2, 2)" in final.error
 
 
 async def test_unreachable_and_silent_agents() -> None:
@@ -254,20 +276,37 @@ def test_a_path_the_os_refuses_is_an_invalid_path(root: Path) -> None:
     assert isinstance(err, BadRequest) and (err.status, err.code) == (400, ErrorCode.BAD_REQUEST)
 
 
-async def test_unexpected_stage_error_is_internal_and_transient(
-    agent: tuple[str, StorageOnlyRunner], root: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (OSError(errno.EIO, "Input/output error"), 500, ErrorCode.INTERNAL),
+        # host memory or a staging filesystem full: transient, retried with backoff
+        (OSError(errno.ENOSPC, "No space left on device"), 500, ErrorCode.INTERNAL),
+        (staging.CheckpointChanged("m.safetensors changed while it was being read"), 409, ErrorCode.CONFLICT),
+    ],
+)
+async def test_unexpected_stage_error_is_transient(
+    agent: tuple[str, StorageOnlyRunner],
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    status: int,
+    code: ErrorCode,
 ) -> None:
     url, runner = agent
 
     def broken(source: protocol.Source, part: protocol.PartSpec | None, full: bool = False) -> Any:
-        raise OSError(5, "Input/output error")
+        raise error
 
     monkeypatch.setattr(runner, "stage", broken)
     req = protocol.StageRequest(version="v2", source=src(root, "v2.safetensors"))
     async with agent_client() as c:
-        with pytest.raises(AgentRefused, match="Input/output error") as e:
+        with pytest.raises(AgentRefused) as e:
             await c.stage(url, req)
-    assert (e.value.status, e.value.code, e.value.permanent) == (500, ErrorCode.INTERNAL, False)
+        assert str(error.args[-1]) in e.value.message
+        assert (e.value.status, e.value.code, e.value.permanent) == (status, code, False)
+        after = await c.status(url)
+    assert after.staged == () and after.ready  # nothing half-staged is kept
 
 
 async def test_staging_a_version_again_from_another_source_replaces_it(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from hotswap_api import protocol
+from hotswap_api.errors import ErrorCode
 from hotswap_api.policy import RequestPolicy
 from hotswap_api.resources import (
     ConditionStatus,
@@ -508,6 +509,49 @@ def test_attempts_exhausted_fails_and_leaves_pods_on_the_old_version() -> None:
     assert of(p, SyncPod) == []  # both still serve base and keep their gates
     assert ("llm-v1", "Failed") in events(p)
     assert any(e.warning for e in of(p, Emit) if e.reason == "Failed")
+
+
+def test_permanently_refused_update_request_fails_at_once() -> None:
+    """A StartUpdate the agent refuses with a permanent error (400/403/422) is not retried until the
+    timeout: the version fails in the next plan, with the agent's message."""
+    err = "http://127.0.0.12:8600: BadRequest (400): rank 1 belongs to pod llm-x, this is pod llm-b"
+    fails = [ActionFailure("llm-b", "v1", err, permanent=True, at=T0)]  # an update (no source)
+    running = progress("v1", protocol.UpdateStage.CONNECTING)
+    pods = [
+        pod("llm-a", "127.0.0.11", update=running, staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12", staged_=[staged("v1", (1, 2))]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]), failures=fails)
+    st = p.version_statuses["llm-v1"]
+    assert st.phase is Phase.FAILED, st.message
+    assert condition(st.conditions, "Applied").reason == "UpdateRejected"  # type: ignore[union-attr]
+    assert "pod llm-b refused the update to v1" in st.message and "belongs to pod llm-x" in st.message
+    assert of(p, StartUpdate) == []  # not sent again
+    assert ("llm-v1", "Failed") in events(p)
+    # The same failure, transient: backed off and retried, the version keeps Updating.
+    soft = [replace(fails[0], permanent=False)]
+    later = T0 + timedelta(seconds=5)
+    q = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))], now=later), soft)
+    assert q.version_statuses["llm-v1"].phase is Phase.UPDATING
+    assert [u.pod for u in of(q, StartUpdate)] == ["llm-b"]
+
+
+@pytest.mark.parametrize("code", [ErrorCode.CHECKPOINT_MISMATCH, ErrorCode.BAD_REQUEST, ErrorCode.INTERNAL])
+def test_update_failed_with_a_permanent_code_fails_without_a_new_attempt(code: ErrorCode) -> None:
+    failed = progress("v1", protocol.UpdateStage.FAILED, uid="u9", error="shapes differ", finished=T0)
+    failed = failed.model_copy(update={"error_code": code})
+    pods = [
+        pod("llm-a", "127.0.0.11", update=failed, staged_=[staged("v1", (0, 2))]),
+        pod("llm-b", "127.0.0.12", staged_=[staged("v1", (1, 2))]),
+    ]
+    p = plan(fleet(pods, [wv("v1", status=staging_status(MEMBERS, phase="Updating"))]))
+    st = p.version_statuses["llm-v1"]
+    if code.permanent:
+        assert st.phase is Phase.FAILED and st.rollout is not None and st.rollout.attempt == 1
+        assert condition(st.conditions, "Applied").reason == "UpdateRejected"  # type: ignore[union-attr]
+        assert f"pod llm-a: shapes differ ({code})" in st.message
+    else:  # transient: a new attempt (maxAttempts 3)
+        assert st.phase is not Phase.FAILED and st.rollout is not None and st.rollout.attempt == 2
 
 
 def test_bad_checkpoint_fails_at_once() -> None:

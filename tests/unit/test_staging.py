@@ -16,6 +16,7 @@ from hotswap_api.protocol import PartSpec, TensorSpec
 from hotswap_engine.buckets import assign_parts, layout_part
 from hotswap_engine.hostmem import HostBufferPool
 from hotswap_engine.staging import (
+    CheckpointChanged,
     CheckpointMismatch,
     CheckpointNotFound,
     ForbiddenPath,
@@ -289,3 +290,45 @@ def test_pool_reuses_released_buffers(tmp_path: Path) -> None:
 
 def first_nbytes(path: Path) -> int:
     return sum(loc.nbytes for loc in read_index(path / "v0.safetensors"))
+
+
+@pytest.mark.parametrize("how", ["rewritten_in_place", "replaced"])
+def test_a_checkpoint_changed_while_it_is_read_stages_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A writer changes the file after the first piece was read: the buffer would mix two contents,
+    so staging fails (CheckpointChanged, which the agent answers 409: retried later) and the buffer
+    goes back to the pool; read again once the writer is done, the new content is staged."""
+    path = tmp_path / "m.safetensors"
+    save_file(path, DEFS, random_filler(1))
+    newer = tmp_path / "newer.safetensors"
+    save_file(newer, DEFS, random_filler(2))  # same header, other bytes: only a mix would show it
+    monkeypatch.setattr("hotswap_engine.staging.READ_PIECE_BYTES", 4096)
+    real_preadv = os.preadv
+    calls = []
+
+    def preadv_then_write(fd: int, buffers: list[memoryview], offset: int) -> int:
+        got = real_preadv(fd, buffers, offset)
+        calls.append(offset)
+        if len(calls) == 1:  # the writer strikes between two pieces
+            st = path.stat()
+            if how == "replaced":
+                os.replace(newer, path)
+            else:
+                with path.open("r+b") as f:
+                    f.write(newer.read_bytes())
+                # A coarse filesystem clock may not tick between this write and the stat before
+                # the read; a real writer's later mtime is what the check relies on.
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        return got
+
+    monkeypatch.setattr(os, "preadv", preadv_then_write)
+    pool = HostBufferPool(pinned=False, max_idle_bytes=1 << 30)
+    with pytest.raises(CheckpointChanged, match="changed while it was being read"):
+        stage(path, None, [tmp_path], None, pool=pool, threads=1)
+    assert len(calls) > 1 and pool.idle_bytes > 0  # the half-read buffer went back to the pool
+    monkeypatch.setattr(os, "preadv", real_preadv)
+    staged = stage(path, None, [tmp_path], None, pool=pool, threads=1)
+    want = reference(path)
+    assert_staged_equal(dict(staged.iter_views()), want)
+    staged.release()

@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from hotswap_api import protocol
+from hotswap_api.errors import ErrorCode
 
 from hotswap_engine.agent.changes import ENGINE_CHECK_S, MAX_WAIT_S, ChangeFeed
 from hotswap_engine.agent.errors import (
+    AgentError,
     BadRequest,
     CheckpointMismatchError,
     Conflict,
@@ -61,6 +63,7 @@ class UpdateRecord:
     finished_at: datetime | None = None
     durations: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    error_code: ErrorCode | None = None  # set with `error` when the cause is classified (`as_api_error`)
     peer_bytes: dict[str, int] = field(default_factory=dict)  # p2p: bytes served by each peer
     peers_failed: list[str] = field(default_factory=list)  # p2p: peers given up on
     # Called after `stage` changes (the runner moves it along): the agent's change feed, so a
@@ -86,6 +89,7 @@ class UpdateRecord:
             finished_at=self.finished_at,
             durations=dict(self.durations),
             error=self.error,
+            error_code=self.error_code,
             peer_bytes=dict(self.peer_bytes),
             peers_failed=tuple(self.peers_failed),
         )
@@ -281,6 +285,9 @@ class AgentService:
             self._consistent = False
             self._last_error = msg
             rec.error = msg
+            classified = as_api_error(e)
+            if isinstance(classified, AgentError):
+                rec.error_code = classified.code
             self.metrics.updates.labels("failed").inc()
             # A rank worker whose NCCL group had to be abandoned has exited on its own and is
             # replaced before the rollback below runs through the workers: the agent stays up.
@@ -409,6 +416,8 @@ def _covers(meta: protocol.StagedVersion, part: protocol.PartSpec | None) -> boo
 def as_api_error(e: Exception) -> Exception:
     from hotswap_engine import staging
 
+    if isinstance(e, staging.CheckpointChanged):  # transient: the operator retries with backoff
+        return Conflict(str(e))
     if isinstance(e, staging.InvalidPath):
         return BadRequest(str(e))
     if isinstance(e, staging.ForbiddenPath):

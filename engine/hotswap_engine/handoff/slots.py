@@ -35,6 +35,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 DEFAULT_SHM_DIR = "/dev/shm"
+SLOT_PREFIX = "hotswap-slot-"  # then "<creator pid>-<uuid>"
 
 
 def normalize_uuid(value: str) -> str:
@@ -91,7 +92,9 @@ class SharedMemorySlot(Slot):
     def create(cls, nbytes: int, directory: str | os.PathLike[str] = DEFAULT_SHM_DIR) -> SharedMemorySlot:
         if nbytes <= 0:
             raise ValueError("slot size must be positive")
-        path = Path(directory) / f"hotswap-slot-{uuid.uuid4().hex}"
+        # The creator's pid in the name: slots of a process that died without closing them
+        # (SIGKILL) are found and removed by the next creator (`remove_orphan_slots`).
+        path = Path(directory) / f"{SLOT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         # Exclusive create: never map over somebody else's file.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -144,12 +147,40 @@ class CudaSlot(Slot):
         }
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphan_slots(directory: str | os.PathLike[str]) -> list[str]:
+    """Unlink the slot files in `directory` whose creator is no longer alive; returns their names.
+
+    The directory is the pod's memory-backed emptyDir: a rank worker or agent killed mid-update
+    never closes its slots, and each would hold its bytes of RAM until the pod goes. Safe against
+    live users: a process that still maps a file keeps its mapping after the unlink, and a live
+    creator's files are left alone (its pid is in the name; the rank workers share the agent's
+    container, so its pids are theirs)."""
+    removed = []
+    for path in Path(directory).glob(f"{SLOT_PREFIX}*"):
+        pid = path.name[len(SLOT_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 def create_slots(
     count: int, nbytes: int, device: torch.device, shm_dir: str | os.PathLike[str] = DEFAULT_SHM_DIR
 ) -> list[Slot]:
     if device.type == "cuda":
         return [CudaSlot.create(nbytes, device) for _ in range(count)]
     if device.type == "cpu":
+        remove_orphan_slots(shm_dir)
         return [SharedMemorySlot.create(nbytes, shm_dir) for _ in range(count)]
     raise ValueError(f"no slot buffers for device type {device.type}")
 

@@ -26,6 +26,7 @@ member that does not come is reported as such (which rank, which pod, after how 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -400,5 +401,11 @@ class GroupCache:
         if self._group is not None:
             self._group.abort()
             self.needs_exit = self.needs_exit or self._group.needs_exit
-        self._group = None
+            self._group = None
+            # A torn-down group's TCPStore (and with it the master's listening port) can stay
+            # referenced from reference cycles (the frames of the error that broke the group,
+            # its Work objects) until the cyclic GC runs, minutes away in an idle rank worker:
+            # the next group on that port then fails with EADDRINUSE and costs an attempt (seen in
+            # tests/e2e/test_faults.py after a rank worker was killed mid-transfer). Collect now.
+            gc.collect()
         self._key = None
