@@ -768,7 +768,12 @@ def test_8_corrupted_received_byte_keeps_that_pod_out_of_traffic(
         check = (kube.agent_status(victim) or {}).get("weights_check") or {}
         assert check.get("received_ok") is False, check
         assert [m["tensor"] for m in check["received_mismatches"]] == [tensor], check
-        assert kube.pool()["status"]["readyReplicas"] == n - 1
+        kube.wait(
+            lambda: kube.pool()["status"].get("readyReplicas") == n - 1,
+            60,
+            f"the pool counts {n - 1} ready replicas",
+            operator,
+        )
         for other in others:  # the pods that verified serve the version, and agree on it
             assert (kube.agent_status(other) or {})["weights_check"]["received_ok"] is True
     finally:
