@@ -130,6 +130,7 @@ def run_launcher(args: argparse.Namespace) -> dict[str, Any]:
     variant = make_variant(base, work / "variant", seed=1)
     versions = [("base", load_tensors(base)), ("variant", load_tensors(variant))]
     nbytes = sum(t.numel() * t.element_size() for _, t in versions[0][1])
+    (work / "launcher").mkdir()
     handle = start_launcher(base, work / "launcher", ["--distributed-executor-backend", "uni"])
     plain: list[float] = []
     digests: list[float] = []
