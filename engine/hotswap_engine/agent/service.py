@@ -299,13 +299,18 @@ class AgentService:
             rec.finished_at = _now()
             return
         t_check = time.perf_counter()
-        check = await verify.check_weights(
-            str(self.cfg.control_socket),
-            req.version,
-            entry.meta.source if entry else None,
-            full,
-            rec.engine_workers,
-        )
+        check: protocol.WeightsCheck | None
+        try:
+            check = await verify.check_weights(
+                str(self.cfg.control_socket),
+                req.version,
+                entry.meta.source if entry else None,
+                full,
+                rec.engine_workers,
+            )
+        except Exception as e:  # a check that could not run verified nothing: reported, not fatal
+            log.error("could not verify the weights of %s: %s", req.version, e)
+            check = None
         rec.durations["verify"] = round(time.perf_counter() - t_check, 4)
         meta = protocol.StagedVersion(
             version=req.version,
@@ -331,8 +336,9 @@ class AgentService:
         self._serving = req.version
         self._consistent = True
         self._check = check
-        self._last_error = None if check.received_ok else verify.describe(check)
-        if not check.received_ok:
+        failed = check is not None and not check.received_ok
+        self._last_error = verify.describe(check) if check is not None and failed else None
+        if failed:
             # Applied, but not what the version holds: serve no traffic (readiness fails) and let
             # the operator say which pod and tensor; the next version applied here is checked again.
             log.error("%s", self._last_error)
