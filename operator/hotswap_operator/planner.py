@@ -86,6 +86,7 @@ class PodView:
     gate: bool | None  # the hotswap.dev/weights-ready condition; None: not written yet
     label_version: str | None  # the hotswap.dev/weight-version label
     agent: protocol.AgentStatus | None  # None: the agent did not answer
+    gate_reason: str | None = None  # the gate condition's reason (None: not known)
 
     @property
     def live(self) -> bool:
@@ -911,10 +912,6 @@ def _sync_pods(r: _Round, failed: dict[str, PodVerification]) -> None:
         label = _label(pod.serving)
         bad = failed.get(pod.name)
         gate = pod.serving == r.current and (pod.agent.ready or pod.busy) and bad is None
-        want_label = label if label != pod.label_version else None
-        want_gate = gate if gate != pod.gate else None
-        if want_label is None and want_gate is None:
-            continue
         if gate:
             reason, message = "ServingCurrentVersion", f"serves {_label(r.current)}"
         elif bad is not None and pod.serving == r.current:
@@ -923,6 +920,13 @@ def _sync_pods(r: _Round, failed: dict[str, PodVerification]) -> None:
             reason, message = "OtherVersion", f"serves {label}, the pool serves {_label(r.current)}"
         else:
             reason, message = "AgentNotReady", pod.agent.last_error or "the agent is not ready"
+        want_label = label if label != pod.label_version else None
+        # A gate that stays False for another reason is written again: its reason says why now (a
+        # pod that lagged behind and then failed verification must not keep saying OtherVersion).
+        stale_reason = pod.gate_reason is not None and pod.gate_reason != reason
+        want_gate = gate if gate != pod.gate or stale_reason else None
+        if want_label is None and want_gate is None:
+            continue
         r.actions.append(SyncPod(pod.name, want_label, want_gate, reason, message))
 
 

@@ -103,3 +103,21 @@ def test_a_pod_that_passes_again_is_taken_off_the_list() -> None:
     p = plan(fleet(pods, [listed], current="v1"))
     assert p.version_statuses["llm-v1"].verification == []
     assert gates(p)["llm-b"].gate is True and verification_events(p) == []
+
+
+def test_a_gate_already_false_for_another_reason_gets_the_verification_reason() -> None:
+    """A pod that lagged behind (gate False, OtherVersion) and then failed verification."""
+    from dataclasses import replace
+
+    pods = [
+        checked_pod("llm-a", "127.0.0.11", check()),
+        replace(
+            checked_pod("llm-b", "127.0.0.12", check(received_ok=False), gate=False),
+            gate_reason="OtherVersion",
+        ),
+    ]
+    p = plan(fleet(pods, [complete()], current="v1"))
+    sync = gates(p)["llm-b"]
+    assert sync.gate is False and sync.gate_reason == "VerificationFailed"
+    settled = [pods[0], replace(pods[1], gate_reason="VerificationFailed")]
+    assert "llm-b" not in gates(plan(fleet(settled, [complete()], current="v1")))
