@@ -18,7 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hotswap_api.errors import ErrorCode
 from hotswap_api.policy import RequestPolicy
-from hotswap_api.resources import DEFAULT_UPDATE_MEMORY_BUDGET, PATH_PATTERN, parse_quantity
+from hotswap_api.resources import (
+    DEFAULT_UPDATE_MEMORY_BUDGET,
+    MAX_REPORTED_TENSORS,
+    PATH_PATTERN,
+    parse_quantity,
+)
 
 API_PREFIX = "/v1"
 DEFAULT_MEMORY_BUDGET_BYTES = parse_quantity(DEFAULT_UPDATE_MEMORY_BUDGET)  # extra GPU memory per GPU
@@ -281,6 +286,36 @@ class UpdateProgress(_Model):
         return self.stage in (UpdateStage.COMPLETE, UpdateStage.FAILED)
 
 
+class TensorMismatch(_Model):
+    """One tensor a vLLM worker received with other bytes than the version's manifest has."""
+
+    tensor: str
+    rank: int | None = None  # the vLLM worker (TP rank); None: unknown
+    detail: str = ""
+
+
+class WeightsCheck(_Model):
+    """What this pod verified of the version it serves (#12 item 3), after every update.
+
+    `received`: each vLLM worker's per-tensor fingerprints of the bytes it received, compared here
+    with the version's manifest (a trainer source's fingerprints; for a path source, those of the
+    agent's host copy, the bytes it handed off). `processed_digest`/`processed`: vLLM's
+    `compute_weight_checksums` of the processed parameters (sha256 per tensor and worker), which the
+    operator compares across the pool's pods."""
+
+    version: VersionName
+    received_ok: bool
+    # Mismatches of level `Received` (the first MAX_REPORTED_TENSORS), `received_count` of them in all.
+    received_mismatches: tuple[TensorMismatch, ...] = Field(default=(), max_length=MAX_REPORTED_TENSORS)
+    received_count: int = Field(default=0, ge=0)
+    # sha256 over every worker's checksums (sorted JSON); None: the engine did not answer.
+    processed_digest: str | None = None
+    # Per "<worker key><tensor>": the first 16 hex digits of vLLM's sha256, for naming the tensor that
+    # disagrees (64 bits are ample to tell replicas apart; the full value is in the aggregate).
+    processed: dict[str, str] = Field(default_factory=dict)
+    seconds: dict[str, float] = Field(default_factory=dict)  # "expected", "processed"
+
+
 class AgentStatus(_Model):
     pod: str
     # Bumped on every change this status reports (not on byte progress); `GET /status
@@ -296,6 +331,8 @@ class AgentStatus(_Model):
     update: UpdateProgress | None = None  # the latest update, running or finished
     last_error: str | None = None
     p2p_endpoint: str | None = None  # Mooncake endpoint of this agent's staged buffers
+    # The verification of the served version's weights (None: not verified, e.g. after a rollback).
+    weights_check: WeightsCheck | None = None
 
 
 # The longest one status long-poll may be held open (`StatusWait.timeout_seconds`).

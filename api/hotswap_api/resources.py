@@ -541,6 +541,30 @@ class RolloutState(_Api):
     """Agent update ids of earlier attempts, so their results are not mistaken for this attempt's."""
 
 
+class VerificationLevel(StrEnum):
+    """Which check of the weights a pod applied disagreed (#12 item 3)."""
+
+    RECEIVED = "Received"
+    """The bytes a vLLM worker received differ from the version's per-tensor fingerprints."""
+    PROCESSED = "Processed"
+    """vLLM's checksums of the processed parameters differ from those of most of the pool's pods
+    serving the same version (replicas of one configuration must agree)."""
+
+
+MAX_REPORTED_TENSORS = 8  # tensors named per pod in a status; the agent's log has them all
+
+
+class PodVerification(_Api):
+    """A pod kept out of traffic because the weights it applied failed verification."""
+
+    pod: str
+    version: str
+    level: VerificationLevel
+    tensors: list[str] = Field(default_factory=list, max_length=MAX_REPORTED_TENSORS)
+    """The first tensors that disagree (by name; processed ones prefixed with vLLM's worker key)."""
+    message: str = ""
+
+
 class WeightVersionStatus(_Api):
     observed_generation: int | None = None
     sequence: int | None = Field(default=None, ge=1)
@@ -560,6 +584,8 @@ class WeightVersionStatus(_Api):
     stage_durations: StageDurations | None = None
     message: str = ""
     rollout: RolloutState | None = None
+    verification: list[PodVerification] = Field(default_factory=list)
+    """Pods serving this version whose weights failed verification (they are not Ready)."""
 
 
 class WeightVersion(_Api):

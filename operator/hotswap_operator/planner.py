@@ -35,7 +35,10 @@ The rules, in the order `plan` applies them:
    gate is False, it serves an older version) and catches up to the rollout's target once the rollout
    is Complete and that version is the pool's current one.
 4. Pods: the label `hotswap.dev/weight-version` says what the agent serves; the readiness gate is
-   True only when that is the pool's current version.
+   True only when that is the pool's current version and its weights passed verification
+   (`verification`: the bytes received against the version's manifest, vLLM's checksums of the
+   processed weights against the pool's other pods). A pod that failed is listed in the
+   WeightVersion's `status.verification` and an Event names it.
 5. History: finished WeightVersions beyond `spec.versionHistoryLimit` are deleted, oldest first
    (`prune_versions`); the pods hold staged copies only of the current version and of one in
    progress, so a pruned version's host memory is dropped already (`DropStaged`).
@@ -56,6 +59,7 @@ from hotswap_api.resources import (
     InferencePoolSpec,
     InferencePoolStatus,
     Phase,
+    PodVerification,
     RolloutMember,
     RolloutState,
     SourceRef,
@@ -68,6 +72,7 @@ from hotswap_api.resources import (
     version_order,
 )
 
+from hotswap_operator import verification
 from hotswap_operator.settings import PlannerConfig
 
 # ---- the snapshot --------------------------------------------------------------------------------------
@@ -84,6 +89,7 @@ class PodView:
     gate: bool | None  # the hotswap.dev/weights-ready condition; None: not written yet
     label_version: str | None  # the hotswap.dev/weight-version label
     agent: protocol.AgentStatus | None  # None: the agent did not answer
+    gate_reason: str | None = None  # the gate condition's reason (None: not known)
 
     @property
     def live(self) -> bool:
@@ -955,23 +961,54 @@ def _catch_up(
     r.actions.append(StartUpdate(pod.name, r.endpoint(pod), req))
 
 
-def _sync_pods(r: _Round) -> None:
+def _sync_pods(r: _Round, failed: dict[str, PodVerification]) -> None:
     for pod in r.fleet.pods:
         if pod.agent is None or pod.deleting:
             continue  # unknown: leave label and gate as they are rather than flap on a missed poll
         label = _label(pod.serving)
-        gate = pod.serving == r.current and (pod.agent.ready or pod.busy)
-        want_label = label if label != pod.label_version else None
-        want_gate = gate if gate != pod.gate else None
-        if want_label is None and want_gate is None:
-            continue
+        bad = failed.get(pod.name)
+        gate = pod.serving == r.current and (pod.agent.ready or pod.busy) and bad is None
         if gate:
             reason, message = "ServingCurrentVersion", f"serves {_label(r.current)}"
+        elif bad is not None and pod.serving == r.current:
+            reason, message = "VerificationFailed", bad.message
         elif pod.serving != r.current:
             reason, message = "OtherVersion", f"serves {label}, the pool serves {_label(r.current)}"
         else:
             reason, message = "AgentNotReady", pod.agent.last_error or "the agent is not ready"
+        want_label = label if label != pod.label_version else None
+        # A gate that stays False for another reason is written again: its reason says why now (a
+        # pod that lagged behind and then failed verification must not keep saying OtherVersion).
+        stale_reason = pod.gate_reason is not None and pod.gate_reason != reason
+        want_gate = gate if gate != pod.gate or stale_reason else None
+        if want_label is None and want_gate is None:
+            continue
         r.actions.append(SyncPod(pod.name, want_label, want_gate, reason, message))
+
+
+def _verify(r: _Round, ordered: Sequence[VersionView]) -> dict[str, PodVerification]:
+    """Which pods failed verification (rule 4); each WeightVersion lists those serving it."""
+    found = verification.verdict(
+        verification.Checked(p.name, p.serving, p.agent.weights_check if p.agent else None)
+        for p in r.fleet.pods
+        if p.live and p.agent is not None and not p.busy
+    )
+    r.degraded.extend(found.notes)
+    for wv in ordered:
+        entries = sorted(
+            (v for v in found.failed.values() if v.version == wv.spec.version), key=lambda v: v.pod
+        )
+        st = r.statuses.get(wv.name) or wv.status
+        if st.verification == entries:
+            continue
+        before = {(v.pod, v.level) for v in st.verification}
+        st = st.model_copy(deep=True)
+        st.verification = entries
+        r.statuses[wv.name] = st
+        for v in entries:
+            if (v.pod, v.level) not in before:
+                r.emit("WeightVersion", wv.name, "VerificationFailed", v.message, warning=True)
+    return found.failed
 
 
 def _drop_stale(r: _Round, keep: set[str]) -> None:
@@ -1078,7 +1115,7 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
         for pod in sorted(fleet.pods, key=lambda p: p.name):
             if pod.live and pod.agent is not None and pod.serving != r.current:
                 _catch_up(r, pod, r.current, r.source_of_current(), deadline=None)
-    _sync_pods(r)
+    _sync_pods(r, _verify(r, ordered))
     keep = {_label(r.current)}
     if target is not None and target_status is not None and not target_status.phase.terminal:
         keep.add(target.spec.version)

@@ -38,6 +38,13 @@ def _condition(pod: Obj, type_: str) -> bool | None:
     return None
 
 
+def _reason(pod: Obj, type_: str) -> str | None:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return str(c.get("reason") or "") or None
+    return None
+
+
 def pod_view(pod: Obj, agent: protocol.AgentStatus | None) -> PodView:
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
@@ -49,6 +56,7 @@ def pod_view(pod: Obj, agent: protocol.AgentStatus | None) -> PodView:
         deleting=meta.get("deletionTimestamp") is not None,
         ready=bool(_condition(pod, "Ready")),
         gate=_condition(pod, READINESS_GATE),
+        gate_reason=_reason(pod, READINESS_GATE),
         label_version=(meta.get("labels") or {}).get(VERSION_LABEL),
         agent=agent,
     )

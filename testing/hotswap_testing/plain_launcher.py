@@ -8,14 +8,18 @@ failed apply until a successful one), so the real agent drives it unchanged. `Pl
 weight-transfer lifecycle the way vLLM 0.26 does (no weight version): on update_weights every rank r
 connects a `HandoffReceiver` to the endpoint with `{rank}` → r (device cuda:r, or cpu), fills its
 parameters (poisoned first, so a chunk that never arrives cannot pass a check) and says done.
-One more route for tests: `GET /verify?checkpoint=PATH` compares every rank's parameters byte for
-byte with a checkpoint: `{"ok": bool, "mismatched": {rank: [names]}}`.
+With `digests` each rank fingerprints its parameters as received (`received`, as vLLM's workers do);
+`collective_rpc("hotswap_checksums")` answers sha256 per rank and parameter, like the worker
+extension's fallback for vLLM's compute_weight_checksums. One more route for tests:
+`GET /verify?checkpoint=PATH` compares every rank's parameters byte for byte with a checkpoint:
+`{"ok": bool, "mismatched": {rank: [names]}}`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import signal
 import threading
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 from aiohttp import web
+from hotswap_engine.digest import fingerprint
 from hotswap_engine.handoff import HandoffReceiver
 from hotswap_engine.inference.vllm_launcher import ControlServer
 
@@ -72,7 +77,11 @@ class PlainEngine:
         info = request.update_info
         try:
             self.reports = await asyncio.to_thread(
-                self._apply_all, str(info["endpoint"]), str(info["version"]), float(info["timeout"])
+                self._apply_all,
+                str(info["endpoint"]),
+                str(info["version"]),
+                float(info["timeout"]),
+                bool(info.get("digests", False)),
             )
         except BaseException:
             self.session = False  # as vLLM's worker: a failed update_weights ends the session
@@ -84,15 +93,30 @@ class PlainEngine:
         self.session = False
 
     async def collective_rpc(self, method: str, timeout: float | None = None) -> list[dict[str, Any]]:
+        if method == "hotswap_checksums":
+            return await asyncio.to_thread(self._checksums)
         assert method == "hotswap_report", method
         return self.reports
 
-    def _apply_all(self, endpoint: str, version: str, timeout: float) -> list[dict[str, Any]]:
+    def _checksums(self) -> list[dict[str, Any]]:
+        return [
+            {
+                f"tp{rank}:{name}": hashlib.sha256(flat_bytes(t).cpu().numpy().data).hexdigest()
+                for name, t in params.items()
+            }
+            for rank, params in enumerate(self.params)
+        ]
+
+    def _apply_all(
+        self, endpoint: str, version: str, timeout: float, digests: bool = False
+    ) -> list[dict[str, Any]]:
         results: list[dict[str, Any] | BaseException] = [RuntimeError("no result")] * len(self.devices)
 
         def one(rank: int) -> None:
             try:
-                results[rank] = self._apply(rank, endpoint.replace("{rank}", str(rank)), version, timeout)
+                results[rank] = self._apply(
+                    rank, endpoint.replace("{rank}", str(rank)), version, timeout, digests
+                )
             except BaseException as e:  # reported below
                 results[rank] = e
 
@@ -111,7 +135,9 @@ class PlainEngine:
         self.applies += 1
         return [r for r in results if isinstance(r, dict)]
 
-    def _apply(self, rank: int, endpoint: str, version: str, timeout: float) -> dict[str, Any]:
+    def _apply(
+        self, rank: int, endpoint: str, version: str, timeout: float, digests: bool = False
+    ) -> dict[str, Any]:
         device = self.devices[rank]
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -131,13 +157,16 @@ class PlainEngine:
                 rx.fail(f"{type(e).__name__}: {e}")
                 raise
             rx.done()
-        return {
+        report: dict[str, Any] = {
             "rank": rank,
             "version": version,
             "tensors": len(touched),
             "bytes": nbytes,
             "seconds": time.perf_counter() - t0,
         }
+        if digests:
+            report["received"] = {name: fingerprint(t) for name, t in params.items()}
+        return report
 
     def verify(self, checkpoint: Path) -> dict[str, Any]:
         mismatched: dict[str, list[str]] = {}

@@ -34,6 +34,9 @@ CRDS = ROOT / "crds"
 GROUP, VERSION = "hotswap.dev", "v1alpha1"
 POOL = "chat"
 MOUNT = "/checkpoints"
+# The test hook that corrupts one pod's received bytes (hotswap_testing.corrupt_received): its file
+# lies in the checkpoint folder, which every pod mounts; absent, the hook does nothing.
+CORRUPT_HOOK_FILE = "test-hooks/corrupt-received.json"
 VLLM_PORT = 8000
 AGENT_PORT = 8600
 
@@ -228,6 +231,10 @@ def pool_body(checkpoint_dir: Path, replicas: int = 2) -> dict[str, Any]:
                                 {"name": "OMP_NUM_THREADS", "value": "1"},
                                 {"name": "VLLM_LOGGING_LEVEL", "value": "WARNING"},
                                 {"name": "PYTHONUNBUFFERED", "value": "1"},
+                                {
+                                    "name": "HOTSWAP_TEST_CORRUPT_RECEIVED",
+                                    "value": f"{MOUNT}/{CORRUPT_HOOK_FILE}",
+                                },
                             ],
                             "ports": [{"name": "http", "containerPort": VLLM_PORT}],
                             "readinessProbe": {

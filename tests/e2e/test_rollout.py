@@ -15,7 +15,10 @@ works; in file order no test repeats a rollout another already did (about the sa
   6. scaling up by one: the new pod reads the current version peer-to-peer from the stable pods, which
      keep serving (and run no update); it stays not Ready until its agent serves that version;
   7. throttled, scaling up by one and deleting a source pod mid-transfer: the new pod still ends
-     serving the current version (from the remaining holders), the replacement pod catches up too.
+     serving the current version (from the remaining holders), the replacement pod catches up too;
+  8. one byte of one pod's received weights corrupted (a test hook): verification names that pod and
+     tensor in the WeightVersion's status and an Event, the pod stays out of traffic while the other
+     serves; the next clean version brings it back.
 Tests 6 and 7 need a published version to catch up to: they publish one first when the pool still
 serves the base checkpoint (only when run without the tests before them).
 Greedy output is compared through the public OpenAI API (temperature 0, ignore_eos, fixed max_tokens).
@@ -34,6 +37,7 @@ from typing import Any
 
 import pytest
 from e2e_fleet import (
+    CORRUPT_HOOK_FILE,
     GROUP,
     POOL,
     VERSION,
@@ -713,3 +717,76 @@ class Traffic:
             n for n, start, end, got in self.results if lo <= start and end <= hi and got == self.expected
         }
         return answered == {n for n, _ in self.pods}
+
+
+def test_8_corrupted_received_byte_keeps_that_pod_out_of_traffic(
+    kube: Cluster, operator: OperatorProcess, checkpoints: Checkpoints, pool: PoolStart
+) -> None:
+    """From: the pool settled. A version whose bytes arrive corrupted in one pod (one flipped byte of
+    one tensor, the test hook in that pod's vLLM worker): the rollout completes on the pods that
+    verified; the corrupted one is not Ready and is named, with the tensor, in the WeightVersion's
+    status and a Warning Event. To: a clean version, which the named pod catches up to and passes."""
+    import json
+
+    from hotswap_engine.staging import read_index
+
+    n = settle(kube, operator)
+    throttle(kube, None)
+    victim, *others = kube.pods()
+    tensor = next(
+        loc.spec.name for loc in read_index(checkpoints.path("ckpts/v2")) if "norm" in loc.spec.name
+    )
+    hook = checkpoints.path(CORRUPT_HOOK_FILE)
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(json.dumps({"version": "v8-bad", "pod_ip": victim.status.pod_ip, "tensor": tensor}))
+    try:
+        kube.create_wv("v8-bad", "ckpts/v2")
+        wait_phase(kube, operator, "v8-bad", "Complete")
+
+        def named() -> list[dict[str, Any]] | None:
+            found = (kube.wv("v8-bad").get("status") or {}).get("verification") or []
+            return found or None
+
+        (entry,) = kube.wait(named, 60, "v8-bad's status names the corrupted pod", operator)
+        assert entry["pod"] == victim.metadata.name and entry["level"] == "Received", entry
+        assert entry["tensors"] == [tensor], entry
+        wait_events(kube, "WeightVersion", "chat-v8-bad", {"VerificationFailed"}, warning=True, says=tensor)
+
+        def out_of_traffic() -> bool:
+            pods = {p.metadata.name: p for p in kube.pods()}
+            bad = pods[victim.metadata.name]
+            gate = next((c for c in bad.status.conditions or [] if c.type == GATE), None)
+            return (
+                not is_ready(bad)
+                and gate is not None
+                and gate.status == "False"
+                and gate.reason == "VerificationFailed"
+                and all(is_ready(pods[o.metadata.name]) for o in others)
+            )
+
+        kube.wait(out_of_traffic, 60, f"{victim.metadata.name} out of traffic, the others Ready", operator)
+        check = (kube.agent_status(victim) or {}).get("weights_check") or {}
+        assert check.get("received_ok") is False, check
+        assert [m["tensor"] for m in check["received_mismatches"]] == [tensor], check
+        kube.wait(
+            lambda: kube.pool()["status"].get("readyReplicas") == n - 1,
+            60,
+            f"the pool counts {n - 1} ready replicas",
+            operator,
+        )
+        for other in others:  # the pods that verified serve the version, and agree on it
+            assert (kube.agent_status(other) or {})["weights_check"]["received_ok"] is True
+    finally:
+        hook.unlink(missing_ok=True)
+
+    # A clean version: the named pod (not in the group: not healthy) catches up and passes.
+    kube.create_wv("v8-good", "ckpts/v2")
+    wait_phase(kube, operator, "v8-good", "Complete")
+    settle(kube, operator)
+    assert_pool_serves(kube, "v8-good", expected_outputs(kube, checkpoints, pool, "v8-good"), n)
+    kube.wait(
+        lambda: not (kube.wv("v8-bad").get("status") or {}).get("verification"),
+        60,
+        "v8-bad's verification list emptied once no pod serves it corrupted",
+        operator,
+    )

@@ -140,13 +140,19 @@ def test_broadcast_between_two_agents(fleet: list[Pod], models: dict[str, Path],
     results = [p.wait_update(i) for p, i in zip(pods, ids, strict=True)]
     for p, r in zip(pods, results, strict=True):
         assert r["stage"] == "Complete", (r, p.logs())
-        assert set(r["durations"]) >= {"connect", "transfer", "reload"}
+        assert set(r["durations"]) >= {"connect", "transfer", "reload", "verify"}
         assert r["bytes_done"] == r["bytes_total"] > 0
         assert p.generate() == reference["v1"]
         st = p.status()
         assert st["serving_version"] == "v1" and st["ready"]
+        # both levels of verification ran: received bytes match, vLLM's checksums were reported
+        check = st["weights_check"]
+        assert check["version"] == "v1" and check["received_ok"] and check["processed_digest"], check
         assert [s["complete"] for s in st["staged"] if s["version"] == "v1"] == [True]
     assert fleet[2].generate() == reference["base"]  # not in the group: untouched
+    # replicas of one configuration agree on the processed weights (what the operator compares)
+    digests = {p.status()["weights_check"]["processed_digest"] for p in pods}
+    assert len(digests) == 1, digests
     metrics = urllib.request.urlopen(f"{fleet[0].agent_url}/metrics", timeout=30).read().decode()
     assert 'hotswap_agent_serving_version_info{version="v1"} 1.0' in metrics, metrics
     assert 'hotswap_agent_updates_total{outcome="complete"} 1.0' in metrics
@@ -166,6 +172,9 @@ def test_new_pod_catches_up_peer_to_peer(fleet: list[Pod], reference: dict) -> N
     assert r["stage"] == "Complete", f"{r['error']}\n{fleet[2].logs(80)}"
     assert "p2p" in r["durations"] and r["bytes_done"] == r["bytes_total"] > 0
     assert fleet[2].generate() == reference["v1"]
+    # read from peers and applied alone, it processes the same weights as the broadcast members
+    checks = [p.status()["weights_check"] for p in fleet]
+    assert checks[2]["received_ok"] and checks[2]["processed_digest"] == checks[0]["processed_digest"]
     (v1,) = [s for s in fleet[2].status()["staged"] if s["version"] == "v1"]
     assert v1["complete"] and v1["p2p"] is not None  # now a holder itself
 

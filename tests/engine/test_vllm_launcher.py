@@ -137,6 +137,33 @@ async def test_received_digests_match_the_manifest_and_catch_a_corrupted_byte(
     assert texts(launcher) == launcher.base_texts
 
 
+async def test_checksums_of_the_processed_weights_are_vllms_and_name_a_corrupted_tensor(
+    launcher: Launcher, models: Models
+) -> None:
+    """Level (b): vLLM's compute_weight_checksums through GET /checksums. The same version applied
+    again gives the same checksums (what lets replicas be compared); one flipped byte changes exactly
+    the parameter it landed in."""
+    clean = load_tensors(models.variant)
+    assert (await apply(launcher, clean, "v-sums"))[0].ok
+    (first,) = await launcher_client.checksums(launcher.control)
+    prefix = "dp0:pp0:pcp0:tp0:"  # vLLM's own keys (0.32): the method is vLLM's, not the fallback
+    assert first and all(k.startswith(prefix) and len(v) == 64 for k, v in first.items()), first
+    assert (await apply(launcher, models.base, "base"))[0].ok
+    assert (await launcher_client.checksums(launcher.control))[0] != first
+    assert (await apply(launcher, clean, "v-sums"))[0].ok
+    assert (await launcher_client.checksums(launcher.control))[0] == first
+
+    corrupted = [(n, t.clone()) for n, t in clean]
+    name, victim = next((n, t) for n, t in corrupted if "norm" in n)  # kept as is by vLLM on CPU
+    victim.view(-1).view(torch.uint8)[1] ^= 0x10
+    assert (await apply(launcher, corrupted, "v-sums"))[0].ok
+    (bad,) = await launcher_client.checksums(launcher.control)
+    assert sorted(k for k in first if bad.get(k) != first[k]) == [prefix + name]
+
+    assert (await apply(launcher, models.base, "base"))[0].ok
+    assert texts(launcher) == launcher.base_texts
+
+
 async def test_aborted_handoff_fails_apply_and_resending_base_restores_it(
     launcher: Launcher, models: Models
 ) -> None:

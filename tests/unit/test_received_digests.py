@@ -32,3 +32,27 @@ def test_each_difference_names_the_rank_and_the_tensor() -> None:
 
 def test_a_worker_that_reported_nothing_is_not_verified() -> None:
     assert mismatches(MANIFEST, [{"rank": 0}]) == [Mismatch(0, "*", None, None)]
+
+
+def test_the_agents_check_names_rank_and_tensor_and_caps_the_list() -> None:
+    from hotswap_api.resources import MAX_REPORTED_TENSORS
+    from hotswap_engine.agent.verify import describe, received_check
+
+    many = {f"t{i:02d}": "x" for i in range(MAX_REPORTED_TENSORS + 3)}
+    ok = received_check("v1", many, [{"rank": 0, "received": dict(many)}])
+    assert ok.received_ok and ok.received_mismatches == () and ok.received_count == 0
+    bad = received_check("v1", many, [{"rank": 0, "received": {k: "y" for k in many}}])
+    assert not bad.received_ok and bad.received_count == MAX_REPORTED_TENSORS + 3
+    assert len(bad.received_mismatches) == MAX_REPORTED_TENSORS
+    assert (bad.received_mismatches[0].rank, bad.received_mismatches[0].tensor) == (0, "t00")
+    assert describe(bad).endswith("; 3 more") and "rank 0: t00" in describe(bad)
+
+
+def test_processed_digest_covers_every_worker_and_reports_short_values() -> None:
+    from hotswap_engine.agent.verify import processed_digest
+
+    w0, w1 = {"tp0:a": "a" * 64}, {"tp1:a": "b" * 64}
+    digest, short = processed_digest([w0, w1])
+    assert short == {"tp0:a": "a" * 16, "tp1:a": "b" * 16}
+    assert digest == processed_digest([w1, w0])[0]  # order-free
+    assert digest != processed_digest([w0, {"tp1:a": "c" * 64}])[0]

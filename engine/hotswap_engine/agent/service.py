@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from hotswap_api import protocol
 from hotswap_api.errors import ErrorCode
 
+from hotswap_engine.agent import verify
 from hotswap_engine.agent.changes import ENGINE_CHECK_S, MAX_WAIT_S, ChangeFeed
 from hotswap_engine.agent.errors import (
     AgentError,
@@ -66,6 +67,7 @@ class UpdateRecord:
     error_code: ErrorCode | None = None  # set with `error` when the cause is classified (`as_api_error`)
     peer_bytes: dict[str, int] = field(default_factory=dict)  # p2p: bytes served by each peer
     peers_failed: list[str] = field(default_factory=list)  # p2p: peers given up on
+    engine_workers: list[dict[str, Any]] = field(default_factory=list)  # the launcher's apply results
     # Called after `stage` changes (the runner moves it along): the agent's change feed, so a
     # long-polling operator hears of every stage, not of byte progress.
     on_change: Callable[[], None] | None = field(default=None, repr=False, compare=False)
@@ -109,6 +111,9 @@ class AgentService:
         # False while the engine may hold weights that no version fully describes (a failed apply
         # that has not been rolled back yet); the pod's readiness probe follows it.
         self._consistent = True
+        # The verification of the served version's weights (`agent.verify`); a failed one keeps the
+        # pod not ready until another version is applied and passes.
+        self._check: protocol.WeightsCheck | None = None
         self._last_error: str | None = None
         # Whether the launcher answered its last health check. An agent whose engine is not up (a
         # pod still starting vLLM) cannot apply anything: the operator must not send it an update,
@@ -131,13 +136,18 @@ class AgentService:
             pod=self.cfg.pod_name,
             sequence=self.changes.sequence,
             serving_version=self._serving,
-            ready=self._consistent and not self.busy,
+            ready=self._consistent and self._verified and not self.busy,
             engine_up=self._engine_up,
             staged=tuple(e.meta for e in self._staged.values()),
             update=self._latest.to_model() if self._latest else None,
             last_error=self._last_error,
             p2p_endpoint=self.runner.p2p_endpoint,
+            weights_check=self._check,
         )
+
+    @property
+    def _verified(self) -> bool:
+        return self._check is None or self._check.received_ok
 
     async def check_engine(self) -> None:
         """Refresh `_engine_up` from the launcher's /healthz (the status handler calls it). Skipped
@@ -298,6 +308,20 @@ class AgentService:
             rec.stage = protocol.UpdateStage.FAILED
             rec.finished_at = _now()
             return
+        t_check = time.perf_counter()
+        check: protocol.WeightsCheck | None
+        try:
+            check = await verify.check_weights(
+                str(self.cfg.control_socket),
+                req.version,
+                entry.meta.source if entry else None,
+                full,
+                rec.engine_workers,
+            )
+        except Exception as e:  # a check that could not run verified nothing: reported, not fatal
+            log.error("could not verify the weights of %s: %s", req.version, e)
+            check = None
+        rec.durations["verify"] = round(time.perf_counter() - t_check, 4)
         meta = protocol.StagedVersion(
             version=req.version,
             source=entry.meta.source if entry else protocol.Source(path=f"p2p:{req.peers[0].pod}"),
@@ -321,7 +345,14 @@ class AgentService:
         self._update_staged_gauge()
         self._serving = req.version
         self._consistent = True
-        self._last_error = None
+        self._check = check
+        failed = check is not None and not check.received_ok
+        self._last_error = verify.describe(check) if check is not None and failed else None
+        if failed:
+            # Applied, but not what the version holds: serve no traffic (readiness fails) and let
+            # the operator say which pod and tensor; the next version applied here is checked again.
+            log.error("%s", self._last_error)
+            self.metrics.updates.labels("unverified").inc()
         self.metrics.set_serving(req.version)
         self.metrics.updates.labels("complete").inc()
         for stage, seconds in rec.durations.items():
@@ -345,6 +376,7 @@ class AgentService:
                 data = await asyncio.to_thread(self.runner.stage, source, None, True)
             await self.runner.apply_local(previous, data)
             self._consistent = True
+            self._check = None  # a re-apply of what was served: not verified again
             log.info("rolled back to %s", previous or "the base checkpoint")
         except Exception as e:
             # The engine stays paused by the launcher: it serves nothing rather than mixed weights.

@@ -8,14 +8,19 @@ GPU Worker). Updates do not pass through here: they ride vLLM's weight-transfer 
 - `hotswap_report`: what the last update applied in this worker (the lifecycle methods return
   nothing through the engine client);
 - `hotswap_digests`: fingerprints of the model's tensors in our own format, which every vLLM we
-  support can compute (vLLM 0.26 has no `compute_weight_checksums`).
+  support can compute (vLLM 0.26 has no `compute_weight_checksums`);
+- `hotswap_checksums`: vLLM's `compute_weight_checksums` (sha256 of each processed parameter),
+  for a vLLM that lacks it (0.26); the launcher calls vLLM's own where it exists.
 
 Nothing here is reachable from outside the pod: the only trigger is the launcher's unix socket.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
+
+import torch
 
 from hotswap_engine.digest import fingerprint
 from hotswap_engine.inference import vllm_plugin
@@ -46,3 +51,17 @@ class HotswapWorkerExtension:
         out = {f"param:{n}": fingerprint(p) for n, p in model.named_parameters()}
         out.update({f"buffer:{n}": fingerprint(b) for n, b in model.named_buffers()})
         return out
+
+    def hotswap_checksums(self) -> dict[str, str]:
+        """What vLLM 0.32's Worker.compute_weight_checksums answers: sha256 of each parameter's bytes
+        as the worker keeps them, keyed "tp<rank>:<name>" (vLLM's key has dp/pp/pcp too; 0.26 has
+        no pcp group, and the keys only need to match between pods running the same vLLM)."""
+        worker: Any = self
+        model = worker.model_runner.get_model()
+        rank = int(worker.vllm_config.parallel_config.rank)
+        return {
+            f"tp{rank}:{name}": hashlib.sha256(
+                p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+            ).hexdigest()
+            for name, p in model.named_parameters()
+        }

@@ -29,6 +29,11 @@ Next to the server, in the same event loop, an aiohttp server on a unix socket (
   GET  /digests  {"version", "workers": [{"param:<name>": fingerprint, "buffer:<name>": ...}, ...]}
                fingerprints (hotswap_engine.digest) of every parameter and buffer of each worker's
                model; 409 while an apply runs.
+  GET  /checksums {"version", "source": "vllm"|"hotswap", "workers": [{"<worker key><name>": sha256}, ...]}
+               vLLM's compute_weight_checksums of the processed parameters (fleet verification,
+               level b: the agent reports them, the operator compares them across the pool's pods);
+               on a vLLM without it (0.26) the same sha256 per parameter through the worker extension
+               (`source: "hotswap"`). 409 while an apply runs.
 
 The socket lives in a volume shared only with the engine container; its file mode (0660) is the
 access control. vLLM's development routes (`VLLM_SERVER_DEV_MODE`: /collective_rpc, /pause, and the
@@ -89,6 +94,7 @@ class ControlServer:
         app.router.add_post("/apply", self.handle_apply)
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/digests", self.handle_digests)
+        app.router.add_get("/checksums", self.handle_checksums)
         return app
 
     async def start(self) -> None:
@@ -142,6 +148,25 @@ class ControlServer:
             result = await self.engine.collective_rpc("hotswap_digests", timeout=RPC_MARGIN_S * 4)
         workers = list(result) if isinstance(result, list | tuple) else [result]
         return web.json_response({"ok": True, "version": self.version, "workers": workers})
+
+    async def handle_checksums(self, request: web.Request) -> web.Response:
+        if self._lock.locked():
+            return web.json_response({"ok": False, "error": "an apply is running"}, status=409)
+        async with self._lock:
+            try:
+                workers, source = await self.checksums()
+            except Exception as e:
+                return web.json_response({"ok": False, "error": f"{type(e).__name__}: {e}"}, status=500)
+        return web.json_response({"ok": True, "version": self.version, "source": source, "workers": workers})
+
+    async def checksums(self) -> tuple[list[dict[str, str]], str]:
+        """vLLM's own per-parameter checksums where it has them (0.32+), else the extension's equal."""
+        compute = getattr(self.engine, "compute_weight_checksums", None)
+        if compute is not None:
+            return [dict(w) for w in await compute()], "vllm"
+        result = await self.engine.collective_rpc("hotswap_checksums", timeout=RPC_MARGIN_S * 4)
+        workers = list(result) if isinstance(result, list | tuple) else [result]
+        return [dict(w) for w in workers], "hotswap"
 
     async def handle_apply(self, request: web.Request) -> web.Response:
         try:

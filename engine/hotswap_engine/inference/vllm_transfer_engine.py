@@ -27,9 +27,11 @@ back (snapshot in start_weight_update, restore after finalizing).
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,11 @@ from hotswap_engine.digest import fingerprint
 from hotswap_engine.handoff import HandoffError, HandoffReceiver
 from hotswap_engine.handoff.sender import DEFAULT_TIMEOUT_S
 from hotswap_engine.inference import graph_safety
+
+# Tests only (set by test pod templates, never by the chart or the images): names a file that asks one
+# pod to corrupt a received tensor (hotswap_testing.corrupt_received). The module lives in testing/,
+# which images do not ship: set anywhere else, every update fails loudly instead of corrupting.
+CORRUPT_HOOK_ENV = "HOTSWAP_TEST_CORRUPT_RECEIVED"
 
 # Under "vllm." so vLLM's logging setup (handler, format, VLLM_LOGGING_LEVEL) covers these lines.
 log = logging.getLogger("vllm.hotswap.worker")
@@ -121,7 +128,7 @@ class HotswapWeightTransferEngine(WeightTransferEngine[HotswapInitInfo, HotswapU
             sent = rx.wait_begin()
             if sent != version:
                 raise HandoffError(f"the agent is sending version {sent!r}, /apply asked for {version!r}")
-            counted = _Counter(rx.weights(), update_info.digests)
+            counted = _Counter(rx.weights(), update_info.digests, _test_corrupter(version))
             model: Any = self.model  # a vLLM model: load_weights maps checkpoint names, takes the slice
             with set_current_vllm_config(self.vllm_config):  # vLLM 0.26's worker does not set it
                 model.load_weights(counted)
@@ -214,8 +221,14 @@ class _Counter:
     """Counts what passes to the model, and fingerprints each tensor as received when asked (before
     vLLM's loaders and post-processing see it: the bytes that came over the hand-off)."""
 
-    def __init__(self, it: Iterator[tuple[str, torch.Tensor]], digests: bool = False) -> None:
+    def __init__(
+        self,
+        it: Iterator[tuple[str, torch.Tensor]],
+        digests: bool = False,
+        corrupt: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self._it = it
+        self._corrupt = corrupt
         self.tensors = 0
         self.nbytes = 0
         self.fingerprints: dict[str, str] | None = {} if digests else None
@@ -223,6 +236,8 @@ class _Counter:
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in self._it:
+            if self._corrupt is not None:
+                t = self._corrupt(name, t)
             self.tensors += 1
             self.nbytes += t.numel() * t.element_size()
             if self.fingerprints is not None:
@@ -230,3 +245,14 @@ class _Counter:
                 self.fingerprints[name] = fingerprint(t)
                 self.digest_seconds += time.perf_counter() - t0
             yield name, t
+
+
+def _test_corrupter(version: str) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
+    spec = os.environ.get(CORRUPT_HOOK_ENV)
+    if not spec:
+        return None
+    # By name, not a static import: shipped code never depends on the test harnesses (the import
+    # contract), and this line runs only where a test set the variable; in an image it fails.
+    module = importlib.import_module("hotswap_testing.corrupt_received")
+    hook: Callable[[str, torch.Tensor], torch.Tensor] | None = module.corrupter(spec, version)
+    return hook

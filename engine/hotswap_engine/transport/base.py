@@ -55,6 +55,9 @@ class UpdateProgress(Protocol):
     durations: dict[str, float]
     peer_bytes: dict[str, int]
     peers_failed: list[str]
+    # The launcher's per-worker results of the apply that delivered the version (with `received`
+    # fingerprints: the agent checks them, `agent.verify`).
+    engine_workers: list[dict[str, Any]]
 
 
 class Transport(ABC, Generic[JobT, LinkT]):

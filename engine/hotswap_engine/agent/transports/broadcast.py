@@ -171,6 +171,7 @@ class GroupBroadcast(Transport[BroadcastJob, BroadcastLink]):
                 job.version,
                 job.policy,
                 timeout=timeout * 4,
+                digests=True,  # every worker fingerprints what it receives (agent.verify checks them)
             )
         )
         t1 = time.perf_counter()
@@ -252,6 +253,7 @@ class GroupBroadcast(Transport[BroadcastJob, BroadcastLink]):
         if not result.ok:
             _close(full_out)
             raise UpdateError(f"the engine failed to apply {version}: {result.error}")
+        progress.engine_workers = list(result.workers)
 
     async def discard(self) -> None:
         """Drop every worker's group (a worker that abandoned an NCCL group has exited already)."""
