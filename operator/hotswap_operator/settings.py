@@ -144,7 +144,7 @@ class OperatorSettings(PlannerConfig, BaseSettings):
     api_concurrency: int = Field(
         default=32, ge=1, le=256, description="apiserver requests the operator keeps in flight at most"
     )
-    # A simulated fleet (testing/hotswap_testing/sim_agent, docs/scale.md) replaces both commands; a
+    # A simulated fleet (the agent stand-in of the test tooling, docs/scale.md) replaces both commands; a
     # real one never needs to. The containers' args stay the operator's (the agent's flags, vLLM's).
     engine_command: list[str] = Field(
         default_factory=lambda: list(AGENT_COMMAND),

@@ -1,8 +1,8 @@
 """Test hook: one pod's vLLM worker corrupts one byte of one tensor it receives (#12 item 5).
 
 Enabled only where a test sets `HOTSWAP_TEST_CORRUPT_RECEIVED` (hotswap_engine.inference.
-vllm_transfer_engine.CORRUPT_HOOK_ENV) to the path of a JSON file, in a pod template of its own. The
-file may appear later (the test writes it when it wants a corruption):
+vllm_transfer_engine.CORRUPT_HOOK_ENV) to `hotswap_testing.corrupt_received:<path of a JSON file>`,
+in a pod template of its own. The file may appear later (the test writes it when it wants one):
 
     {"version": "<version>", "pod_ip": "<the pod's IP>", "tensor": "<tensor name>"}
 

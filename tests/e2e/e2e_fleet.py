@@ -233,7 +233,7 @@ def pool_body(checkpoint_dir: Path, replicas: int = 2) -> dict[str, Any]:
                                 {"name": "PYTHONUNBUFFERED", "value": "1"},
                                 {
                                     "name": "HOTSWAP_TEST_CORRUPT_RECEIVED",
-                                    "value": f"{MOUNT}/{CORRUPT_HOOK_FILE}",
+                                    "value": f"hotswap_testing.corrupt_received:{MOUNT}/{CORRUPT_HOOK_FILE}",
                                 },
                             ],
                             "ports": [{"name": "http", "containerPort": VLLM_PORT}],

@@ -119,8 +119,19 @@ async def test_twenty_pod_rollout_completes(kube_api: client.ApiClient, namespac
         st = await pool.phase("v1", "Complete", timeout=90)
         assert st["updatedReplicas"] == 20 and st["rollout"]["attempt"] == 1, st
         assert len(st["rollout"]["members"]) == 20  # one broadcast group of every pod, part i of 20
-        ps = pool.pool_status()
-        assert (ps["currentVersion"], ps["updatedReplicas"], ps["readyReplicas"]) == ("v1", 20, 20), ps
+        # The pool's status follows in a later reconcile (pods' readiness gates, then the kubelet's
+        # Ready): wait for it rather than read it once.
+        want = ("v1", 20, 20)
+        ps = await pool.until(
+            lambda: (
+                (s := pool.pool_status())
+                and (s.get("currentVersion"), s.get("updatedReplicas"), s.get("readyReplicas")) == want
+                and s
+            ),
+            "the pool's status: v1 on 20 updated and 20 ready replicas",
+            90,
+        )
+        assert ps["currentVersion"] == "v1", ps
         token = pool.token()
         served = {sim_fleet.status(ep, token).serving_version for ep in pool.endpoints().values()}
         assert served == {"v1"}

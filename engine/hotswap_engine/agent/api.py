@@ -130,6 +130,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    # A restarted engine (base weights) must fail the probe now, not at the next status poll.
+    await request.app[SERVICE].check_engine()
     st = request.app[SERVICE].status()
     if st.ready:
         return web.Response(text="ready")

@@ -160,9 +160,23 @@ class AgentService:
             health = await launcher_client.healthz(str(self.cfg.control_socket), timeout=2.0)
             up = bool(health.get("engine_alive", True))
         except launcher_client.LauncherUnreachable:
-            up = False
-        if up != self._engine_up:
-            self._engine_up = up
+            health, up = {}, False
+        changed = up != self._engine_up
+        self._engine_up = up
+        if up and not self.busy and self._serving is not None and health.get("version") != self._serving:
+            # The launcher restarted (its container was killed and came back): the engine holds
+            # the base checkpoint, not the version applied before. Say so at once, so that the
+            # operator keeps the pod out of traffic and brings it to the pool's version again.
+            log.warning(
+                "the engine restarted: it serves the base checkpoint, not %s (launcher reports %r)",
+                self._serving,
+                health.get("version"),
+            )
+            self._last_error = f"the engine restarted on the base checkpoint; it served {self._serving}"
+            self._serving = None
+            self._check = None
+            changed = True
+        if changed:
             self.changes.bump()
 
     async def wait_status(self, after: int, timeout_s: float) -> protocol.AgentStatus:

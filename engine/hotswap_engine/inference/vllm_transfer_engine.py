@@ -49,9 +49,9 @@ from hotswap_engine.handoff import HandoffError, HandoffReceiver
 from hotswap_engine.handoff.sender import DEFAULT_TIMEOUT_S
 from hotswap_engine.inference import graph_safety
 
-# Tests only (set by test pod templates, never by the chart or the images): names a file that asks one
-# pod to corrupt a received tensor (hotswap_testing.corrupt_received). The module lives in testing/,
-# which images do not ship: set anywhere else, every update fails loudly instead of corrupting.
+# Tests only (set by test pod templates, never by the chart or the images): `MODULE:PATH`, a hook
+# module of the test tooling and a file that asks one pod to corrupt a received tensor. The test
+# tooling is not in the images: set anywhere else, every update fails loudly instead of corrupting.
 CORRUPT_HOOK_ENV = "HOTSWAP_TEST_CORRUPT_RECEIVED"
 
 # Under "vllm." so vLLM's logging setup (handler, format, VLLM_LOGGING_LEVEL) covers these lines.
@@ -251,8 +251,11 @@ def _test_corrupter(version: str) -> Callable[[str, torch.Tensor], torch.Tensor]
     spec = os.environ.get(CORRUPT_HOOK_ENV)
     if not spec:
         return None
-    # By name, not a static import: shipped code never depends on the test harnesses (the import
-    # contract), and this line runs only where a test set the variable; in an image it fails.
-    module = importlib.import_module("hotswap_testing.corrupt_received")
-    hook: Callable[[str, torch.Tensor], torch.Tensor] | None = module.corrupter(spec, version)
+    # By a name the test gives, not a static import: shipped code never depends on the test tooling
+    # (the import contract), and this line runs only where a test set the variable.
+    module_name, sep, path = spec.partition(":")
+    if not sep or not path:
+        raise HotswapApplyError(f"{CORRUPT_HOOK_ENV} must be MODULE:PATH, got {spec!r}")
+    module = importlib.import_module(module_name)
+    hook: Callable[[str, torch.Tensor], torch.Tensor] | None = module.corrupter(path, version)
     return hook
