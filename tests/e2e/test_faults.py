@@ -20,12 +20,9 @@ The pool is shared by the cases (engines are expensive); each sets up its own st
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +30,6 @@ from typing import Any
 
 import pytest
 from e2e_fleet import (
-    AGENT_PORT,
     GROUP,
     VERSION,
     VLLM_PORT,
@@ -266,7 +262,7 @@ def run_case(
                 # The agents run on: it stays stopped until their transfers ended, then continues.
                 # (No diagnostics on a timeout here: they would ask the stopped apiserver.)
                 wait_for(
-                    lambda: all_transfers_done(pods, token, version),
+                    lambda: all_transfers_done(kube, pods, token, version),
                     case.bound_s / 2,
                     f"the agents' transfers of {version} ending while the {case.process} is stopped",
                 )
@@ -307,22 +303,10 @@ def run_case(
     return out
 
 
-def agent_status(pod: Any, token: str) -> dict[str, Any] | None:
-    """The pod's agent, asked directly with a token read before (no apiserver needed)."""
-    req = urllib.request.Request(f"http://{pod.status.pod_ip}:{AGENT_PORT}/v1/status")
-    req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            out: dict[str, Any] = json.loads(r.read())
-            return out
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
-
-
-def all_transfers_done(pods: list[Any], token: str, version: str) -> bool:
+def all_transfers_done(kube: Cluster, pods: list[Any], token: str, version: str) -> bool:
     """Every pod's agent answers and none runs an update to `version` any more."""
     for pod in pods:
-        st = agent_status(pod, token)
+        st = kube.agent_status(pod, token)
         if st is None:
             return False
         u = st.get("update") or {}

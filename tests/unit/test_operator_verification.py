@@ -98,7 +98,7 @@ def test_a_pod_that_passes_again_is_taken_off_the_list() -> None:
     listed = wv("v1", status=WeightVersionStatus(phase=Phase.COMPLETE, sequence=1, verification=[bad]))
     pods = [
         checked_pod(n, ip, check(), gate=n == "llm-a")
-        for n, ip in (("llm-a", "1.1.1.1"), ("llm-b", "1.1.1.2"))
+        for n, ip in (("llm-a", "127.0.30.1"), ("llm-b", "127.0.30.2"))
     ]
     p = plan(fleet(pods, [listed], current="v1"))
     assert p.version_statuses["llm-v1"].verification == []
