@@ -94,39 +94,31 @@ async def healthz(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
     return data
 
 
-async def digests(socket_path: str, timeout: float = 120.0) -> list[dict[str, str]]:
-    """GET /digests: per worker, the fingerprint (hotswap_engine.digest) of every parameter
-    ("param:<name>") and buffer ("buffer:<name>") as vLLM keeps it."""
+async def _workers(socket_path: str, route: str, timeout: float) -> list[dict[str, str]]:
+    """GET a per-worker route of the control socket (`{"workers": [{name: value}, ...]}`)."""
     try:
         async with (
             aiohttp.ClientSession(
                 connector=_connector(socket_path), timeout=aiohttp.ClientTimeout(total=timeout)
             ) as session,
-            session.get("http://hotswap/digests") as resp,
+            session.get(f"http://hotswap{route}") as resp,
         ):
             status = resp.status
             data = await resp.json()
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
         raise LauncherUnreachable(f"control socket {socket_path}: {type(e).__name__}: {e}") from e
     if status != 200 or not isinstance(data, dict) or not isinstance(data.get("workers"), list):
-        raise LauncherUnreachable(f"control socket {socket_path}: /digests answered {status}: {data!r}")
-    return [dict(w) for w in data["workers"]]
+        raise LauncherUnreachable(f"control socket {socket_path}: {route} answered {status}: {data!r}")
+    return [{str(k): str(v) for k, v in dict(w).items()} for w in data["workers"]]
+
+
+async def digests(socket_path: str, timeout: float = 120.0) -> list[dict[str, str]]:
+    """GET /digests: per worker, the fingerprint (hotswap_engine.digest) of every parameter
+    ("param:<name>") and buffer ("buffer:<name>") as vLLM keeps it."""
+    return await _workers(socket_path, "/digests", timeout)
 
 
 async def checksums(socket_path: str, timeout: float = 600.0) -> list[dict[str, str]]:
     """GET /checksums: per worker, vLLM's compute_weight_checksums of the processed parameters
     ({"<worker key><name>": sha256}). Raises LauncherUnreachable when it cannot get them."""
-    try:
-        async with (
-            aiohttp.ClientSession(
-                connector=_connector(socket_path), timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as session,
-            session.get("http://hotswap/checksums") as resp,
-        ):
-            status = resp.status
-            data = await resp.json()
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
-        raise LauncherUnreachable(f"control socket {socket_path}: {type(e).__name__}: {e}") from e
-    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("workers"), list):
-        raise LauncherUnreachable(f"control socket {socket_path}: /checksums answered {status}: {data!r}")
-    return [{str(k): str(v) for k, v in dict(w).items()} for w in data["workers"]]
+    return await _workers(socket_path, "/checksums", timeout)
