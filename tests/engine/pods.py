@@ -199,6 +199,76 @@ class Pod:
         return generate(self.vllm_url, prompts)
 
 
+class RankPod(Pod):
+    """A pod whose agent runs two rank workers; `plain` puts the plain launcher in place of vLLM."""
+
+    plain: bool = False
+
+    def start(self, *, collective_timeout: float = 20.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "shm").mkdir(exist_ok=True)
+        self.start_launcher()
+        self.start_agent(collective_timeout)
+
+    def start_launcher(self) -> None:
+        """The inference container (again, after `kill("launcher")`: a container restart)."""
+        env = pod_env()
+        if self.plain:
+            launcher = ["-m", "hotswap_testing.plain_launcher", "--tp", "2", "--base", str(self.model)]
+        else:
+            launcher = ["-m", "hotswap_engine.inference.vllm_launcher", str(self.model), "--host", self.ip]
+            launcher += [
+                "--port",
+                str(VLLM_PORT),
+                "--enforce-eager",
+                "--kv-cache-memory-bytes",
+                str(32 << 20),
+            ]
+            launcher += ["--max-model-len", "256", "--seed", "0", "--tensor-parallel-size", "2"]
+        self._spawn(
+            "launcher", [sys.executable, *launcher, "--control-socket", str(self.control_socket)], env
+        )
+
+    def start_agent(self, collective_timeout: float = 20.0) -> None:
+        env = pod_env()
+        agent = [sys.executable, "-m", "hotswap_engine.agent", "--pod-name", self.name, "--host", self.ip]
+        agent += [
+            "--port",
+            str(AGENT_PORT),
+            "--base-checkpoint",
+            str(self.model),
+            "--allowed-root",
+            str(self.root),
+        ]
+        agent += ["--control-socket", str(self.control_socket), "--gpus", "2"]
+        agent += ["--handoff-endpoint", f"ipc://{self.workdir / 'handoff.sock'}"]  # → handoff-{rank}.sock
+        agent += ["--shm-dir", str(self.workdir / "shm"), "--collective-timeout", str(collective_timeout)]
+        self._spawn("agent", agent, {**env, "HOTSWAP_AGENT_TOKEN": self.token})
+
+    def wait_up(self, timeout: float = 600.0) -> None:
+        if not self.plain:
+            self.wait_ready(timeout)
+            return
+
+        def up() -> bool:
+            for what, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{self.name}: {what} exited with {p.returncode}\n{self.logs()}")
+            return self.control_socket.exists() and _get(f"{self.agent_url}/healthz") is not None
+
+        wait_for(up, timeout, f"{self.name}'s plain launcher and agent up", self.logs, interval=0.5)
+
+    def control(self, path: str) -> dict[str, Any]:
+        """GET on the launcher's control socket."""
+        sys.path.insert(0, str(REPO / "bench"))
+        from agent_gpu_check import control_get
+
+        return control_get(self.control_socket, path)
+
+    def verify(self, checkpoint: Path) -> dict[str, Any]:
+        return self.control(f"/verify?checkpoint={checkpoint}")
+
+
 def _get(url: str) -> bytes | None:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:

@@ -24,68 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hotswap_testing.waiting import wait_for
-from pods import AGENT_PORT, REPO, VLLM_PORT, Pod, _get, loopback_ips, pod_env
+from pods import REPO, RankPod, loopback_ips, pod_env
 
 pytestmark = pytest.mark.vllm
-
-
-class RankPod(Pod):
-    """A pod whose agent runs two rank workers; `plain` puts the plain launcher in place of vLLM."""
-
-    plain: bool = False
-
-    def start(self, *, collective_timeout: float = 20.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "shm").mkdir(exist_ok=True)
-        env = pod_env()
-        if self.plain:
-            launcher = ["-m", "hotswap_testing.plain_launcher", "--tp", "2", "--base", str(self.model)]
-        else:
-            launcher = ["-m", "hotswap_engine.inference.vllm_launcher", str(self.model), "--host", self.ip]
-            launcher += [
-                "--port",
-                str(VLLM_PORT),
-                "--enforce-eager",
-                "--kv-cache-memory-bytes",
-                str(32 << 20),
-            ]
-            launcher += ["--max-model-len", "256", "--seed", "0", "--tensor-parallel-size", "2"]
-        self._spawn(
-            "launcher", [sys.executable, *launcher, "--control-socket", str(self.control_socket)], env
-        )
-        agent = [sys.executable, "-m", "hotswap_engine.agent", "--pod-name", self.name, "--host", self.ip]
-        agent += [
-            "--port",
-            str(AGENT_PORT),
-            "--base-checkpoint",
-            str(self.model),
-            "--allowed-root",
-            str(self.root),
-        ]
-        agent += ["--control-socket", str(self.control_socket), "--gpus", "2"]
-        agent += ["--handoff-endpoint", f"ipc://{self.workdir / 'handoff.sock'}"]  # → handoff-{rank}.sock
-        agent += ["--shm-dir", str(self.workdir / "shm"), "--collective-timeout", str(collective_timeout)]
-        self._spawn("agent", agent, {**env, "HOTSWAP_AGENT_TOKEN": self.token})
-
-    def wait_up(self, timeout: float = 600.0) -> None:
-        if not self.plain:
-            self.wait_ready(timeout)
-            return
-
-        def up() -> bool:
-            for what, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{self.name}: {what} exited with {p.returncode}\n{self.logs()}")
-            return self.control_socket.exists() and _get(f"{self.agent_url}/healthz") is not None
-
-        wait_for(up, timeout, f"{self.name}'s plain launcher and agent up", self.logs, interval=0.5)
-
-    def verify(self, checkpoint: Path) -> dict[str, object]:
-        sys.path.insert(0, str(REPO / "bench"))
-        from agent_gpu_check import control_get
-
-        return control_get(self.control_socket, f"/verify?checkpoint={checkpoint}")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import torch
 from hotswap_api.policy import RequestPolicy
 from hotswap_engine import launcher_client, received_digests
 from hotswap_engine.digest import fingerprint
+from hotswap_engine.inference.vllm_launcher import SERVED_VERSION_FILE
 from hotswap_testing.tiny_model import build_tiny_model, make_variant
 from hotswap_testing.waiting import wait_for_async
 from vllm_harness import (
@@ -63,12 +66,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     return Models(base, variant)
 
 
+# the worker runs inside the engine-core process: one process less than the default executor
+LAUNCHER_ARGS = ["--distributed-executor-backend", "uni"]
+
+
 @pytest.fixture(scope="module")
 def launcher(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    # the worker runs inside the engine-core process: one process less than the default executor
-    handle = start_launcher(
-        models.base, tmp_path_factory.mktemp("launcher"), ["--distributed-executor-backend", "uni"]
-    )
+    handle = start_launcher(models.base, tmp_path_factory.mktemp("launcher"), LAUNCHER_ARGS)
     try:
         # the reference engine on the variant runs while the launcher starts
         models.variant_texts = reference_completions(models.variant, PROMPTS, MAX_TOKENS)
@@ -246,6 +250,43 @@ async def test_control_routes_are_not_on_the_public_port(launcher: Launcher) -> 
         for path in ("/apply", "/collective_rpc", "/pause", "/update_weights", "/start_weight_update"):
             async with s.post(f"{launcher.url}{path}", json={}) as resp:
                 assert resp.status in (404, 405), path
+
+
+async def test_a_restarted_launcher_answers_nothing_from_base_until_a_version_is_applied(
+    launcher: Launcher, models: Models
+) -> None:
+    """A container restart (killed, OOM) brings vLLM back on the base checkpoint while Kubernetes may
+    still route to the pod. The launcher remembers what it served and keeps generation paused: a
+    request waits, and is answered from the version applied next, never from the base weights."""
+    result, _ = await apply(launcher, models.variant, "v1")
+    assert result.ok, result
+    os.killpg(launcher.proc.pid, signal.SIGKILL)  # the container's processes die with its PID 1
+    launcher.proc.wait(30)
+    # (vLLM logs "Added request" once a request reached the engine core: queued there, or answered)
+    restarted = start_launcher(models.base, launcher.workdir, [*LAUNCHER_ARGS, "--enable-log-requests"])
+    launcher.proc, launcher.url = restarted.proc, restarted.url  # the module's launcher from now on
+    wait_ready(launcher)
+    health = await launcher_client.healthz(launcher.control)
+    assert (health["restarted_from"], health["paused"], health["version"]) == ("v1", True, None), health
+
+    waiting = asyncio.create_task(asyncio.to_thread(completion, launcher.url, PROMPTS[0]))
+    await wait_for_async(
+        lambda: asyncio.to_thread(lambda: "Added request" in launcher.log.read_text()),
+        60,
+        "the request reaching the restarted engine",
+    )
+    assert not waiting.done()  # held by the paused engine (on the base weights it would answer in ms)
+    assert (await launcher_client.healthz(launcher.control))["paused"] is True
+    result, _ = await apply(launcher, models.variant, "v1")
+    assert result.ok, result
+    assert await waiting == models.variant_texts[0]  # answered after the apply, from v1
+    health = await launcher_client.healthz(launcher.control)
+    assert (health["restarted_from"], health["paused"], health["version"]) == (None, False, "v1"), health
+
+    # back to base: applying it clears the record, so a restart would serve at once
+    assert (await apply(launcher, models.base, "base"))[0].ok
+    assert texts(launcher) == launcher.base_texts
+    assert not (Path(launcher.control).parent / SERVED_VERSION_FILE).exists()
 
 
 async def stream_completion(url: str, started: asyncio.Event) -> tuple[str, str | None]:

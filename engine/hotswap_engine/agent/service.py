@@ -163,26 +163,82 @@ class AgentService:
             health, up = {}, False
         changed = up != self._engine_up
         self._engine_up = up
-        if up and not self.busy and self._serving is not None and health.get("version") != self._serving:
-            # The launcher restarted (its container was killed and came back): the engine holds
-            # the base checkpoint, not the version applied before. Say so at once, so that the
-            # operator keeps the pod out of traffic and brings it to the pool's version again.
-            log.warning(
-                "the engine restarted: it serves the base checkpoint, not %s (launcher reports %r)",
-                self._serving,
-                health.get("version"),
-            )
-            self._last_error = f"the engine restarted on the base checkpoint; it served {self._serving}"
-            self._serving = None
-            self._check = None
+        if up and self._serving is not None and health.get("version") != self._serving:
+            self._engine_restarted(health)
+            changed = True
+        elif up and self._serving is None and health.get("restarted_from") and self._consistent:
+            self._paused_without_version(str(health["restarted_from"]))
             changed = True
         if changed:
             self.changes.bump()
 
+    def _engine_restarted(self, health: dict[str, Any]) -> None:
+        """The launcher restarted (its container was killed and came back): the engine holds the
+        base checkpoint, not `_serving`. A launcher that knows it lost a version (`restarted_from`)
+        keeps generation paused, so nothing is answered from those weights meanwhile. When that is
+        the version served here and its host copy is complete, it is applied again at once (the pod
+        is back in about one local apply); otherwise the agent reports the base checkpoint and not
+        ready, and the operator brings the pod to the pool's version like any pod behind."""
+        lost = health.get("restarted_from")
+        served = self._serving
+        assert served is not None
+        entry = self._staged.get(served)
+        if lost == served and entry is not None and entry.meta.complete:
+            log.warning("the engine restarted and lost %s: applying it again from host memory", served)
+            rec = UpdateRecord(
+                id=f"reapply-{uuid.uuid4().hex[:8]}",
+                version=served,
+                mode=protocol.UpdateMode.BROADCAST,
+                on_change=self.changes.bump,
+            )
+            self._updates[rec.id] = rec  # not `_latest`: that stays the operator's last update
+            self._task = asyncio.create_task(self._reapply(served, entry, rec))
+            return
+        log.warning(
+            "the engine restarted: it serves the base checkpoint, not %s (launcher reports %r, lost %r)",
+            served,
+            health.get("version"),
+            lost,
+        )
+        self._last_error = f"the engine restarted on the base checkpoint; it served {served}"
+        self._serving = None
+        self._check = None
+        if lost is not None:
+            self._paused_without_version(str(lost))
+        self.metrics.set_serving(None)
+
+    def _paused_without_version(self, lost: str) -> None:
+        """The engine restarted and paused itself: it served `lost`, which this agent cannot apply
+        again (it restarted too, or holds no full copy). Not ready until the operator applies a
+        version, which resumes generation."""
+        self._consistent = False
+        self._last_error = f"the engine restarted (it served {lost}) and waits, paused, for a version"
+
+    async def _reapply(self, version: str, entry: StagedEntry, rec: UpdateRecord) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self.runner.apply_local(version, entry.data)
+            # Whole and as served before (a rollback that failed while the engine was down included).
+            self._consistent, self._last_error = True, None
+            rec.stage = protocol.UpdateStage.COMPLETE
+            log.info("applied %s again after the engine restarted", version)
+        except Exception as e:
+            msg = f"the engine restarted and re-applying {version} failed: {e}"
+            log.error("%s", msg)
+            self._last_error = rec.error = msg
+            self._serving, self._check, self._consistent = None, None, False
+            self.metrics.set_serving(None)
+            rec.stage = protocol.UpdateStage.FAILED
+        finally:
+            rec.durations["reapply"] = round(time.perf_counter() - t0, 4)
+            rec.finished_at = _now()
+            self.changes.bump()
+
     async def wait_status(self, after: int, timeout_s: float) -> protocol.AgentStatus:
         """The status once it changed past sequence `after`, or at `timeout_s` (capped at
-        `changes.MAX_WAIT_S`). While the engine is not up, its health is checked every
-        `ENGINE_CHECK_S` meanwhile, so that its coming up is a change like any other."""
+        `changes.MAX_WAIT_S`). Unless an update runs, the engine's health is checked every
+        `ENGINE_CHECK_S` meanwhile, so that its coming up, going down or restarting (a pod's readiness
+        rests on it) is a change like any other, seen within about a second."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(0.0, timeout_s), self.max_wait_s)
         await self.check_engine()
@@ -190,7 +246,7 @@ class AgentService:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            step = remaining if self._engine_up or self.busy else min(remaining, ENGINE_CHECK_S)
+            step = remaining if self.busy else min(remaining, ENGINE_CHECK_S)
             if not await self.changes.wait(after, step):
                 await self.check_engine()
         return self.status()
@@ -411,6 +467,13 @@ class AgentService:
         except launcher_client.LauncherUnreachable:
             return  # the engine is not up yet: a fresh engine is not paused
         if not health.get("paused"):
+            return
+        if health.get("restarted_from"):
+            # The launcher restarted too and paused itself (it had served a version this agent no
+            # longer holds): restoring the base here would resume it on weights the pool may not
+            # serve. Stay not ready; the operator applies the pool's version, which resumes it.
+            self._paused_without_version(str(health["restarted_from"]))
+            self.changes.bump()
             return
         log.warning("engine is paused after an unfinished update (%s): restoring the base", health)
         rec = UpdateRecord(

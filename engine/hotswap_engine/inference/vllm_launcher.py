@@ -24,8 +24,10 @@ Next to the server, in the same event loop, an aiohttp server on a unix socket (
                generation stays PAUSED: the weights may be half new, and serving them would break the
                promise that no request runs on half-applied weights. The next successful /apply
                (normally the agent re-sending the previous version) resumes it.
-  GET  /healthz {"ok", "engine_alive", "paused", "applying", "version", "weight_version", "last_error"}
-               (`weight_version`: vLLM's get_weight_version, null on a vLLM without it)
+  GET  /healthz {"ok", "engine_alive", "paused", "applying", "version", "weight_version", "last_error",
+                "restarted_from"}
+               (`weight_version`: vLLM's get_weight_version, null on a vLLM without it;
+               `restarted_from`: see "A restarted container" below)
   GET  /digests  {"version", "workers": [{"param:<name>": fingerprint, "buffer:<name>": ...}, ...]}
                fingerprints (hotswap_engine.digest) of every parameter and buffer of each worker's
                model; 409 while an apply runs.
@@ -34,6 +36,17 @@ Next to the server, in the same event loop, an aiohttp server on a unix socket (
                level b: the agent reports them, the operator compares them across the pool's pods);
                on a vLLM without it (0.26) the same sha256 per parameter through the worker extension
                (`source: "hotswap"`). 409 while an apply runs.
+
+A restarted container: vLLM always starts on the base checkpoint (its MODEL argument). If this
+container served another version before it was restarted (killed, OOM, a crash), answering from the
+base weights would serve stale weights behind a pod that Kubernetes still routes to: the pod's
+readiness gate says the pod serves the pool's version until the operator learns otherwise. So every
+successful apply records its version in a file next to the control socket (the pod's memory volume:
+it survives container restarts and dies with the pod), and a launcher that finds a version there at
+start pauses generation before the OpenAI server answers anything: requests wait, none is answered
+from base weights. `/healthz` reports that version as `restarted_from`; the next successful /apply
+(the agent re-applying it from its host copy, or the operator's catch-up) resumes. Applying the base
+checkpoint (version `base`) clears the record: a restart then serves exactly what was served.
 
 The socket lives in a volume shared only with the engine container; its file mode (0660) is the
 access control. vLLM's development routes (`VLLM_SERVER_DEV_MODE`: /collective_rpc, /pause, and the
@@ -58,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from hotswap_api.labels import BASE_VERSION
 from hotswap_api.launcher import ApplyRequest, BadApplyRequest
 
 from hotswap_engine.inference import vllm_plugin
@@ -66,6 +80,7 @@ from hotswap_engine.inference import vllm_plugin
 log = logging.getLogger("vllm.hotswap.launcher")
 
 DEFAULT_CONTROL_SOCKET = "/run/hotswap/control.sock"
+SERVED_VERSION_FILE = "served-version"  # next to the control socket (see "A restarted container")
 EXTENSION = "hotswap_engine.inference.vllm_ext.HotswapWorkerExtension"
 WEIGHT_TRANSFER_CONFIG = {"backend": vllm_plugin.BACKEND}
 # collective_rpc's own deadline sits past the workers' hand-off timeout, so a stuck hand-off
@@ -79,8 +94,12 @@ class ControlServer:
     def __init__(self, engine: Any, socket_path: str) -> None:
         self.engine = engine
         self.socket_path = socket_path
+        self.served_path = Path(socket_path).with_name(SERVED_VERSION_FILE)
         self.version: str | None = None
         self.last_error: str | None = None
+        # The version this container's previous run served, when it was not the base checkpoint:
+        # generation stays paused until an apply succeeds (see "A restarted container").
+        self.restarted_from: str | None = None
         self._lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         # vLLM 0.26 has no weight version: finish_weight_update takes no argument there.
@@ -101,6 +120,16 @@ class ControlServer:
         init_request, _ = _lifecycle_requests()
         # Nothing to rendezvous (each update names its hand-off endpoint); vLLM requires the call.
         await self.engine.init_weight_transfer_engine(init_request(init_info={}))
+        self.restarted_from = read_served_version(self.served_path)
+        if self.restarted_from is not None:
+            # Before the OpenAI server starts (serve() calls this first): no request is ever
+            # answered from the base weights this engine just loaded.
+            await self.engine.pause_generation(mode="abort", clear_cache=True)
+            log.warning(
+                "this container served %s before it restarted; the engine holds the base checkpoint, "
+                "so generation stays paused until that version (or another) is applied again",
+                self.restarted_from,
+            )
         path = Path(self.socket_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -138,6 +167,7 @@ class ControlServer:
             "version": self.version,
             "weight_version": weight_version,
             "last_error": self.last_error,
+            "restarted_from": self.restarted_from,
         }
         return web.json_response(body, status=200 if alive else 503)
 
@@ -185,7 +215,11 @@ class ControlServer:
                 log.error("apply of %s failed (generation stays paused): %s", req.version, error)
                 return web.json_response({"ok": False, "error": error}, status=500)
             seconds = time.perf_counter() - start
-            self.version, self.last_error = req.version, None
+            self.version, self.last_error, self.restarted_from = req.version, None, None
+            try:
+                write_served_version(self.served_path, req.version)
+            except OSError as e:  # the apply stands; only a later restart would not know it
+                log.error("cannot record the served version in %s: %s", self.served_path, e)
             log.info("applied %s in %.3fs", req.version, seconds)
             return web.json_response(
                 {"ok": True, "version": req.version, "seconds": seconds, "workers": workers}
@@ -230,6 +264,29 @@ class ControlServer:
         except Exception as e:
             log.info("finishing the update session a failed apply left: %s", e)
         self._session_maybe_open = False
+
+
+def read_served_version(path: Path) -> str | None:
+    """The version a previous run of this container served (None: the base checkpoint, or none)."""
+    try:
+        version = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # unreadable: assume the worst (a version that is gone), and say so
+        log.error("cannot read %s (%s): treating this start as a restart that lost its version", path, e)
+        return "unknown"
+    return version if version and version != BASE_VERSION else None
+
+
+def write_served_version(path: Path, version: str) -> None:
+    """Record what the engine now serves (atomically: a crash mid-write leaves the old record)."""
+    if version == BASE_VERSION:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(version)
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
