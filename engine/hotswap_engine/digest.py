@@ -5,6 +5,12 @@ byte off the GPU. This sums the tensor's bytes as little-endian int64 words twic
 weighted by position (both modulo 2^64: integer addition is exact and order-free, so CPU and GPU,
 any chunking, any reduction order give the same result). It detects any single changed word and
 practically any corruption; it is not meant to resist a forger.
+
+On CPU the weighted sum runs as an integer matrix-vector product over rows of `_MODULUS` words (the
+weights 1..65521 repeat with that period, so row r, column c has weight c + 1): one pass, about 9x
+faster than the element-wise form, which the agent needs because it fingerprints a whole host copy
+of a path-sourced version after every update. CUDA has no integer matmul; there the element-wise form
+runs (the GPU does it at memory speed). Both give the same value (integer sums modulo 2^64).
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ def fingerprint(t: torch.Tensor) -> str:
     if pad:
         raw = torch.cat([raw, torch.zeros(pad, dtype=torch.uint8, device=raw.device)])
     words = raw.view(torch.int64)
+    plain, weighted = (_sums_cpu if words.device.type == "cpu" else _sums)(words)
+    shape = "x".join(str(d) for d in t.shape)
+    value = ((int(plain) & (2**64 - 1)) << 64) | (int(weighted) & (2**64 - 1))
+    return f"{str(t.dtype).removeprefix('torch.')}:{shape}:{value:032x}"
+
+
+def _sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ w_i, Σ w_i·(i mod _MODULUS + 1)) element-wise, in chunks of at most `_CHUNK_WORDS`."""
     plain = torch.zeros((), dtype=torch.int64, device=words.device)
     weighted = torch.zeros((), dtype=torch.int64, device=words.device)
     for start in range(0, words.numel(), _CHUNK_WORDS):
@@ -32,6 +46,19 @@ def fingerprint(t: torch.Tensor) -> str:
         idx = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=words.device)
         plain += chunk.sum()
         weighted += (chunk * (idx % _MODULUS + 1)).sum()
-    shape = "x".join(str(d) for d in t.shape)
-    value = ((int(plain) & (2**64 - 1)) << 64) | (int(weighted) & (2**64 - 1))
-    return f"{str(t.dtype).removeprefix('torch.')}:{shape}:{value:032x}"
+    return plain, weighted
+
+
+def _sums_cpu(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sums as `_sums`, the weighted one as rows of `_MODULUS` words times the weights."""
+    weights = torch.arange(1, _MODULUS + 1, dtype=torch.int64)
+    rows_per_chunk = max(1, _CHUNK_WORDS // _MODULUS)
+    full = words.numel() // _MODULUS * _MODULUS
+    plain = words.sum()
+    weighted = torch.zeros((), dtype=torch.int64)
+    for start in range(0, full, rows_per_chunk * _MODULUS):
+        rows = words[start : min(full, start + rows_per_chunk * _MODULUS)].view(-1, _MODULUS)
+        weighted += rows.matmul(weights).sum()
+    tail = words[full:]
+    weighted += (tail * weights[: tail.numel()]).sum()
+    return plain, weighted

@@ -34,3 +34,14 @@ def test_shape_dtype_and_layout() -> None:
     assert digest.fingerprint(t.t()) == digest.fingerprint(t.t().contiguous())
     assert digest.fingerprint(torch.zeros(0, 4)).endswith(":" + "0" * 32)
     assert digest.fingerprint(torch.tensor([True, False])).startswith("bool:2:")
+
+
+@pytest.mark.parametrize("words", [0, 1, 65520, 65521, 65522, 3 * 65521 + 17])
+def test_cpu_matmul_form_equals_the_element_wise_form(words: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path (rows times weights) and the element-wise one (what CUDA runs) agree bit for bit,
+    across row boundaries, partial rows, chunk boundaries and wrapping int64 sums."""
+    g = torch.Generator().manual_seed(words)
+    w = torch.randint(-(2**62), 2**62, (words,), dtype=torch.int64, generator=g) * 3  # sums overflow
+    assert [int(v) for v in digest._sums_cpu(w)] == [int(v) for v in digest._sums(w)]
+    monkeypatch.setattr(digest, "_CHUNK_WORDS", 2 * 65521 + 5)  # several chunks, partial last one
+    assert [int(v) for v in digest._sums_cpu(w)] == [int(v) for v in digest._sums(w)]

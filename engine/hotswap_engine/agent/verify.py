@@ -85,21 +85,28 @@ async def check_weights(
     full: StagedCheckpoint,
     workers: Sequence[Mapping[str, Any]],
 ) -> protocol.WeightsCheck:
-    """Both levels for the version just applied; `workers` are /apply's per-worker results."""
-    t0 = time.perf_counter()
-    expected = manifest_of(source)
-    if expected is None:
-        expected = await asyncio.to_thread(host_fingerprints, full)
-    check = received_check(version, expected, workers)
-    t1 = time.perf_counter()
-    digest: str | None = None
-    short: dict[str, str] = {}
-    try:
-        digest, short = processed_digest(await launcher_client.checksums(control_socket))
-    except launcher_client.LauncherUnreachable as e:
-        # Level (b) is then unknown for this pod: the operator compares only the pods that have it.
-        log.warning("vLLM's weight checksums of %s are unavailable: %s", version, e)
-    seconds = {"expected": round(t1 - t0, 4), "processed": round(time.perf_counter() - t1, 4)}
+    """Both levels for the version just applied; `workers` are /apply's per-worker results. The
+    expected fingerprints (a host copy's, for a path source) and vLLM's checksums run side by side."""
+
+    async def expected_check() -> tuple[protocol.WeightsCheck, float]:
+        t0 = time.perf_counter()
+        expected = manifest_of(source)
+        if expected is None:
+            expected = await asyncio.to_thread(host_fingerprints, full)
+        return received_check(version, expected, workers), time.perf_counter() - t0
+
+    async def processed() -> tuple[str | None, dict[str, str], float]:
+        t0 = time.perf_counter()
+        try:
+            digest, short = processed_digest(await launcher_client.checksums(control_socket))
+        except launcher_client.LauncherUnreachable as e:
+            # Level (b) is then unknown for this pod: the operator compares only the pods that have it.
+            log.warning("vLLM's weight checksums of %s are unavailable: %s", version, e)
+            digest, short = None, {}
+        return digest, short, time.perf_counter() - t0
+
+    (check, t_expected), (digest, short, t_processed) = await asyncio.gather(expected_check(), processed())
+    seconds = {"expected": round(t_expected, 4), "processed": round(t_processed, 4)}
     return check.model_copy(update={"processed_digest": digest, "processed": short, "seconds": seconds})
 
 
