@@ -315,7 +315,8 @@ class _Round:
     statuses: dict[str, WeightVersionStatus] = field(default_factory=dict)
     current: str | None = None
     current_source: SourceRef | None = None
-    degraded: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)  # catch-ups that fail
+    disagreements: list[str] = field(default_factory=list)  # pods' processed weights, no majority
     active: bool = False  # work is in progress: look again soon
     wake_in: float | None = None  # seconds until a timed decision is due (a backoff ends, a deadline)
     # Indices built once per plan: `pod` and `failure` are asked per group member, and a scan of the
@@ -993,7 +994,7 @@ def _verify(r: _Round, ordered: Sequence[VersionView]) -> dict[str, PodVerificat
         for p in r.fleet.pods
         if p.live and p.agent is not None and not p.busy
     )
-    r.degraded.extend(found.notes)
+    r.disagreements.extend(found.notes)
     for wv in ordered:
         entries = sorted(
             (v for v in found.failed.values() if v.version == wv.spec.version), key=lambda v: v.pod
@@ -1077,20 +1078,33 @@ def _pool_status(
         now,
         gen,
     )
-    problems = list(r.degraded)
-    if target is not None and target_status is not None and target_status.phase is Phase.FAILED:
+    failed = target is not None and target_status is not None and target_status.phase is Phase.FAILED
+    problems = list(r.degraded) + list(r.disagreements)
+    if failed:
+        assert target is not None and target_status is not None
         problems.insert(0, f"WeightVersion {target.name} failed: {target_status.message}")
     conds = set_condition(
         conds,
         "Degraded",
         bool(problems),
-        "RolloutFailed" if problems and not r.degraded else ("CatchUpFailing" if problems else "AsExpected"),
+        _degraded_reason(failed, r),
         "; ".join(problems),
         now,
         gen,
     )
     st.conditions = conds
     return st
+
+
+def _degraded_reason(rollout_failed: bool, r: _Round) -> str:
+    """The Degraded condition's reason: one of its causes (all of them are in its message)."""
+    if r.degraded:
+        return "CatchUpFailing"
+    if rollout_failed:
+        return "RolloutFailed"
+    if r.disagreements:
+        return "WeightsDisagree"  # verification: pods differ on the processed weights, no majority
+    return "AsExpected"
 
 
 def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerConfig | None = None) -> Plan:

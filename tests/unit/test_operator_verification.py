@@ -91,6 +91,8 @@ def test_a_disagreement_without_majority_is_reported_not_gated() -> None:
     p = plan(fleet(pods, [complete()], current="v1"))
     assert gates(p) == {} and "llm-v1" not in p.version_statuses
     assert cond(p.pool_status, "Degraded") is ConditionStatus.TRUE
+    degraded = next(c for c in p.pool_status.conditions if c.type == "Degraded")
+    assert degraded.reason == "WeightsDisagree" and "no majority" in degraded.message, degraded
 
 
 def test_a_pod_that_passes_again_is_taken_off_the_list() -> None:
