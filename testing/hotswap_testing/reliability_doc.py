@@ -61,7 +61,15 @@ FOUND = """## Defects the suite found (fixed, each with its own test)
   the read and refuses with 409 `CheckpointChanged`, which the operator retries
   (tests/unit/test_staging.py, tests/unit/test_operator_agents.py). Not caught: two writes within
   one tick of a coarse filesystem clock, and members of one broadcast staging their parts before
-  and after a rewrite; a `sha256Manifest` catches both."""
+  and after a rewrite; a `sha256Manifest` catches both.
+- A pod whose vLLM container was killed mid-transfer came back on the base checkpoint and answered
+  from it while Ready (3 of 5 runs; its readiness gate still said "serves the pool's version" until
+  the operator heard otherwise). Every successful apply now records its version in the pod's memory
+  volume; a restarted launcher that finds the record starts with generation paused (requests wait,
+  none is answered from base), and the agent applies that version again from its host copy within
+  about a second (or, having restarted too, reports base and not ready until the operator's
+  catch-up). Tests: tests/engine/test_vllm_launcher.py, tests/engine/test_engine_restart.py, and
+  this suite's `vllm-sigkill-transfer`."""
 
 
 def _fmt(v: Any) -> str:

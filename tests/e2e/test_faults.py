@@ -315,22 +315,7 @@ def all_transfers_done(kube: Cluster, pods: list[Any], token: str, version: str)
     return True
 
 
-# An OPEN DEFECT, quarantined so the rest of the suite gates CI (see the closing note of 2026-12-07 and
-# docs/reliability.md): with vLLM SIGKILLed during a transfer, a Ready pod answered from neither
-# version (the base checkpoint's text) in 2 of 3 runs. Remove the marker with the fix; the work in
-# progress is on branch `engine-restart-wip` (the agent notices a restarted or dead launcher at once).
-OPEN_DEFECTS = {
-    "vllm-sigkill-transfer": "open defect: a pod whose vLLM was killed mid-transfer answered from "
-    "base weights while Ready",
-}
-
-
-def _marked(case: Case) -> Any:
-    reason = OPEN_DEFECTS.get(case.id)
-    return pytest.param(case, marks=pytest.mark.xfail(reason=reason, strict=False)) if reason else case
-
-
-@pytest.mark.parametrize("case", [_marked(c) for c in CASES], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_fault(
     case: Case,
     kube: Cluster,
