@@ -161,6 +161,10 @@ class AgentService:
             up = bool(health.get("engine_alive", True))
         except launcher_client.LauncherUnreachable:
             health, up = {}, False
+        if self.busy:
+            # An update (or another check's re-apply) started while this one waited for the
+            # launcher: what it read may already be stale, and acting on it could start a second apply.
+            return
         changed = up != self._engine_up
         self._engine_up = up
         if up and self._serving is not None and health.get("version") != self._serving:
