@@ -146,6 +146,7 @@ def test_launcher_refuses_a_burst_of_malformed_requests_and_stays_healthy(
         "version": None,
         "weight_version": None,  # the plain engine is a vLLM 0.26 (no weight version)
         "last_error": None,
+        "restarted_from": None,  # a first start: no version lost
     }
 
 
