@@ -181,7 +181,7 @@ def report() -> str:
             copy = r["copy_s"]["median"]
             a, b = r["received_fingerprints_s"], r["processed_checksums_s"]
             rows.append(
-                f"| {path.stem} ({r['device']}, {r['checksums_from']}) | {r['bytes'] >> 20} MiB "
+                f"| {path.stem} ({r['device']}, {r['checksums_from']}, n={a['n']}) | {r['bytes'] >> 20} MiB "
                 f"| copy {_ms(r['copy_s'])} ms | {_ms(a)} ms = {a['median'] / copy:.2f}× the copy "
                 f"| {_ms(b)} ms = {b['median'] / copy:.2f}× the copy |"
             )
@@ -189,7 +189,7 @@ def report() -> str:
             plain, with_d, b = r["apply_s"], r["apply_with_digests_s"], r["checksums_s"]
             extra = with_d["median"] - plain["median"]
             rows.append(
-                f"| {path.stem} ({r['device']}, real launcher) | {r['bytes'] >> 10} KiB "
+                f"| {path.stem} ({r['device']}, real launcher, n={plain['n']}) | {r['bytes'] >> 10} KiB "
                 f"| /apply {_ms(plain)} ms | /apply with digests {_ms(with_d)} ms: "
                 f"+{extra / plain['median']:.0%} of the update | {_ms(b)} ms = "
                 f"{b['median'] / plain['median']:.0%} of the update |"

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,33 +93,16 @@ class Pod:
             ],
             env,
         )
-        self._spawn(
-            "agent",
-            [
-                sys.executable,
-                "-m",
-                "hotswap_engine.agent",
-                "--pod-name",
-                self.name,
-                "--host",
-                self.ip,
-                "--port",
-                str(AGENT_PORT),
-                "--base-checkpoint",
-                str(self.model),
-                "--allowed-root",
-                str(self.root),
-                "--control-socket",
-                str(self.control_socket),
-                "--handoff-endpoint",
-                f"ipc://{self.workdir / 'handoff.sock'}",
-                "--shm-dir",
-                str(self.workdir / "shm"),
-                "--collective-timeout",
-                str(collective_timeout),
-            ],
-            {**env, "HOTSWAP_AGENT_TOKEN": self.token},
-        )
+        self.start_agent(collective_timeout)
+
+    def start_agent(self, collective_timeout: float = 20.0, extra: Sequence[str] = ()) -> None:
+        """The engine container (again, after `kill("agent")`: a container restart)."""
+        agent = [sys.executable, "-m", "hotswap_engine.agent", "--pod-name", self.name, "--host", self.ip]
+        agent += ["--port", str(AGENT_PORT), "--base-checkpoint", str(self.model)]
+        agent += ["--allowed-root", str(self.root), "--control-socket", str(self.control_socket)]
+        agent += ["--handoff-endpoint", f"ipc://{self.workdir / 'handoff.sock'}"]  # → handoff-{rank}.sock
+        agent += ["--shm-dir", str(self.workdir / "shm"), "--collective-timeout", str(collective_timeout)]
+        self._spawn("agent", [*agent, *extra], {**pod_env(), "HOTSWAP_AGENT_TOKEN": self.token})
 
     def _spawn(self, what: str, cmd: list[str], env: dict[str, str]) -> None:
         log = open(self.workdir / f"{what}.log", "ab")  # noqa: SIM115 - the child owns it
@@ -229,21 +212,8 @@ class RankPod(Pod):
             "launcher", [sys.executable, *launcher, "--control-socket", str(self.control_socket)], env
         )
 
-    def start_agent(self, collective_timeout: float = 20.0) -> None:
-        env = pod_env()
-        agent = [sys.executable, "-m", "hotswap_engine.agent", "--pod-name", self.name, "--host", self.ip]
-        agent += [
-            "--port",
-            str(AGENT_PORT),
-            "--base-checkpoint",
-            str(self.model),
-            "--allowed-root",
-            str(self.root),
-        ]
-        agent += ["--control-socket", str(self.control_socket), "--gpus", "2"]
-        agent += ["--handoff-endpoint", f"ipc://{self.workdir / 'handoff.sock'}"]  # → handoff-{rank}.sock
-        agent += ["--shm-dir", str(self.workdir / "shm"), "--collective-timeout", str(collective_timeout)]
-        self._spawn("agent", agent, {**env, "HOTSWAP_AGENT_TOKEN": self.token})
+    def start_agent(self, collective_timeout: float = 20.0, extra: Sequence[str] = ()) -> None:
+        super().start_agent(collective_timeout, ["--gpus", "2", *extra])
 
     def wait_up(self, timeout: float = 600.0) -> None:
         if not self.plain:

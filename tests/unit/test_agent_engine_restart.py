@@ -72,9 +72,13 @@ def serving(svc: AgentService, version: str, staged: bool = True) -> None:
         svc._staged[version] = StagedEntry(meta, FakeData())  # type: ignore[arg-type]
 
 
-def launcher_says(monkeypatch: pytest.MonkeyPatch, **health: Any) -> None:
+def launcher_says(monkeypatch: pytest.MonkeyPatch, readers: int = 1, **health: Any) -> None:
+    """The launcher's /healthz answers `health`; with `readers` > 1, no answer comes before that many
+    reads are waiting for one (every reader has read before any acts: the race, made certain)."""
+    barrier = asyncio.Barrier(readers)
+
     async def healthz(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
-        await asyncio.sleep(0)  # an answer over a socket: other tasks run meanwhile
+        await asyncio.wait_for(barrier.wait(), 10)
         return {"ok": True, "engine_alive": True, "paused": False, "version": None, **health}
 
     monkeypatch.setattr(launcher_client, "healthz", healthz)
@@ -85,7 +89,7 @@ async def test_one_restart_seen_by_many_reads_is_applied_again_once(
 ) -> None:
     svc, runner = service
     serving(svc, "v1")
-    launcher_says(monkeypatch, paused=True, restarted_from="v1")
+    launcher_says(monkeypatch, readers=5, paused=True, restarted_from="v1")
     await asyncio.gather(*(svc.check_engine() for _ in range(5)))
     assert runner.applied == ["v1"]
     assert not svc.status().ready  # out of traffic while it runs (the engine is paused meanwhile)
