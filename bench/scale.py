@@ -463,7 +463,8 @@ def _per_rollout(row: dict[str, Any], key: str) -> str:
 def table(r: dict[str, Any], source: str) -> str:
     lines = [
         BEGIN,
-        f"Raw: `{source}` (commit {r['commit'][:10]}, {r['host']['cpus']} CPUs, "
+        f"Raw: `{source}` (pool sizes at commit {(r.get('commit_pool_sizes') or r['commit'])[:10]}, "
+        f"history at commit {(r.get('commit_history') or r['commit'])[:10]}; {r['host']['cpus']} CPUs, "
         f"{r['host']['mem_total_mib']} MiB). Simulated step times per rollout: "
         f"{r['simulated_s_per_rollout']:.1f} s (stage {r['sim_times_s']['stage']}, connect "
         f"{r['sim_times_s']['connect']}, transfer {r['sim_times_s']['transfer']}, reload "
@@ -522,9 +523,14 @@ def last_line(r: dict[str, Any]) -> str:
 
 def report(result_path: Path, results_md: Path) -> str:
     r = json.loads(result_path.read_text())
+    kept = ROOT / "bench" / "results"
+    if not result_path.is_relative_to(kept):
+        # The table must point at raw JSON that is kept with it: a run written elsewhere (a trial
+        # under /tmp) prints its last line and leaves RESULTS.md alone.
+        print(f"{result_path} is not under {kept}: RESULTS.md left unchanged", flush=True)
+        return last_line(r)
     text = results_md.read_text()
-    shown = result_path.relative_to(ROOT) if result_path.is_relative_to(ROOT) else result_path
-    block = table(r, str(shown))
+    block = table(r, str(result_path.relative_to(ROOT)))
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)

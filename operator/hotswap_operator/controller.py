@@ -40,14 +40,14 @@ from hotswap_api import protocol
 from hotswap_api.labels import READINESS_GATE, SPEC_HASH, VERSION_LABEL
 from hotswap_api.resources import ConditionStatus, InferencePool
 
-from hotswap_operator import planner, snapshot
+from hotswap_operator import history, planner, snapshot
 from hotswap_operator.agent_watch import LONG_POLL_S, AgentWatch
 from hotswap_operator.agents import AgentClient, AgentClientError, AgentConflict, AgentNotFound
 from hotswap_operator.kube import Kube, api_status
 from hotswap_operator.metrics import OperatorMetrics
 from hotswap_operator.planner import ActionFailure, Plan
 from hotswap_operator.settings import OperatorSettings
-from hotswap_operator.watched import FleetReader, ListReader, ViewCache
+from hotswap_operator.watched import FleetReader, ListReader
 from hotswap_operator.workload import (
     TOKEN_KEY,
     WorkloadError,
@@ -95,7 +95,7 @@ class PoolController:
         self._deployment_checked: tuple[str, float] | None = None  # (spec hash, monotonic time)
         self._token: str | None = None
         self._watches: dict[str, AgentWatch] = {}  # by pod: its agent's status, long-polled
-        self._views = ViewCache()
+        self._book = history.VersionBook(name)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -162,8 +162,10 @@ class PoolController:
         pods = await reader.pods(self.namespace, self.name)
         versions = await reader.versions(self.namespace, self.name)
         agents = await self._agents(client, pods, parsed.spec.engine.port)
-        fleet = snapshot.fleet(pool, pods, agents, versions, datetime.now(UTC), self._views.view)
-        self._views.keep(versions)
+        # The plan reads the window of the history it can act on (`history`): a pool with 1,000
+        # finished versions costs a reconcile what one with none does.
+        book = self._book.update(versions)
+        fleet = history.windowed(snapshot.fleet(pool, pods, agents, (), datetime.now(UTC)), book)
         live = {p.name for p in fleet.pods}
         self._failures = {k: f for k, f in self._failures.items() if k[0] in live}
         plan = planner.plan(fleet, tuple(self._failures.values()), self.rt.settings)
@@ -177,8 +179,7 @@ class PoolController:
         for wv_name, status in plan.version_statuses.items():
             body = status.model_dump(mode="json", by_alias=True)
             await kube.patch_status(self.namespace, "weightversions", wv_name, body)
-        by_name = {v["metadata"]["name"]: v for v in versions}
-        await self._execute(plan, client, pool, by_name)
+        await self._execute(plan, client, pool, self._book.objects)
         self.rt.metrics.observe(self.namespace, fleet, plan)
         return plan.requeue_after
 

@@ -145,6 +145,10 @@ class Fleet:
     pods: tuple[PodView, ...]
     versions: tuple[VersionView, ...]  # the WeightVersions whose poolRef is this pool
     now: datetime
+    # Finished, unprotected versions of the history left out of `versions` (`history.window`: none
+    # of them can be acted on, all are newer than any version the limit prunes); they count toward
+    # the pool's versionHistoryLimit.
+    hidden_history: int = 0
 
 
 @dataclass(frozen=True)
@@ -995,10 +999,13 @@ def _verify(r: _Round, ordered: Sequence[VersionView]) -> dict[str, PodVerificat
         if p.live and p.agent is not None and not p.busy
     )
     r.disagreements.extend(found.notes)
+    by_version: dict[str | None, list[PodVerification]] = {}
+    for v in sorted(found.failed.values(), key=lambda v: v.pod):
+        by_version.setdefault(v.version, []).append(v)
     for wv in ordered:
-        entries = sorted(
-            (v for v in found.failed.values() if v.version == wv.spec.version), key=lambda v: v.pod
-        )
+        entries = by_version.get(wv.spec.version, [])
+        if not entries and not wv.status.verification and wv.name not in r.statuses:
+            continue  # the common case, asked for every version of the history: nothing to write
         st = r.statuses.get(wv.name) or wv.status
         if st.verification == entries:
             continue
@@ -1136,7 +1143,9 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
     _drop_stale(r, keep)
     # Phases as read, not as this plan writes them: a version superseded now is pruned next time.
     limit = fleet.spec.version_history_limit
-    prune = prune_versions(ordered, {r.current, _norm(fleet.status.current_version)}, limit)
+    prune = prune_versions(
+        ordered, {r.current, _norm(fleet.status.current_version)}, limit, fleet.hidden_history
+    )
     if prune:
         pruned = tuple(PrunedVersion(v.name, v.uid, v.spec.version) for v in prune)
         r.actions.append(PruneVersions(pruned, limit))
@@ -1158,15 +1167,16 @@ def plan(fleet: Fleet, failures: Sequence[ActionFailure] = (), config: PlannerCo
 
 
 def prune_versions(
-    versions: Sequence[VersionView], protected: Collection[str | None], limit: int
+    versions: Sequence[VersionView], protected: Collection[str | None], limit: int, hidden: int = 0
 ) -> tuple[VersionView, ...]:
     """The WeightVersions to delete, oldest first (rule 5): of the finished ones (terminal phase) whose
     version is not `protected` (the pool's current version), all but the `limit` newest, in creation
     order (`resources.version_order`). Never one in progress, never a protected one, and never the
     newest of all (the pool's target: a Failed target keeps showing why). Unnumbered versions sort
-    after numbered ones, as everywhere."""
+    after numbered ones, as everywhere. `hidden`: more such versions, not given, all newer than the
+    ones this returns (`Fleet.hidden_history`)."""
     ordered = sorted(versions, key=_order)
     history = [v for v in ordered if v.status.phase.terminal and v.spec.version not in protected]
-    excess = history[: max(0, len(history) - limit)]
+    excess = history[: max(0, len(history) + hidden - limit)]
     newest = ordered[-1] if ordered else None
     return tuple(v for v in excess if v is not newest)
