@@ -42,6 +42,10 @@ The rules, in the order `plan` applies them:
 5. History: finished WeightVersions beyond `spec.versionHistoryLimit` are deleted, oldest first
    (`prune_versions`); the pods hold staged copies only of the current version and of one in
    progress, so a pruned version's host memory is dropped already (`DropStaged`).
+
+`Fleet.versions` need not hold every version: the operator passes the window of the history these
+rules can act on (`history.window`) and counts the finished versions it left out in
+`Fleet.hidden_history`; the plan is the same as over every version (a property test).
 """
 
 from __future__ import annotations
