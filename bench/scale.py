@@ -420,6 +420,7 @@ class Bench:
                 history, history_commit = earlier.get("history", []), earlier.get("commit_history", "")
             result = {
                 "label": a.label,
+                "note": a.note or earlier.get("note", ""),
                 "commit": commit,
                 "commit_pool_sizes": sizes_commit,
                 "commit_history": history_commit,
@@ -499,8 +500,40 @@ def table(r: dict[str, Any], source: str) -> str:
             f"| {row['versions']} | {row['reconcile_ms']['n']} | {_fmt(row['reconcile_ms'], digits=1)} "
             f"| {row['operator_rss_mib']:.0f} |"
         )
+    lines += ["", *runs_table(ROOT / "bench" / "results")]
     lines.append(END)
     return "\n".join(lines)
+
+
+def runs_table(results: Path) -> list[str]:
+    """Every kept run side by side (medians; the operator changed between them: see each commit)."""
+    runs = [(f, json.loads(f.read_text())) for f in sorted(results.glob("scale-*.json"))]
+    sizes = sorted({row["pods"] for _, r in runs for row in r.get("pool_sizes", [])})
+    depths = sorted({row["versions"] for _, r in runs for row in r.get("history", [])})
+    lines = [
+        "Every kept run (medians; overhead in s by pods, reconcile in ms by terminal versions in history):",
+        "",
+        "| raw JSON | what ran | commit (sizes / history) | "
+        + " | ".join(f"{n} pods" for n in sizes)
+        + " | "
+        + " | ".join(f"{n} versions" for n in depths)
+        + " |",
+        "|---|---|---|" + "---|" * (len(sizes) + len(depths)),
+    ]
+    for f, r in runs:
+        by_pods = {row["pods"]: row for row in r.get("pool_sizes", [])}
+        by_depth = {row["versions"]: row for row in r.get("history", [])}
+        cells = [
+            f"{by_pods[n]['overhead_s']['median']:.2f}" if by_pods.get(n, {}).get("overhead_s") else "–"
+            for n in sizes
+        ] + [f"{by_depth[n]['reconcile_ms']['median']:.1f}" if n in by_depth else "–" for n in depths]
+        commits = (
+            f"{(r.get('commit_pool_sizes') or '–')[:8] if r.get('pool_sizes') else '–'} / "
+            f"{(r.get('commit_history') or r['commit'])[:8] if r.get('history') else '–'}"
+        )
+        what = r.get("note") or r["label"]
+        lines.append(f"| `{f.name}` | {what} | {commits} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def last_line(r: dict[str, Any]) -> str:
@@ -562,6 +595,7 @@ def main() -> None:
     ap.add_argument("--reserve-mib", type=int, default=4096, help="MemAvailable a pool size must leave")
     ap.add_argument("--memory-wait", type=float, default=300.0, help="seconds to wait for that much room")
     ap.add_argument("--label", default="run1")
+    ap.add_argument("--note", default="", help="what this run is, for the table of every kept run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", action="store_true", help="only regenerate the table from --out")
     a = ap.parse_args()
