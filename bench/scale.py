@@ -511,7 +511,7 @@ def runs_table(results: Path) -> list[str]:
     sizes = sorted({row["pods"] for _, r in runs for row in r.get("pool_sizes", [])})
     depths = sorted({row["versions"] for _, r in runs for row in r.get("history", [])})
     lines = [
-        "Every kept run (medians; overhead in s by pods, reconcile in ms by terminal versions in history):",
+        "Every kept run, median (p90, n): overhead in s by pods, reconcile in ms by versions in history:",
         "",
         "| raw JSON | what ran | commit (sizes / history) | "
         + " | ".join(f"{n} pods" for n in sizes)
@@ -523,10 +523,9 @@ def runs_table(results: Path) -> list[str]:
     for f, r in runs:
         by_pods = {row["pods"]: row for row in r.get("pool_sizes", [])}
         by_depth = {row["versions"]: row for row in r.get("history", [])}
-        cells = [
-            f"{by_pods[n]['overhead_s']['median']:.2f}" if by_pods.get(n, {}).get("overhead_s") else "–"
-            for n in sizes
-        ] + [f"{by_depth[n]['reconcile_ms']['median']:.1f}" if n in by_depth else "–" for n in depths]
+        cells = [_cell(by_pods.get(n, {}).get("overhead_s"), 2) for n in sizes] + [
+            _cell(by_depth.get(n, {}).get("reconcile_ms"), 1) for n in depths
+        ]
         commits = (
             f"{(r.get('commit_pool_sizes') or '–')[:8] if r.get('pool_sizes') else '–'} / "
             f"{(r.get('commit_history') or r['commit'])[:8] if r.get('history') else '–'}"
@@ -534,6 +533,10 @@ def runs_table(results: Path) -> list[str]:
         what = r.get("note") or r["label"]
         lines.append(f"| `{f.name}` | {what} | {commits} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _cell(s: dict[str, float] | None, digits: int) -> str:
+    return f"{s['median']:.{digits}f} (p90 {s['p90']:.{digits}f}, n={s['n']:.0f})" if s else "–"
 
 
 def last_line(r: dict[str, Any]) -> str:

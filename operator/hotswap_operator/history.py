@@ -107,8 +107,8 @@ class VersionBook:
     def __init__(self, pool: str) -> None:
         self.pool = pool
         self._views = ViewCache()
-        self._objects: list[Obj] = []  # as last given: their identities say whether anything changed
-        self._by_id: dict[int, VersionView] = {}
+        # As last given (held, so their ids cannot be reused): identities say whether anything changed.
+        self._objects: list[Obj] = []
         self._index = index(())
         self._by_name: dict[str, Obj] = {}
 
@@ -117,11 +117,9 @@ class VersionBook:
         if len(objects) == len(self._objects) and all(map(is_, objects, self._objects)):
             return self._index
         mine = [o for o in objects if pool_of_version(o) == self.pool]
-        views = [self._by_id.get(id(o)) or self._views.view(o) for o in mine]
+        views = [self._views.view(o) for o in mine]  # parses only objects new since the last change
         self._views.keep(mine)
-        # References to the objects are kept, so their ids cannot be reused by new ones.
         self._objects = list(objects)
-        self._by_id = {id(o): v for o, v in zip(mine, views, strict=True)}
         self._by_name = {str(o["metadata"]["name"]): o for o in mine}
         self._index = index(views)
         return self._index
